@@ -1,0 +1,195 @@
+//! Wiring: binds the listeners, builds the profile, the proxy and the admin router, runs them
+//! together and stops them together.
+//!
+//! Listeners are bound before anything is served (and may be handed in already bound, as tests do
+//! with port 0), so a port clash is reported at start with the address in the message.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::auth::{AuthBuildError, Profile};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::client::TlsError;
+use crate::proxy::{server, Proxy};
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS client could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A profile could not be built.
+    #[error(transparent)]
+    Auth(#[from] AuthBuildError),
+    /// The configuration has no profile.
+    #[error("no profile configured")]
+    NoProfile,
+}
+
+/// The two listeners, already bound.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where apps connect.
+    pub proxy: TcpListener,
+    /// Where the admin endpoints are served.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen.proxy` and `listen.admin`.
+    pub async fn bind(config: &Config) -> Result<Self, AppError> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { addr, what, source })
+        };
+        Ok(Self {
+            proxy: bind(config.listen.proxy, "listen.proxy").await?,
+            admin: bind(config.listen.admin, "listen.admin").await?,
+        })
+    }
+}
+
+/// A running proxy: its addresses and a way to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// The proxy listener's address.
+    pub proxy_addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begins a graceful shutdown.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until both listeners have finished (after [`Running::stop`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the proxy and admin listeners on the current runtime.
+pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError> {
+    let proxy_addr = local_addr(&listeners.proxy, config.listen.proxy, "listen.proxy")?;
+    let admin_addr = local_addr(&listeners.admin, config.listen.admin, "listen.admin")?;
+    let profile_config = config.default_profile().ok_or(AppError::NoProfile)?;
+    let profile = Profile::from_config(profile_config)?;
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
+    let admin_state = AdminState::new(config, vec![profile], metrics);
+
+    let (stop, stopped) = watch::channel(false);
+    let grace = config.listen.grace_period;
+    let proxy_task = tokio::spawn(server::serve(
+        listeners.proxy,
+        proxy,
+        wait_for(stopped.clone()),
+        grace,
+    ));
+    let admin_listener = listeners.admin;
+    let admin_stopped = stopped;
+    let admin_task = tokio::spawn(async move {
+        let app = admin::router(admin_state);
+        if let Err(e) = axum::serve(admin_listener, app)
+            .with_graceful_shutdown(wait_for(admin_stopped))
+            .await
+        {
+            tracing::error!("admin listener failed: {e}");
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = proxy_task.await;
+        let _ = admin_task.await;
+    });
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        upstream = %config.upstream.url,
+        profile = %profile_config.name,
+        auth = profile_config.auth.method().as_str(),
+        "tango-auth-proxy listening"
+    );
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        stop,
+        task,
+    })
+}
+
+/// Runs until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    config: &Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    let running = start(config, listeners)?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.stop();
+    running.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn local_addr(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<SocketAddr, AppError> {
+    listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, what, source })
+}
+
+async fn wait_for(mut stopped: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

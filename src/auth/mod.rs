@@ -1,0 +1,154 @@
+//! How a profile authorizes a request: the seam between the forwarder and the auth methods.
+//!
+//! The forwarder asks a profile's [`Authorizer`] for a [`Credential`] (the headers to attach) and
+//! never cares which method produced it. Methods that can answer from memory return
+//! [`Authorization::Ready`] so the hot path allocates nothing; methods that may have to wait
+//! (a token being minted) return [`Authorization::Pending`].
+
+mod basic;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use serde::Serialize;
+
+pub use basic::BasicAuth;
+
+use crate::config::{AuthConfig, AuthMethod, ProfileConfig};
+
+/// The headers that authorize one outbound request.
+#[derive(Clone)]
+pub struct Credential {
+    /// Value of the `Authorization` header.
+    pub authorization: HeaderValue,
+    /// Value of the `DPoP` header, for DPoP-bound tokens.
+    pub dpop: Option<HeaderValue>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("authorization", &crate::secret::REDACTED)
+            .field("dpop", &self.dpop.as_ref().map(|_| crate::secret::REDACTED))
+            .finish()
+    }
+}
+
+/// Why no credential could be produced.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No usable credential now; the caller may retry after the given time.
+    #[error("no usable credential for profile {profile}: {reason}")]
+    Unavailable {
+        /// The profile's name.
+        profile: String,
+        /// What went wrong, safe to show an operator.
+        reason: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
+    },
+}
+
+/// The boxed future of a credential that is not ready yet.
+pub type PendingCredential<'a> =
+    Pin<Box<dyn Future<Output = Result<Credential, AuthError>> + Send + 'a>>;
+
+/// A credential now, or a future one.
+pub enum Authorization<'a> {
+    /// Available without waiting.
+    Ready(Result<Credential, AuthError>),
+    /// Has to be waited for.
+    Pending(PendingCredential<'a>),
+}
+
+impl fmt::Debug for Authorization<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Authorization::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            Authorization::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
+
+impl Authorization<'_> {
+    /// Waits for the credential if needed.
+    pub async fn resolve(self) -> Result<Credential, AuthError> {
+        match self {
+            Authorization::Ready(r) => r,
+            Authorization::Pending(f) => f.await,
+        }
+    }
+}
+
+/// The request a credential is for; DPoP proofs sign the method and target URL.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The outbound method.
+    pub method: &'a http::Method,
+    /// The exact upstream URL the request is sent to.
+    pub uri: &'a http::Uri,
+}
+
+/// A profile's view of itself for `/status`; never holds a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileStatus {
+    /// The auth method.
+    pub auth: &'static str,
+    /// True when a request can be authorized right now.
+    pub ready: bool,
+    /// The non-secret identity (platform name, client id).
+    pub identity: String,
+}
+
+/// Produces credentials for one profile.
+pub trait Authorizer: fmt::Debug + Send + Sync {
+    /// Credentials for one outbound request.
+    fn authorize<'a>(&'a self, target: Target<'a>) -> Authorization<'a>;
+    /// True when [`Authorizer::authorize`] would succeed without waiting.
+    fn is_ready(&self) -> bool;
+    /// A snapshot for `/status`.
+    fn status(&self) -> ProfileStatus;
+}
+
+/// One Tango identity and the authorizer that speaks for it.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// The name under `[profiles]`.
+    pub name: String,
+    /// The method.
+    pub method: AuthMethod,
+    /// Produces the credentials.
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+impl Profile {
+    /// Builds a profile from its validated configuration.
+    pub fn from_config(config: &ProfileConfig) -> Result<Profile, AuthBuildError> {
+        let authorizer: Arc<dyn Authorizer> = match &config.auth {
+            AuthConfig::Basic {
+                platform_name,
+                api_key,
+                ..
+            } => Arc::new(BasicAuth::new(platform_name, api_key)?),
+        };
+        Ok(Profile {
+            name: config.name.clone(),
+            method: config.auth.method(),
+            authorizer,
+        })
+    }
+}
+
+/// A profile that cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthBuildError {
+    /// The credential cannot be carried in an HTTP header.
+    #[error("credential for {0} contains characters not allowed in an HTTP header")]
+    InvalidHeader(&'static str),
+}

@@ -1,0 +1,211 @@
+//! The command line: `serve`, `check-config`, `mock-tango` and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, Listeners};
+use crate::config::{Config, ConfigError};
+use crate::mock::{MockConfig, MockTango, SEED_ACCOUNT};
+use crate::secret::Secret;
+
+/// Attaches Tango RaaS credentials to plain HTTP requests from local apps.
+#[derive(Debug, Parser)]
+#[command(name = "tango-auth-proxy", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Config file (else $TANGO_PROXY_CONFIG); TANGO_PROXY_* variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig {
+        /// Config file (else $TANGO_PROXY_CONFIG); TANGO_PROXY_* variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the built-in mock of Tango's RaaS API (for local development).
+    MockTango {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Platform name the mock accepts.
+        #[arg(
+            long,
+            env = "TANGO_MOCK_PLATFORM_NAME",
+            default_value = "demo-platform"
+        )]
+        platform_name: String,
+        /// API key the mock accepts.
+        #[arg(
+            long,
+            env = "TANGO_MOCK_API_KEY",
+            default_value = "demo-api-key",
+            hide_env_values = true,
+            hide_default_value = true
+        )]
+        api_key: String,
+    },
+    /// Run the mock and the proxy together on loopback and print example requests.
+    Demo {
+        /// Proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Serve { config } => serve(config),
+            Command::CheckConfig { config } => Ok(check_config(config)),
+            Command::MockTango {
+                listen,
+                platform_name,
+                api_key,
+            } => mock_tango(listen, platform_name, api_key),
+            Command::Demo { listen, admin } => demo(listen, admin),
+        }
+    }
+}
+
+fn report(err: &ConfigError) {
+    eprintln!("tango-auth-proxy: {err}");
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    runtime(config.listen.workers)?.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        app::serve(&config, listeners, app::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    match Config::load(path.as_deref()) {
+        Ok(config) => {
+            println!("# configuration is valid; effective values, secrets redacted:\n");
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn mock_tango(
+    listen: SocketAddr,
+    platform_name: String,
+    api_key: String,
+) -> anyhow::Result<ExitCode> {
+    let mock = MockTango::new(MockConfig {
+        platform_name,
+        api_key: Secret::new(api_key),
+    });
+    runtime(0)?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "mock Tango listening");
+        mock.serve(listener, app::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+const DEMO_PLATFORM: &str = "demo-platform";
+const DEMO_API_KEY: &str = "demo-api-key";
+
+fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
+    runtime(0)?.block_on(async {
+        let mock = MockTango::new(MockConfig {
+            platform_name: DEMO_PLATFORM.into(),
+            api_key: Secret::new(DEMO_API_KEY),
+        });
+        let mock_addr = mock
+            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("cannot start the mock")?;
+        let toml = format!(
+            r#"
+[listen]
+proxy = "{listen}"
+admin = "{admin}"
+[upstream]
+url = "http://{mock_addr}"
+allow_http = true
+[profiles.default]
+auth = "basic"
+platform_name = "{DEMO_PLATFORM}"
+api_key = "{DEMO_API_KEY}"
+"#
+        );
+        let config = Config::from_toml(&toml).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listeners = Listeners::bind(&config).await.with_context(|| {
+            "is another proxy running? choose other ports with --listen and --admin".to_string()
+        })?;
+        let running = app::start(&config, listeners)?;
+        let p = running.proxy_addr;
+        let a = running.admin_addr;
+        println!(
+            r#"
+tango-auth-proxy demo: a mock Tango on http://{mock_addr}, the proxy on http://{p}.
+The proxy adds Basic credentials for platform "{DEMO_PLATFORM}"; your requests carry none.
+Try, from another terminal:
+
+  curl -s http://{p}/raas/v2/catalogs
+  curl -s http://{p}/raas/v2/accounts/{SEED_ACCOUNT}
+  curl -s -X POST http://{p}/raas/v2/orders -H 'content-type: application/json' \
+       -d '{{"accountIdentifier":"{SEED_ACCOUNT}","customerIdentifier":"demo-customer","amount":10,"utid":"U561593","externalRefID":"demo1"}}'
+  curl -s http://{p}/raas/v2/catalogs -H 'authorization: Basic bm90OnVzZWQ='   # replaced by the proxy
+  curl -s http://{a}/status
+  curl -s http://{a}/metrics
+  curl -s http://{mock_addr}/mock/stats           # what the mock saw
+
+Press Ctrl-C to stop.
+"#
+        );
+        app::shutdown_signal().await;
+        running.stop();
+        running.wait().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

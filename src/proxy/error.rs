@@ -1,0 +1,182 @@
+//! Errors the proxy itself answers with, and the one place they become HTTP responses.
+//!
+//! Bodies use Tango's own error shape so SDK error handling keeps working; the header
+//! `x-tango-proxy-error` names the cause so operators can tell the proxy's answers from Tango's.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+/// Header naming the cause of an answer the proxy produced itself.
+pub const PROXY_ERROR_HEADER: &str = "x-tango-proxy-error";
+
+/// Everything the proxy can answer with instead of Tango's own response.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The request cannot be forwarded as sent (absolute-form for another host, bad target).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The method cannot be proxied (CONNECT).
+    #[error("method {0} is not supported by this proxy")]
+    MethodNotAllowed(http::Method),
+    /// The request body exceeds `listen.max_body`.
+    #[error("request body exceeds the {limit}-byte limit (listen.max_body)")]
+    BodyTooLarge {
+        /// The configured limit in bytes.
+        limit: u64,
+    },
+    /// The request header section exceeds `listen.max_header_size`.
+    #[error("request header section of {size} bytes exceeds the {limit}-byte limit (listen.max_header_size)")]
+    HeadersTooLarge {
+        /// Bytes received.
+        size: u64,
+        /// The configured limit in bytes.
+        limit: u64,
+    },
+    /// No usable credential; the request was not forwarded.
+    #[error("{reason}")]
+    TokenUnavailable {
+        /// Why, without secrets.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The upstream could not be reached or broke the connection.
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    /// The upstream did not answer within `upstream.timeout`.
+    #[error("upstream did not answer within {} (upstream.timeout)", humantime::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    /// The stable cause name used in `x-tango-proxy-error`, `i18nKey` and metrics.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// The HTTP status for this cause.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The Tango-shaped JSON response, with the cause header and the request id.
+    pub fn to_response(&self, request_id: &HeaderValue, path: &str) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = ErrorBody {
+            timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: request_id.to_str().unwrap_or_default(),
+            path,
+            http_code: status.as_u16(),
+            http_phrase: status.canonical_reason().unwrap_or_default(),
+            i18n_key: format!("proxy.{}", self.cause()),
+            message: self.to_string(),
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(json)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.cause()));
+        headers.insert(super::headers::X_REQUEST_ID, request_id.clone());
+        if let ProxyError::TokenUnavailable { retry_after, .. } = self {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+        }
+        if let ProxyError::MethodNotAllowed(_) = self {
+            headers.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        response
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody<'a> {
+    timestamp: String,
+    request_id: &'a str,
+    path: &'a str,
+    http_code: u16,
+    http_phrase: &'a str,
+    #[serde(rename = "i18nKey")]
+    i18n_key: String,
+    message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the cause → status table of DESIGN.md §3.
+    #[test]
+    fn causes_map_to_the_documented_statuses() {
+        let cases = [
+            (ProxyError::BadRequest("x".into()), "bad_request", 400),
+            (
+                ProxyError::MethodNotAllowed(http::Method::CONNECT),
+                "method_not_allowed",
+                405,
+            ),
+            (ProxyError::BodyTooLarge { limit: 1 }, "body_too_large", 413),
+            (
+                ProxyError::HeadersTooLarge { size: 2, limit: 1 },
+                "headers_too_large",
+                431,
+            ),
+            (
+                ProxyError::TokenUnavailable {
+                    reason: "x".into(),
+                    retry_after: Duration::from_secs(2),
+                },
+                "token_unavailable",
+                503,
+            ),
+            (
+                ProxyError::UpstreamUnreachable("x".into()),
+                "upstream_unreachable",
+                502,
+            ),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                "upstream_timeout",
+                504,
+            ),
+        ];
+        for (err, cause, status) in cases {
+            assert_eq!(err.cause(), cause);
+            assert_eq!(err.status().as_u16(), status);
+            let resp = err.to_response(&HeaderValue::from_static("rid-1"), "/raas/v2/orders");
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[PROXY_ERROR_HEADER], cause);
+            assert_eq!(resp.headers()["x-request-id"], "rid-1");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The forwarding proxy: inbound checks, credentials, the upstream call, error answers.
+//!
+//! [`Proxy::handle`] is the whole request path. It never buffers a body: request and response
+//! bodies stream frame by frame, so memory per request stays small whatever the transfer size.
+//! The upstream origin comes only from configuration; absolute-form requests naming any other
+//! authority are refused rather than forwarded somewhere unexpected.
+
+mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
+use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::auth::{AuthError, Profile, Target};
+use crate::config::{Config, UpstreamUrl};
+use crate::metrics::Metrics;
+pub use body::OutboundBody;
+use client::UpstreamClient;
+pub use error::{ProxyError, PROXY_ERROR_HEADER};
+use headers::RequestIds;
+
+/// The body of a response to an app: Tango's, streamed, or the proxy's own error JSON.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// A cheaply cloneable handle to the proxy's shared state.
+#[derive(Debug, Clone)]
+pub struct Proxy(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    upstream: UpstreamUrl,
+    client: UpstreamClient,
+    profile: Profile,
+    max_body: u64,
+    max_header_size: u64,
+    timeout: Duration,
+    /// Authorities an absolute-form request may name: the proxy itself and the upstream.
+    local_authorities: Vec<String>,
+    metrics: Arc<Metrics>,
+    ids: RequestIds,
+}
+
+/// What the upstream call produced.
+type Forwarded = (Response<Incoming>, Option<HeaderValue>);
+
+impl Proxy {
+    /// Builds the proxy for one profile; `bound` is the address the proxy listener really has.
+    pub fn new(
+        config: &Config,
+        profile: Profile,
+        metrics: Arc<Metrics>,
+        bound: SocketAddr,
+    ) -> Result<Self, client::TlsError> {
+        let client = client::build(&config.upstream)?;
+        let mut local_authorities = vec![
+            bound.to_string(),
+            format!("localhost:{}", bound.port()),
+            config.upstream.url.authority.as_str().to_ascii_lowercase(),
+        ];
+        if bound.port() == 80 {
+            local_authorities.push(bound.ip().to_string());
+            local_authorities.push("localhost".into());
+        }
+        Ok(Self(Arc::new(Inner {
+            upstream: config.upstream.url.clone(),
+            client,
+            profile,
+            max_body: config.listen.max_body,
+            max_header_size: config.listen.max_header_size,
+            timeout: config.upstream.timeout,
+            local_authorities,
+            metrics,
+            ids: RequestIds::new(),
+        })))
+    }
+
+    /// The limit on the inbound header section, for the listener's buffers.
+    pub fn max_header_size(&self) -> u64 {
+        self.0.max_header_size
+    }
+
+    /// Handles one app request end to end; always produces a response.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let inner = &*self.0;
+        let start = Instant::now();
+        let _in_flight = inner.metrics.in_flight();
+        let request_id = inner.ids.for_request(req.headers());
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+
+        let (response, upstream_id, cause) = match self.forward(req, remote, &request_id).await {
+            Ok((resp, upstream_id)) => (resp.map(Either::Left), upstream_id, None),
+            Err(err) => {
+                inner.metrics.proxy_error(err.cause());
+                if err.status().is_server_error() {
+                    tracing::warn!(request_id = ?request_id, cause = err.cause(), "{err}");
+                } else {
+                    tracing::debug!(request_id = ?request_id, cause = err.cause(), "{err}");
+                }
+                let resp = err.to_response(&request_id, &path).map(Either::Right);
+                (resp, None, Some(err.cause()))
+            }
+        };
+        let elapsed = start.elapsed();
+        let status = response.status().as_u16();
+        inner.metrics.record_response(status, elapsed);
+        tracing::info!(
+            target: "tango_auth_proxy::access",
+            method = %method,
+            path = %path,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = %request_id.to_str().unwrap_or_default(),
+            upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
+            error = cause,
+            "request"
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        request_id: &HeaderValue,
+    ) -> Result<Forwarded, ProxyError> {
+        let inner = &*self.0;
+        let (mut parts, body) = req.into_parts();
+
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+        }
+        let size = headers::header_section_size(&parts.headers, &parts.uri, &parts.method);
+        if size > inner.max_header_size {
+            return Err(ProxyError::HeadersTooLarge {
+                size,
+                limit: inner.max_header_size,
+            });
+        }
+        if let Some(authority) = parts.uri.authority() {
+            if !self.is_local(authority) {
+                return Err(ProxyError::BadRequest(format!(
+                    "absolute-form request for {authority} refused: this proxy forwards only to {}",
+                    inner.upstream
+                )));
+            }
+        }
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+            match len.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+                Some(n) if n > inner.max_body => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: inner.max_body,
+                    })
+                }
+                Some(_) => {}
+                None => return Err(ProxyError::BadRequest("invalid Content-Length".into())),
+            }
+        }
+        let uri = self.upstream_uri(parts.uri.path_and_query())?;
+
+        let credential = inner
+            .profile
+            .authorizer
+            .authorize(Target {
+                method: &parts.method,
+                uri: &uri,
+            })
+            .resolve()
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable {
+                    retry_after,
+                    ref reason,
+                    ..
+                } => ProxyError::TokenUnavailable {
+                    reason: format!("no usable Tango credential: {reason}"),
+                    retry_after,
+                },
+            })?;
+
+        headers::sanitize_request(&mut parts.headers, remote.ip(), request_id);
+        parts
+            .headers
+            .insert(header::AUTHORIZATION, credential.authorization);
+        if let Some(dpop) = credential.dpop {
+            parts.headers.insert("dpop", dpop);
+        }
+        parts.uri = uri;
+        // The pooled client picks HTTP/2 itself when ALPN negotiates it.
+        parts.version = Version::HTTP_11;
+
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let body = OutboundBody::new(body, inner.max_body, exceeded.clone());
+        let outbound = Request::from_parts(parts, body);
+
+        match tokio::time::timeout(inner.timeout, inner.client.request(outbound)).await {
+            Err(_) => {
+                inner.metrics.upstream_error("timeout");
+                Err(ProxyError::UpstreamTimeout(inner.timeout))
+            }
+            Ok(Err(_)) if exceeded.load(Ordering::Acquire) => Err(ProxyError::BodyTooLarge {
+                limit: inner.max_body,
+            }),
+            Ok(Err(e)) => {
+                inner
+                    .metrics
+                    .upstream_error(if e.is_connect() { "connect" } else { "io" });
+                Err(ProxyError::UpstreamUnreachable(describe(&e)))
+            }
+            Ok(Ok(mut response)) => {
+                let upstream_id = headers::sanitize_response(response.headers_mut(), request_id);
+                Ok((response, upstream_id))
+            }
+        }
+    }
+
+    fn is_local(&self, authority: &Authority) -> bool {
+        let a = authority.as_str();
+        self.0
+            .local_authorities
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(a))
+    }
+
+    /// `upstream.url` + the app's path and query.
+    fn upstream_uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let upstream = &self.0.upstream;
+        let pq = match pq {
+            None => PathAndQuery::from_static("/"),
+            Some(pq) if !pq.as_str().starts_with('/') => {
+                return Err(ProxyError::BadRequest(format!(
+                    "request target {:?} is not a path",
+                    pq.as_str()
+                )))
+            }
+            Some(pq) if upstream.base_path.is_empty() => pq.clone(),
+            Some(pq) => format!("{}{}", upstream.base_path, pq)
+                .parse()
+                .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?,
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(upstream.scheme.clone());
+        parts.authority = Some(upstream.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target".into()))
+    }
+}
+
+/// An error and its sources on one line ("client error (Connect): tcp connect error: ...").
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
