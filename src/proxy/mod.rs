@@ -124,7 +124,7 @@ impl Proxy {
             method = %method,
             path = %path,
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_micros() as f64 / 1000.0,
             request_id = %request_id.to_str().unwrap_or_default(),
             upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
             error = cause,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs what the tests need, then cargo test.
+# Tests start their own servers on free loopback ports; nothing here relies on a running service.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing redis-server (Debian package) for the Redis-backed tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  else
+    echo "test.sh: redis-server is missing. Install the Debian package 'redis-server'" \
+         "(apt-get install redis-server) or put redis-server on PATH, then rerun." >&2
+    exit 1
+  fi
+fi
+
+cargo test --locked --all-targets
+# Doc examples are compiled and run separately (--all-targets leaves them out).
+cargo test --locked --doc

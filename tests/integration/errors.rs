@@ -1,0 +1,185 @@
+//! Answers the proxy makes itself: status, `x-tango-proxy-error`, Tango's JSON error shape.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn body_over_max_body_is_413_by_length_and_by_stream() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), "max_body = \"64KiB\"", "")).await;
+
+    let resp = client()
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .body(vec![b'x'; 65 << 10])
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(resp, 413, "body_too_large").await;
+    assert_eq!(body["path"], "/raas/v2/orders");
+    assert!(
+        upstream.requests().is_empty(),
+        "a too-large body was forwarded"
+    );
+
+    // Chunked: no length up front, so the limit trips mid-stream.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..20).map(|_| Ok(vec![b'y'; 8 << 10])).collect();
+    let resp = client()
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(resp, 413, "body_too_large").await;
+
+    // Exactly at the limit passes.
+    let resp = client()
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .body(vec![b'z'; 64 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last().body_len, 64 << 10);
+}
+
+#[tokio::test]
+async fn header_section_over_the_limit_is_431() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(
+        &upstream.url(),
+        "max_header_size = \"8KiB\"",
+        "",
+    ))
+    .await;
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .header("x-big", "a".repeat(9 << 10))
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(resp, 431, "headers_too_large").await;
+    assert!(upstream.requests().is_empty());
+
+    // Under the limit is fine.
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .header("x-big", "a".repeat(6 << 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn absolute_form_for_another_authority_is_400() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = raw_request(
+        proxy.addr(),
+        b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+    assert!(resp
+        .to_ascii_lowercase()
+        .contains("x-tango-proxy-error: bad_request"));
+    let body = raw_json(&resp);
+    assert_json_error_shape(&body, 400, "bad_request");
+    assert!(body["message"].as_str().unwrap().contains("evil.example"));
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn connect_is_405() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = raw_request(
+        proxy.addr(),
+        b"CONNECT api.tangocard.com:443 HTTP/1.1\r\nHost: api.tangocard.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 405, "{resp}");
+    assert!(resp
+        .to_ascii_lowercase()
+        .contains("x-tango-proxy-error: method_not_allowed"));
+    assert_json_error_shape(&raw_json(&resp), 405, "method_not_allowed");
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = TestProxy::start(&config_toml(&format!("http://127.0.0.1:{port}"), "", "")).await;
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(resp, 502, "upstream_unreachable").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("onnect"),
+        "{body}"
+    );
+
+    let metrics = client()
+        .get(format!("{}/metrics", proxy.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"tango_proxy_upstream_errors_total{kind="connect"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"tango_proxy_proxy_errors_total{cause="upstream_unreachable"} 1"#));
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_upstream_timeout() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), "", "timeout = \"300ms\"")).await;
+    let resp = client()
+        .get(format!("{}/raas/v2/slow?ms=3000", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(resp, 504, "upstream_timeout").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("300ms"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_keeps_serving_after_errors() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), "max_body = \"1KiB\"", "")).await;
+    for _ in 0..3 {
+        let resp = client()
+            .post(format!("{}/x", proxy.url))
+            .body(vec![0u8; 4096])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        let garbage = raw_request(proxy.addr(), b"\x00\x01 not http at all\r\n\r\n").await;
+        assert!(
+            raw_status(&garbage) == 400 || garbage.is_empty(),
+            "{garbage}"
+        );
+    }
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -1,0 +1,190 @@
+//! What reaches the upstream, and what comes back to the app.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn basic_header_is_exact_and_caller_credentials_never_reach_the_upstream() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs?verbose=true", proxy.url))
+        .header("authorization", "Basic YXBwOmFwcC1zZWNyZXQ=")
+        .header("proxy-authorization", "Basic cHJveHk6c2VjcmV0")
+        .header("dpop", "eyJhcHAtcHJvb2YiOnRydWV9")
+        .header("cookie", "session=app-cookie")
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.uri, "/raas/v2/catalogs?verbose=true");
+    assert_eq!(seen.headers["authorization"], expected_basic().as_str());
+    assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+    for gone in ["proxy-authorization", "dpop", "cookie"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the upstream"
+        );
+    }
+    assert_eq!(seen.headers["x-custom"], "kept");
+    assert_eq!(seen.headers["host"], upstream.addr.to_string().as_str());
+}
+
+#[tokio::test]
+async fn headers_named_in_connection_and_hop_by_hop_headers_are_stripped() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = raw_request(
+        proxy.addr(),
+        b"GET /raas/v2/catalogs HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+          Connection: close, X-Internal-Hop\r\nX-Internal-Hop: secret-hop\r\n\
+          Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\n\
+          X-Other: stays\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+    let seen = upstream.last();
+    for gone in ["x-internal-hop", "keep-alive", "te", "proxy-connection"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the upstream"
+        );
+    }
+    if let Some(c) = seen.headers.get("connection") {
+        assert!(!c
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("x-internal-hop"));
+    }
+    assert_eq!(seen.headers["x-other"], "stays");
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_request_ids() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+
+    // The app's id is kept, sent upstream and echoed; Tango's own id is kept aside.
+    let resp = client()
+        .get(format!("{}/raas/v2/customers", proxy.url))
+        .header("x-request-id", "app-req-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "app-req-123");
+    assert_eq!(resp.headers()["x-tango-request-id"], "upstream-request-id");
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-request-id"], "app-req-123");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        proxy.addr().to_string().as_str()
+    );
+
+    // Without one, a fresh id is generated, sent and echoed; two requests get two ids.
+    let a = client()
+        .get(format!("{}/a", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    let id_a = a.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(upstream.last().headers["x-request-id"], id_a.as_str());
+    let b = client()
+        .get(format!("{}/b", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(b.headers()["x-request-id"].to_str().unwrap(), id_a);
+    assert!(!id_a.is_empty());
+}
+
+#[tokio::test]
+async fn methods_statuses_and_bodies_pass_through() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let body = br#"{"accountIdentifier":"A1","amount":5,"externalRefID":null}"#;
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let resp = client()
+            .request(
+                method.parse().unwrap(),
+                format!("{}/raas/v2/orders", proxy.url),
+            )
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let echoed: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(echoed["sha256"], sha256_hex(body));
+        let seen = upstream.last();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.headers["content-type"], "application/json");
+        assert_eq!(seen.body_sha256, sha256_hex(body));
+    }
+}
+
+#[tokio::test]
+async fn redirects_are_returned_not_followed() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = client()
+        .get(format!("{}/raas/v2/redirect", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(
+        resp.headers()["location"],
+        "https://elsewhere.example/raas/v2/catalogs"
+    );
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_base_path_prefixes_every_request() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(&format!("{}/tango/", upstream.url()), "", "")).await;
+    client()
+        .get(format!("{}/raas/v2/orders/RA1%2F2?x=%20y", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upstream.last().uri, "/tango/raas/v2/orders/RA1%2F2?x=%20y");
+}
+
+#[tokio::test]
+async fn absolute_form_for_the_proxy_itself_is_forwarded() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let req = format!(
+        "GET http://{addr}/raas/v2/catalogs HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+        addr = proxy.addr()
+    );
+    let resp = raw_request(proxy.addr(), req.as_bytes()).await;
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+    assert_eq!(upstream.last().uri, "/raas/v2/catalogs");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let url = format!("{}/raas/v2/slow?ms=700", proxy.url);
+    let in_flight = tokio::spawn(async move { client().get(url).send().await });
+    // Wait until the request is inside the proxy (the upstream has not answered yet).
+    while upstream.requests().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    proxy.running.stop();
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), r#"{"slow":true}"#);
+    let addr = proxy.addr();
+    proxy.running.wait().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,144 @@
+//! The mock Tango behind the proxy, as the demo runs it.
+
+use tango_auth_proxy::mock::{MockConfig, MockTango, SEED_ACCOUNT};
+use tango_auth_proxy::secret::Secret;
+
+use crate::support::*;
+
+async fn mock_and_proxy() -> (MockTango, String, TestProxy) {
+    let mock = MockTango::new(MockConfig {
+        platform_name: PLATFORM.into(),
+        api_key: Secret::new(API_KEY),
+    });
+    let addr = mock
+        .clone()
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{addr}");
+    let proxy = TestProxy::start(&config_toml(&url, "", "")).await;
+    (mock, url, proxy)
+}
+
+#[tokio::test]
+async fn orders_are_idempotent_by_external_ref_id() {
+    let (mock, _, proxy) = mock_and_proxy().await;
+    let order = serde_json::json!({
+        "accountIdentifier": SEED_ACCOUNT,
+        "customerIdentifier": "demo-customer",
+        "amount": 10,
+        "utid": "U561593",
+        "externalRefID": "order42",
+        "recipient": null,
+        "sendEmail": false
+    });
+    let c = client();
+    let first = c
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let first: serde_json::Value = first.json().await.unwrap();
+    let repeat = c
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repeat.status(), 200);
+    let repeat: serde_json::Value = repeat.json().await.unwrap();
+    assert_eq!(first["referenceOrderID"], repeat["referenceOrderID"]);
+
+    let id = first["referenceOrderID"].as_str().unwrap();
+    let fetched = c
+        .get(format!("{}/raas/v2/orders/{id}", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200);
+
+    let account: serde_json::Value = c
+        .get(format!("{}/raas/v2/accounts/{SEED_ACCOUNT}", proxy.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account["currentBalance"], 990.0);
+
+    let stats = mock.stats();
+    assert_eq!(stats.orders, 1);
+    assert_eq!(stats.requests, 4);
+    assert_eq!(stats.credentials[&format!("basic:{PLATFORM}")], 4);
+}
+
+#[tokio::test]
+async fn the_mock_rejects_wrong_or_missing_credentials_in_tangos_shape() {
+    let (mock, url, _proxy) = mock_and_proxy().await;
+    let c = client();
+    let resp = c
+        .get(format!("{url}/raas/v2/catalogs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["httpCode"], 401);
+    assert_eq!(body["path"], "/raas/v2/catalogs");
+    let resp = c
+        .get(format!("{url}/raas/v2/catalogs"))
+        .basic_auth(PLATFORM, Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let stats = mock.stats();
+    assert_eq!(stats.credentials["none"], 1);
+    assert_eq!(stats.credentials["basic-invalid"], 1);
+}
+
+#[tokio::test]
+async fn customers_and_validation_errors() {
+    let (_mock, _, proxy) = mock_and_proxy().await;
+    let c = client();
+    let created = c
+        .post(format!("{}/raas/v2/customers", proxy.url))
+        .json(&serde_json::json!({"customerIdentifier": "store17", "displayName": "Store 17"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let list: serde_json::Value = c
+        .get(format!("{}/raas/v2/customers", proxy.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["customerIdentifier"] == "store17"));
+    let form = c
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("amount=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
+    let missing = c
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .json(&serde_json::json!({"accountIdentifier": SEED_ACCOUNT, "amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 400);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["errors"][0]["path"], "utid");
+}

@@ -1,0 +1,283 @@
+//! Fakes and helpers shared by the integration tests: a recording upstream (plain or TLS), an
+//! in-process proxy on port 0, the real binary as a child process, and raw-socket requests.
+
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tango_auth_proxy::app::{self, Listeners, Running};
+use tango_auth_proxy::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use upstream::FakeUpstream;
+
+pub const PLATFORM: &str = "test-platform";
+pub const API_KEY: &str = "k3y-Th4t-Must-N0t-L3ak";
+
+/// The Basic header the proxy must send for PLATFORM:API_KEY.
+pub fn expected_basic() -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{PLATFORM}:{API_KEY}"))
+    )
+}
+
+/// A proxy config for `upstream_url` with a Basic profile; `extra` is appended TOML.
+pub fn config_toml(upstream_url: &str, extra_listen: &str, extra_upstream: &str) -> String {
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+{extra_listen}
+[upstream]
+url = "{upstream_url}"
+allow_http = true
+{extra_upstream}
+[profiles.default]
+auth = "basic"
+platform_name = "{PLATFORM}"
+api_key = "{API_KEY}"
+"#
+    )
+}
+
+/// A proxy running inside the test process.
+pub struct TestProxy {
+    pub running: Running,
+    pub url: String,
+    pub admin_url: String,
+}
+
+impl TestProxy {
+    pub async fn start(toml: &str) -> TestProxy {
+        let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("{e}"));
+        let listeners = Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let running = app::start(&config, listeners).unwrap();
+        let url = format!("http://{}", running.proxy_addr);
+        let admin_url = format!("http://{}", running.admin_addr);
+        TestProxy {
+            running,
+            url,
+            admin_url,
+        }
+    }
+
+    /// A proxy in front of `upstream` with default settings.
+    pub async fn basic(upstream: &FakeUpstream) -> TestProxy {
+        Self::start(&config_toml(&upstream.url(), "", "")).await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.proxy_addr
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Sends raw bytes and returns the whole response as text (the proxy closes or we time out).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Status code of a raw HTTP/1.1 response.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The JSON body of a raw response.
+pub fn raw_json(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The deterministic payload the fake upstream streams for `/download?bytes=N`.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(upstream::pattern_byte).collect()
+}
+
+/// Asserts a proxy-made error: status, cause header, Tango JSON shape.
+pub async fn assert_proxy_error(
+    resp: reqwest::Response,
+    status: u16,
+    cause: &str,
+) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()["x-tango-proxy-error"].to_str().unwrap(),
+        cause
+    );
+    assert!(resp.headers().contains_key("x-request-id"));
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_json_error_shape(&body, status, cause);
+    body
+}
+
+pub fn assert_json_error_shape(body: &serde_json::Value, status: u16, cause: &str) {
+    assert_eq!(body["httpCode"], status, "{body}");
+    assert_eq!(body["i18nKey"], format!("proxy.{cause}"), "{body}");
+    for field in ["timestamp", "requestId", "path", "httpPhrase", "message"] {
+        assert!(body[field].is_string(), "missing {field}: {body}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The real binary
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tango-auth-proxy");
+
+/// Runs the binary to completion; returns (exit code, stdout, stderr).
+pub fn run_bin(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(envs.iter().copied())
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tango-auth-proxy serve` as a child process, its stderr collected.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl ProxyProcess {
+    /// Starts `serve --config path` with JSON logs and waits for its listening line.
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> ProxyProcess {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TANGO_PROXY_LOG_FORMAT", "json")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "tango-auth-proxy listening" {
+                        let _ = tx.send((
+                            v["proxy"].as_str().unwrap_or_default().to_string(),
+                            v["admin"].as_str().unwrap_or_default().to_string(),
+                        ));
+                    }
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let (proxy, admin) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("proxy did not start: {}", logs.lock().unwrap()));
+        ProxyProcess {
+            child,
+            proxy_addr: proxy.parse().unwrap(),
+            admin_addr: admin.parse().unwrap(),
+            logs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.proxy_addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+    pub fn proc_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self) -> (i32, String) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Give the log reader a moment to drain the pipe after exit.
+        std::thread::sleep(Duration::from_millis(50));
+        let logs = self.logs.lock().unwrap().clone();
+        (code, logs)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,103 @@
+//! HTTPS upstreams: certificates are verified, `upstream.ca_file` adds roots, ALPN picks HTTP/2.
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::support::*;
+
+/// A private CA and a server config for 127.0.0.1 signed by it; returns (CA PEM, config).
+fn private_ca_server() -> (String, rustls::ServerConfig) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), config)
+}
+
+#[tokio::test]
+async fn https_upstream_with_extra_ca_uses_http2_and_verifies() {
+    let (ca_pem, server) = private_ca_server();
+    let upstream = FakeUpstream::start_tls(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+
+    let toml = config_toml(
+        &upstream.url(),
+        "",
+        &format!("ca_file = \"{}\"", ca_file.display()),
+    )
+    .replace("allow_http = true", "allow_http = false");
+    let proxy = TestProxy::start(&toml).await;
+    for _ in 0..3 {
+        let resp = client()
+            .get(format!("{}/raas/v2/catalogs", proxy.url))
+            .header("authorization", "Basic ZHJvcDptZQ==")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        assert_eq!(s.version, http::Version::HTTP_2);
+        assert_eq!(s.headers["authorization"], expected_basic().as_str());
+    }
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_with_502() {
+    let (_ca_pem, server) = private_ca_server();
+    let upstream = FakeUpstream::start_tls(server).await;
+    let toml = config_toml(&upstream.url(), "", "").replace("allow_http = true", "");
+    let proxy = TestProxy::start(&toml).await;
+    let resp = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(resp, 502, "upstream_unreachable").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("certificate"),
+        "{body}"
+    );
+    assert!(upstream.requests().is_empty());
+}
+
+#[test]
+fn a_ca_file_without_certificates_is_a_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[upstream]\nca_file = \"{}\"\n[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run_bin(&["check-config", "--config", cfg.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("upstream.ca_file"), "{err}");
+}
