@@ -117,7 +117,9 @@ pub fn sanitize_response(headers: &mut HeaderMap, request_id: &HeaderValue) -> O
 
 /// Size of the header section as it came over the wire, approximately (`name: value\r\n`).
 pub fn header_section_size(headers: &HeaderMap, uri: &http::Uri, method: &http::Method) -> u64 {
-    let line = method.as_str().len() + uri.to_string().len() + 12;
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let line = method.as_str().len() + target + 12;
     let fields: usize = headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)

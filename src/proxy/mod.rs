@@ -101,7 +101,9 @@ impl Proxy {
         let _in_flight = inner.metrics.in_flight();
         let request_id = inner.ids.for_request(req.headers());
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // A clone shares the URI's bytes; the path is needed for the log after `req` moves.
+        let uri = req.uri().clone();
+        let path = uri.path();
 
         let (response, upstream_id, cause) = match self.forward(req, remote, &request_id).await {
             Ok((resp, upstream_id)) => (resp.map(Either::Left), upstream_id, None),
@@ -112,7 +114,7 @@ impl Proxy {
                 } else {
                     tracing::debug!(request_id = ?request_id, cause = err.cause(), "{err}");
                 }
-                let resp = err.to_response(&request_id, &path).map(Either::Right);
+                let resp = err.to_response(&request_id, path).map(Either::Right);
                 (resp, None, Some(err.cause()))
             }
         };

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Throughput and latency of tango-auth-proxy (Basic mode) against nginx adding a static
+# Authorization header, both with one worker, in front of the same minimal upstream on loopback.
+#
+#   scripts/bench.sh                 # defaults: 10 s per run, 50 connections
+#   DURATION=30s CONNECTIONS=100 scripts/bench.sh
+#
+# Prints one table from one run: requests/s, p50, p99, peak RSS, and the proxy/nginx ratio.
+# Access logs are off in both (nginx: access_log off; proxy: RUST_LOG=warn); a last row shows
+# the proxy with its access log on. All traffic stays on 127.0.0.1 and each run is time-bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-50}
+WARMUP=${WARMUP:-2s}
+
+need() {
+  local cmd=$1 pkg=$2
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      echo "bench.sh: installing $pkg" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+    else
+      echo "bench.sh: $cmd is missing; install the Debian package $pkg" >&2
+      exit 1
+    fi
+  fi
+}
+need wrk wrk
+need nginx nginx
+
+cargo build --release --locked --quiet --bin tango-auth-proxy --example bench_upstream
+BIN=target/release/tango-auth-proxy
+UPSTREAM_BIN=target/release/examples/bench_upstream
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench.sh: nothing listening on port $1" >&2
+  exit 1
+}
+
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+UP_PORT=$(free_port)
+"$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!); UP_PID=$!
+wait_port "$UP_PORT"
+
+# nginx: one process, keep-alive pool to the upstream, static Authorization header.
+NG_PORT=$(free_port)
+AUTH="Basic $(printf 'bench-platform:bench-api-key' | base64)"
+mkdir -p "$work/nginx/logs"
+cat > "$work/nginx/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  upstream tango { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NG_PORT;
+    location / {
+      proxy_pass http://tango;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "$AUTH";
+    }
+  }
+}
+NGINX
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); NG_PID=$!
+wait_port "$NG_PORT"
+
+start_proxy() { # $1 = RUST_LOG
+  local port admin
+  port=$(free_port); admin=$(free_port)
+  cat > "$work/proxy.toml" <<TOML
+[listen]
+proxy = "127.0.0.1:$port"
+admin = "127.0.0.1:$admin"
+workers = 1
+[upstream]
+url = "http://127.0.0.1:$UP_PORT"
+allow_http = true
+[profiles.default]
+auth = "basic"
+platform_name = "bench-platform"
+api_key = "bench-api-key"
+TOML
+  RUST_LOG=$1 "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
+  PROXY_PID=$!; pids+=($PROXY_PID); PROXY_PORT=$port
+  wait_port "$port"
+}
+
+# Runs wrk against $2 and appends "name rps p50 p99 rss" to the results; $3 = pid for RSS.
+results=()
+measure() {
+  local name=$1 url=$2 pid=$3 out rps p50 p99
+  wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+  if ! grep -q 'Requests/sec' <<<"$out"; then echo "$out" >&2; exit 1; fi
+  if grep -q 'Non-2xx' <<<"$out"; then echo "bench.sh: $name answered errors:" >&2; echo "$out" >&2; exit 1; fi
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  results+=("$name|$rps|$p50|$p99|$(( $(hwm_kib "$pid") / 1024 )) MiB")
+}
+
+measure "upstream direct" "http://127.0.0.1:$UP_PORT/raas/v2/catalogs" "$UP_PID"
+measure "nginx, static Authorization (1 worker)" "http://127.0.0.1:$NG_PORT/raas/v2/catalogs" "$NG_PID"
+start_proxy warn
+measure "tango-auth-proxy basic (workers = 1)" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
+kill "$PROXY_PID"
+start_proxy info
+measure "tango-auth-proxy basic, access log on" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
+
+echo
+echo "wrk -t1 -c$CONNECTIONS -d$DURATION, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo
+printf '| %-40s | %12s | %9s | %9s | %8s |\n' "target" "requests/s" "p50" "p99" "peak RSS"
+printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..42})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..10})"
+for r in "${results[@]}"; do
+  IFS='|' read -r n rps p50 p99 rss <<<"$r"
+  printf '| %-40s | %12s | %9s | %9s | %8s |\n' "$n" "$rps" "$p50" "$p99" "$rss"
+done
+ng=$(cut -d'|' -f2 <<<"${results[1]}")
+px=$(cut -d'|' -f2 <<<"${results[2]}")
+echo
+echo "proxy/nginx throughput ratio: $(awk -v a="$px" -v b="$ng" 'BEGIN {printf "%.2f", a/b}')"
