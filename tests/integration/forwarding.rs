@@ -188,3 +188,23 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     proxy.running.wait().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    for _ in 0..10 {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/raas/v2/catalogs", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(upstream.requests().len(), 10);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the proxy opened a connection per request"
+    );
+}

@@ -3,12 +3,39 @@
 use crate::support::*;
 
 #[tokio::test]
-async fn no_secret_in_trace_logs() {
+async fn no_secret_in_trace_logs_over_plain_http1() {
     let upstream = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("proxy.toml");
     std::fs::write(&cfg, config_toml(&upstream.url(), "", "")).unwrap();
-    let proc = ProxyProcess::start(&cfg, &[("RUST_LOG", "trace")]);
+    assert_no_secret_in_trace_logs(&upstream, &cfg).await;
+}
+
+/// The TLS and HTTP/2 layers log the most at trace level; they must not log header values either.
+#[tokio::test]
+async fn no_secret_in_trace_logs_over_tls_and_http2() {
+    let (ca_pem, server) = private_ca_server();
+    let upstream = FakeUpstream::start_tls(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let toml = config_toml(
+        &upstream.url(),
+        "",
+        &format!("ca_file = \"{}\"", ca_file.display()),
+    )
+    .replace("allow_http = true", "");
+    std::fs::write(&cfg, toml).unwrap();
+    assert_no_secret_in_trace_logs(&upstream, &cfg).await;
+    assert!(upstream
+        .requests()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2));
+}
+
+async fn assert_no_secret_in_trace_logs(upstream: &FakeUpstream, cfg: &std::path::Path) {
+    let proc = ProxyProcess::start(cfg, &[("RUST_LOG", "trace")]);
 
     let caller_auth = "Basic Y2FsbGVyOmNhbGxlci1zZWNyZXQtdmFsdWU=";
     let caller_dpop = "eyJ0eXAiOiJkcG9wK2p3dCJ9.caller-dpop-proof";

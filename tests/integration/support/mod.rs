@@ -19,6 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use upstream::FakeUpstream;
 
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
 pub const PLATFORM: &str = "test-platform";
 pub const API_KEY: &str = "k3y-Th4t-Must-N0t-L3ak";
 
@@ -156,6 +159,31 @@ pub fn assert_json_error_shape(body: &serde_json::Value, status: u16, cause: &st
     for field in ["timestamp", "requestId", "path", "httpPhrase", "message"] {
         assert!(body[field].is_string(), "missing {field}: {body}");
     }
+}
+
+/// A private CA and a server config for 127.0.0.1 signed by it; returns (CA PEM, config).
+pub fn private_ca_server() -> (String, rustls::ServerConfig) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), config)
 }
 
 // ------------------------------------------------------------------------------------------
