@@ -88,11 +88,7 @@ async fn a_secret_file_is_what_goes_on_the_wire() {
         &format!("api_key_file = \"{key_file}\""),
     );
     let proxy = TestProxy::start(&toml).await;
-    client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    proxy.get("/x").await;
     assert_eq!(
         upstream.last().headers["authorization"],
         expected_basic().as_str()

@@ -116,11 +116,7 @@ async fn unreachable_upstream_is_502() {
         l.local_addr().unwrap().port()
     };
     let proxy = TestProxy::start(&config_toml(&format!("http://127.0.0.1:{port}"), "", "")).await;
-    let resp = client()
-        .get(format!("{}/raas/v2/catalogs", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/raas/v2/catalogs").await;
     let body = assert_proxy_error(resp, 502, "upstream_unreachable").await;
     assert!(
         body["message"].as_str().unwrap().contains("onnect"),
@@ -146,11 +142,7 @@ async fn unreachable_upstream_is_502() {
 async fn slow_upstream_is_504_after_upstream_timeout() {
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::start(&config_toml(&upstream.url(), "", "timeout = \"300ms\"")).await;
-    let resp = client()
-        .get(format!("{}/raas/v2/slow?ms=3000", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/raas/v2/slow?ms=3000").await;
     let body = assert_proxy_error(resp, 504, "upstream_timeout").await;
     assert!(
         body["message"].as_str().unwrap().contains("300ms"),
@@ -176,10 +168,6 @@ async fn the_proxy_keeps_serving_after_errors() {
             "{garbage}"
         );
     }
-    let resp = client()
-        .get(format!("{}/raas/v2/catalogs", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/raas/v2/catalogs").await;
     assert_eq!(resp.status(), 200);
 }

@@ -86,18 +86,10 @@ async fn forwarding_headers_and_request_ids() {
     );
 
     // Without one, a fresh id is generated, sent and echoed; two requests get two ids.
-    let a = client()
-        .get(format!("{}/a", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let a = proxy.get("/a").await;
     let id_a = a.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(upstream.last().headers["x-request-id"], id_a.as_str());
-    let b = client()
-        .get(format!("{}/b", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let b = proxy.get("/b").await;
     assert_ne!(b.headers()["x-request-id"].to_str().unwrap(), id_a);
     assert!(!id_a.is_empty());
 }
@@ -132,11 +124,7 @@ async fn methods_statuses_and_bodies_pass_through() {
 async fn redirects_are_returned_not_followed() {
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::basic(&upstream).await;
-    let resp = client()
-        .get(format!("{}/raas/v2/redirect", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/raas/v2/redirect").await;
     assert_eq!(resp.status(), 302);
     assert_eq!(
         resp.headers()["location"],
@@ -149,11 +137,7 @@ async fn redirects_are_returned_not_followed() {
 async fn an_upstream_base_path_prefixes_every_request() {
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::start(&config_toml(&format!("{}/tango/", upstream.url()), "", "")).await;
-    client()
-        .get(format!("{}/raas/v2/orders/RA1%2F2?x=%20y", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    proxy.get("/raas/v2/orders/RA1%2F2?x=%20y").await;
     assert_eq!(upstream.last().uri, "/tango/raas/v2/orders/RA1%2F2?x=%20y");
 }
 

@@ -40,11 +40,7 @@ async fn an_untrusted_certificate_is_refused_with_502() {
     let upstream = FakeUpstream::start_tls(server).await;
     let toml = config_toml(&upstream.url(), "", "").replace("allow_http = true", "");
     let proxy = TestProxy::start(&toml).await;
-    let resp = client()
-        .get(format!("{}/raas/v2/catalogs", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/raas/v2/catalogs").await;
     let body = assert_proxy_error(resp, 502, "upstream_unreachable").await;
     assert!(
         body["message"].as_str().unwrap().contains("certificate"),

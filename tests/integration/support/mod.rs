@@ -86,6 +86,15 @@ impl TestProxy {
     pub fn addr(&self) -> SocketAddr {
         self.running.proxy_addr
     }
+
+    /// GET `path` (with query) through the proxy.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 pub fn client() -> reqwest::Client {
