@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::client::TlsError;
 use crate::proxy::{server, Proxy};
+use crate::token::store::{MemoryStore, TokenStore};
 
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +97,9 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let proxy_addr = local_addr(&listeners.proxy, config.listen.proxy, "listen.proxy")?;
     let admin_addr = local_addr(&listeners.admin, config.listen.admin, "listen.admin")?;
     let profile_config = config.default_profile().ok_or(AppError::NoProfile)?;
-    let profile = Profile::from_config(profile_config)?;
     let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::default());
+    let profile = Profile::from_config(profile_config, &config.upstream, store, metrics.clone())?;
     let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
     let admin_state = AdminState::new(config, vec![profile], metrics);
 

@@ -191,6 +191,7 @@ struct RawUpstream {
     ca_file: Option<PathBuf>,
     allow_http: Option<bool>,
     timeout: Option<Text>,
+    replay_max_body: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +224,7 @@ struct RawProfile {
     password_file: Option<PathBuf>,
     refresh_window: Option<Text>,
     min_token_interval: Option<Text>,
+    token_timeout: Option<Text>,
     dpop_key_file: Option<PathBuf>,
 }
 
@@ -341,6 +343,10 @@ pub struct UpstreamConfig {
     /// Time allowed from sending a request until the upstream's response headers arrive.
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// Request bodies up to this size are buffered so a request rejected with 401 can be
+    /// replayed once with a fresh token (OAuth profiles only).
+    #[serde(serialize_with = "ser_size")]
+    pub replay_max_body: u64,
 }
 
 /// A parsed upstream URL: scheme, authority and a base path without trailing slash.
@@ -449,6 +455,10 @@ pub enum AuthConfig {
         #[serde(skip_serializing_if = "Option::is_none")]
         api_key_file: Option<PathBuf>,
     },
+    /// OAuth 2.0 `grant_type=client_credentials`.
+    ClientCredentials(OAuthConfig),
+    /// OAuth 2.0 `grant_type=password` with a service account.
+    ServiceAccount(OAuthConfig),
 }
 
 impl AuthConfig {
@@ -456,12 +466,64 @@ impl AuthConfig {
     pub fn method(&self) -> AuthMethod {
         match self {
             AuthConfig::Basic { .. } => AuthMethod::Basic,
+            AuthConfig::ClientCredentials(_) => AuthMethod::ClientCredentials,
+            AuthConfig::ServiceAccount(_) => AuthMethod::ServiceAccount,
         }
     }
 }
 
+/// Tango's documented default audience: 24-hour tokens.
+pub const DEFAULT_AUDIENCE: &str = "https://api.tangocard.com/";
+/// Tango's sandbox token endpoint.
+pub const SANDBOX_TOKEN_URL: &str = "https://sandbox-auth.tangocard.com/oauth/token";
+/// Tango's production token endpoint.
+pub const PRODUCTION_TOKEN_URL: &str = "https://auth.tangocard.com/oauth/token";
+
+/// An OAuth 2.0 profile's token endpoint, identity and refresh policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct OAuthConfig {
+    /// The token endpoint.
+    pub token_url: String,
+    /// `audience` form field; picks the token lifetime at Tango.
+    pub audience: String,
+    /// `scope` form field.
+    pub scope: String,
+    /// The OAuth client id (not secret; shown in `/status`).
+    pub client_id: String,
+    /// The OAuth client secret.
+    pub client_secret: Secret,
+    /// Where the secret was read from, if a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Service-account user name (`service_account` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Service-account password (`service_account` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Where the password was read from, if a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Renew from `expires_at - min(refresh_window, lifetime / 4)` on.
+    #[serde(serialize_with = "ser_duration")]
+    pub refresh_window: Duration,
+    /// No mint sooner than this after the last one, unless the token is unusable or rejected.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub min_token_interval: Option<Duration>,
+    /// Time allowed for one token request.
+    #[serde(serialize_with = "ser_duration")]
+    pub token_timeout: Duration,
+}
+
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.collect_str(&humantime::format_duration(*d)),
+        None => s.serialize_str("0s"),
+    }
 }
 
 fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -646,9 +708,11 @@ impl Config {
         let listen = listen.map(|raw| validate_listen(raw, &mut problems));
         let upstream = upstream.map(|raw| validate_upstream(raw, &mut problems));
         let cache = cache.map(|raw| validate_cache(raw, &mut problems));
+        let env = upstream.as_ref().map(|u| (u.environment, u.allow_http));
+        let (environment, allow_http) = env.unwrap_or_default();
         let mut profiles = BTreeMap::new();
         for (name, raw) in raw_profiles {
-            if let Some(p) = validate_profile(&name, raw, &mut problems) {
+            if let Some(p) = validate_profile(&name, raw, environment, allow_http, &mut problems) {
                 profiles.insert(name, p);
             }
         }
@@ -856,6 +920,14 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
     if timeout.is_zero() && !p.0.iter().any(|x| x.key == "upstream.timeout") {
         p.push("upstream.timeout", "must be greater than zero");
     }
+    let replay_max_body = value(
+        raw.replay_max_body,
+        "64KiB",
+        "upstream.replay_max_body",
+        parse_size,
+        p,
+        64 << 10,
+    );
     UpstreamConfig {
         environment,
         url,
@@ -863,6 +935,7 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
         extra_roots,
         allow_http,
         timeout,
+        replay_max_body,
     }
 }
 
@@ -934,7 +1007,13 @@ fn secret(
     }
 }
 
-fn validate_profile(name: &str, raw: RawProfile, p: &mut Problems) -> Option<ProfileConfig> {
+fn validate_profile(
+    name: &str,
+    raw: RawProfile,
+    environment: Environment,
+    allow_http: bool,
+    p: &mut Problems,
+) -> Option<ProfileConfig> {
     let key = format!("profiles.{name}");
     let Some(method) = raw.auth else {
         p.push(
@@ -957,6 +1036,7 @@ fn validate_profile(name: &str, raw: RawProfile, p: &mut Problems) -> Option<Pro
                 ("password_file", raw.password_file.is_some()),
                 ("refresh_window", raw.refresh_window.is_some()),
                 ("min_token_interval", raw.min_token_interval.is_some()),
+                ("token_timeout", raw.token_timeout.is_some()),
                 ("dpop_key_file", raw.dpop_key_file.is_some()),
             ];
             for (k, set) in oauth_keys {
@@ -995,16 +1075,155 @@ fn validate_profile(name: &str, raw: RawProfile, p: &mut Problems) -> Option<Pro
             })
         }
         AuthMethod::ClientCredentials | AuthMethod::ServiceAccount => {
-            p.push(
-                format!("{key}.auth"),
-                format!(
-                    "{:?} is not available in this version; use \"basic\"",
-                    method.as_str()
-                ),
-            );
-            None
+            let oauth = validate_oauth(&key, method, raw, environment, allow_http, p)?;
+            Some(ProfileConfig {
+                name: name.to_string(),
+                auth: if method == AuthMethod::ServiceAccount {
+                    AuthConfig::ServiceAccount(oauth)
+                } else {
+                    AuthConfig::ClientCredentials(oauth)
+                },
+            })
         }
     }
+}
+
+fn validate_oauth(
+    key: &str,
+    method: AuthMethod,
+    raw: RawProfile,
+    environment: Environment,
+    allow_http: bool,
+    p: &mut Problems,
+) -> Option<OAuthConfig> {
+    let auth = method.as_str();
+    let mut unused = vec![
+        ("platform_name", raw.platform_name.is_some()),
+        ("api_key", raw.api_key.is_some()),
+        ("api_key_file", raw.api_key_file.is_some()),
+    ];
+    if method == AuthMethod::ClientCredentials {
+        unused.push(("username", raw.username.is_some()));
+        unused.push(("password", raw.password.is_some()));
+        unused.push(("password_file", raw.password_file.is_some()));
+    }
+    for (k, set) in unused {
+        if set {
+            p.push(
+                format!("{key}.{k}"),
+                format!("not used with auth = \"{auth}\"; remove it"),
+            );
+        }
+    }
+    if raw.dpop_key_file.is_some() {
+        p.push(
+            format!("{key}.dpop_key_file"),
+            "DPoP is not available in this version; remove it",
+        );
+    }
+    let default_token_url = match environment {
+        Environment::Sandbox => SANDBOX_TOKEN_URL,
+        Environment::Production => PRODUCTION_TOKEN_URL,
+    };
+    let token_url = raw
+        .token_url
+        .map(|t| t.0)
+        .unwrap_or_else(|| default_token_url.to_string());
+    match UpstreamUrl::parse(&token_url) {
+        Ok(u) if !u.is_https() && !allow_http => p.push(
+            format!("{key}.token_url"),
+            format!("{token_url} is plain http; set upstream.allow_http = true only for a mock"),
+        ),
+        Ok(_) => {}
+        Err(e) => p.push(format!("{key}.token_url"), e),
+    }
+    let non_empty = |v: Option<Text>, default: &str, name: &str, p: &mut Problems| {
+        let v = v.map(|t| t.0).unwrap_or_else(|| default.to_string());
+        if v.is_empty() {
+            p.push(format!("{key}.{name}"), "must not be empty");
+        }
+        v
+    };
+    let audience = non_empty(raw.audience, DEFAULT_AUDIENCE, "audience", p);
+    let scope = non_empty(raw.scope, "raas.all", "scope", p);
+    let client_id = raw.client_id.map(|t| t.0).filter(|c| !c.is_empty());
+    if client_id.is_none() {
+        p.push(
+            format!("{key}.client_id"),
+            format!("required for auth = \"{auth}\""),
+        );
+    }
+    let client_secret = secret(
+        key,
+        "client_secret",
+        raw.client_secret,
+        raw.client_secret_file.as_ref(),
+        p,
+    );
+    let (username, password) = if method == AuthMethod::ServiceAccount {
+        let username = raw.username.map(|t| t.0).filter(|u| !u.is_empty());
+        if username.is_none() {
+            p.push(
+                format!("{key}.username"),
+                "required for auth = \"service_account\"",
+            );
+        }
+        let password = secret(key, "password", raw.password, raw.password_file.as_ref(), p);
+        (username, password)
+    } else {
+        (None, None)
+    };
+    let refresh_window = value(
+        raw.refresh_window,
+        "4h",
+        &format!("{key}.refresh_window"),
+        parse_duration,
+        p,
+        Duration::from_secs(4 * 3600),
+    );
+    let default_interval = if method == AuthMethod::ClientCredentials {
+        "20h"
+    } else {
+        "0s"
+    };
+    let min_token_interval = value(
+        raw.min_token_interval,
+        default_interval,
+        &format!("{key}.min_token_interval"),
+        parse_duration,
+        p,
+        Duration::ZERO,
+    );
+    let token_timeout = value(
+        raw.token_timeout,
+        "10s",
+        &format!("{key}.token_timeout"),
+        parse_duration,
+        p,
+        Duration::from_secs(10),
+    );
+    if token_timeout.is_zero() {
+        p.push(format!("{key}.token_timeout"), "must be greater than zero");
+    }
+    let password_ok =
+        method != AuthMethod::ServiceAccount || (username.is_some() && password.is_some());
+    if !password_ok {
+        return None;
+    }
+    Some(OAuthConfig {
+        token_url,
+        audience,
+        scope,
+        client_id: client_id?,
+        client_secret: client_secret?,
+        client_secret_file: raw.client_secret_file,
+        username,
+        password,
+        password_file: raw.password_file,
+        refresh_window,
+        min_token_interval: (!min_token_interval.is_zero()).then_some(min_token_interval),
+        token_timeout,
+    })
 }
 
 #[cfg(test)]

@@ -35,3 +35,4 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod secret;
+pub mod token;

@@ -28,6 +28,17 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileLabel {
+    profile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    profile: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -43,6 +54,9 @@ pub struct Metrics {
     upstream_errors: Family<KindLabel, Counter>,
     proxy_errors: Family<CauseLabel, Counter>,
     in_flight: Gauge,
+    token_requests: Family<OutcomeLabel, Counter>,
+    token_expiry: Family<ProfileLabel, Gauge>,
+    upstream_401: Family<ProfileLabel, Counter>,
 }
 
 impl Metrics {
@@ -87,6 +101,24 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build);
+        let token_requests = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "token_requests",
+            "Token endpoint requests, by profile and outcome",
+            token_requests.clone(),
+        );
+        let token_expiry = Family::<ProfileLabel, Gauge>::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Unix time at which the profile's current token expires",
+            token_expiry.clone(),
+        );
+        let upstream_401 = Family::<ProfileLabel, Counter>::default();
+        registry.register(
+            "upstream_401",
+            "401 answers from Tango, by profile",
+            upstream_401.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -94,7 +126,38 @@ impl Metrics {
             upstream_errors,
             proxy_errors,
             in_flight,
+            token_requests,
+            token_expiry,
+            upstream_401,
         }
+    }
+
+    /// Records one token endpoint request.
+    pub fn token_request(&self, profile: &str, outcome: &'static str) {
+        self.token_requests
+            .get_or_create(&OutcomeLabel {
+                profile: profile.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Records the current token's expiry (Unix seconds).
+    pub fn token_expiry(&self, profile: &str, unix_seconds: i64) {
+        self.token_expiry
+            .get_or_create(&ProfileLabel {
+                profile: profile.to_string(),
+            })
+            .set(unix_seconds);
+    }
+
+    /// Records a 401 from Tango.
+    pub fn upstream_401(&self, profile: &str) {
+        self.upstream_401
+            .get_or_create(&ProfileLabel {
+                profile: profile.to_string(),
+            })
+            .inc();
     }
 
     /// Records one answered request.

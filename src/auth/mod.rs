@@ -6,6 +6,7 @@
 //! (a token being minted) return [`Authorization::Pending`].
 
 mod basic;
+pub mod oauth;
 
 use std::fmt;
 use std::future::Future;
@@ -18,7 +19,10 @@ use serde::Serialize;
 
 pub use basic::BasicAuth;
 
-use crate::config::{AuthConfig, AuthMethod, ProfileConfig};
+use crate::config::{AuthConfig, AuthMethod, ProfileConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::token::store::TokenStore;
+use crate::token::TokenManager;
 
 /// The headers that authorize one outbound request.
 #[derive(Clone)]
@@ -103,6 +107,9 @@ pub struct ProfileStatus {
     pub ready: bool,
     /// The non-secret identity (platform name, client id).
     pub identity: String,
+    /// Token details for OAuth profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<serde_json::Value>,
 }
 
 /// Produces credentials for one profile.
@@ -113,6 +120,16 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn is_ready(&self) -> bool;
     /// A snapshot for `/status`.
     fn status(&self) -> ProfileStatus;
+    /// Whether small request bodies should be buffered so a 401 can be replayed once.
+    fn replays(&self) -> bool {
+        false
+    }
+    /// Tango answered 401 to a request sent with `used` (`challenge` is its `WWW-Authenticate`).
+    /// Returns true when a fresh credential is on its way, so a buffered request may be replayed
+    /// once with whatever [`Authorizer::authorize`] gives next.
+    fn rejected(&self, _used: &Credential, _challenge: Option<&HeaderValue>) -> bool {
+        false
+    }
 }
 
 /// One Tango identity and the authorizer that speaks for it.
@@ -127,14 +144,32 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Builds a profile from its validated configuration.
-    pub fn from_config(config: &ProfileConfig) -> Result<Profile, AuthBuildError> {
+    /// Builds a profile from its validated configuration. OAuth profiles start their token
+    /// manager, so this needs a Tokio runtime.
+    pub fn from_config(
+        config: &ProfileConfig,
+        upstream: &UpstreamConfig,
+        store: Arc<dyn TokenStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Profile, AuthBuildError> {
         let authorizer: Arc<dyn Authorizer> = match &config.auth {
             AuthConfig::Basic {
                 platform_name,
                 api_key,
                 ..
             } => Arc::new(BasicAuth::new(platform_name, api_key)?),
+            AuthConfig::ClientCredentials(oauth) | AuthConfig::ServiceAccount(oauth) => {
+                let client = oauth::TokenClient::new(oauth, upstream)
+                    .map_err(AuthBuildError::TokenClient)?;
+                Arc::new(TokenManager::start(
+                    &config.name,
+                    config.auth.method(),
+                    oauth,
+                    client,
+                    store,
+                    metrics,
+                ))
+            }
         };
         Ok(Profile {
             name: config.name.clone(),
@@ -151,4 +186,7 @@ pub enum AuthBuildError {
     /// The credential cannot be carried in an HTTP header.
     #[error("credential for {0} contains characters not allowed in an HTTP header")]
     InvalidHeader(&'static str),
+    /// The token endpoint client could not be built.
+    #[error("{0}")]
+    TokenClient(String),
 }

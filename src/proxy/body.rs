@@ -29,24 +29,36 @@ pub enum OutboundBodyError {
     TooLarge(#[from] BodyTooLarge),
 }
 
-/// The app's body with a byte limit.
+/// The body sent upstream: the app's body streamed with a byte limit, or a buffered copy
+/// (small bodies of OAuth requests, kept so a 401 can be replayed once).
 #[derive(Debug)]
-pub struct OutboundBody {
-    inner: Incoming,
-    remaining: u64,
-    limit: u64,
-    exceeded: Arc<AtomicBool>,
+pub struct OutboundBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    Stream {
+        inner: Incoming,
+        remaining: u64,
+        limit: u64,
+        exceeded: Arc<AtomicBool>,
+    },
+    Buffered(Option<Bytes>),
 }
 
 impl OutboundBody {
-    /// Wraps `inner`; `exceeded` is set when more than `limit` bytes arrive.
-    pub fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
-        Self {
+    /// Streams `inner`; `exceeded` is set when more than `limit` bytes arrive.
+    pub fn streaming(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+        Self(Kind::Stream {
             inner,
             remaining: limit,
             limit,
             exceeded,
-        }
+        })
+    }
+
+    /// Sends `bytes`, already read from the app.
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self(Kind::Buffered((!bytes.is_empty()).then_some(bytes)))
     }
 }
 
@@ -58,30 +70,43 @@ impl Body for OutboundBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(BodyTooLarge(this.limit).into())));
+        match &mut self.0 {
+            Kind::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream {
+                inner,
+                remaining,
+                limit,
+                exceeded,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let len = data.len() as u64;
+                        if len > *remaining {
+                            exceeded.store(true, Ordering::Release);
+                            return Poll::Ready(Some(Err(BodyTooLarge(*limit).into())));
+                        }
+                        *remaining -= len;
                     }
-                    this.remaining -= len;
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Kind::Buffered(b) => b.is_none(),
+            Kind::Stream { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Kind::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream { inner, .. } => inner.size_hint(),
+        }
     }
 }

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::{AuthError, Profile, Target};
+use crate::auth::{AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::metrics::Metrics;
 pub use body::OutboundBody;
@@ -45,6 +45,7 @@ struct Inner {
     max_body: u64,
     max_header_size: u64,
     timeout: Duration,
+    replay_max_body: u64,
     /// Authorities an absolute-form request may name: the proxy itself and the upstream.
     local_authorities: Vec<String>,
     metrics: Arc<Metrics>,
@@ -79,6 +80,7 @@ impl Proxy {
             max_body: config.listen.max_body,
             max_header_size: config.listen.max_header_size,
             timeout: config.upstream.timeout,
+            replay_max_body: config.upstream.replay_max_body,
             local_authorities,
             metrics,
             ids: RequestIds::new(),
@@ -175,60 +177,111 @@ impl Proxy {
         }
         let uri = self.upstream_uri(parts.uri.path_and_query())?;
 
-        let credential = inner
-            .profile
-            .authorizer
+        let authorizer = &inner.profile.authorizer;
+        let credential = authorizer
             .authorize(Target {
                 method: &parts.method,
                 uri: &uri,
             })
             .resolve()
             .await
-            .map_err(|e| match e {
-                AuthError::Unavailable {
-                    retry_after,
-                    ref reason,
-                    ..
-                } => ProxyError::TokenUnavailable {
-                    reason: format!("no usable Tango credential: {reason}"),
-                    retry_after,
-                },
-            })?;
+            .map_err(token_unavailable)?;
 
         headers::sanitize_request(&mut parts.headers, remote.ip(), request_id);
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, credential.authorization);
-        if let Some(dpop) = credential.dpop {
-            parts.headers.insert("dpop", dpop);
-        }
         parts.uri = uri;
         // The pooled client picks HTTP/2 itself when ALPN negotiates it.
         parts.version = Version::HTTP_11;
 
-        let exceeded = Arc::new(AtomicBool::new(false));
-        let body = OutboundBody::new(body, inner.max_body, exceeded.clone());
-        let outbound = Request::from_parts(parts, body);
+        // Small bodies of profiles that can replay are read first, so a 401 can be retried once.
+        if !(authorizer.replays() && fits(&parts.headers, inner.replay_max_body)) {
+            let exceeded = Arc::new(AtomicBool::new(false));
+            let body = OutboundBody::streaming(body, inner.max_body, exceeded.clone());
+            let response = self
+                .send(with_credential(parts, &credential), body, Some(&exceeded))
+                .await?;
+            if response.status() == StatusCode::UNAUTHORIZED {
+                // Not replayable, but the next request should not reuse a rejected token.
+                authorizer.rejected(
+                    &credential,
+                    response.headers().get(header::WWW_AUTHENTICATE),
+                );
+            }
+            return Ok(self.finish(response, request_id));
+        }
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?
+            .to_bytes();
 
+        let template = parts.clone();
+        let response = self
+            .send(
+                with_credential(parts, &credential),
+                OutboundBody::buffered(bytes.clone()),
+                None,
+            )
+            .await?;
+        if response.status() == StatusCode::UNAUTHORIZED
+            && authorizer.rejected(
+                &credential,
+                response.headers().get(header::WWW_AUTHENTICATE),
+            )
+        {
+            let fresh = authorizer
+                .authorize(Target {
+                    method: &template.method,
+                    uri: &template.uri,
+                })
+                .resolve()
+                .await;
+            if let Ok(fresh) = fresh.filter_fresh(&credential) {
+                tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new token");
+                let replay = self
+                    .send(
+                        with_credential(template, &fresh),
+                        OutboundBody::buffered(bytes),
+                        None,
+                    )
+                    .await?;
+                return Ok(self.finish(replay, request_id));
+            }
+        }
+        Ok(self.finish(response, request_id))
+    }
+
+    /// Sends one request upstream within `upstream.timeout`.
+    async fn send(
+        &self,
+        parts: http::request::Parts,
+        body: OutboundBody,
+        exceeded: Option<&AtomicBool>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let inner = &*self.0;
+        let outbound = Request::from_parts(parts, body);
         match tokio::time::timeout(inner.timeout, inner.client.request(outbound)).await {
             Err(_) => {
                 inner.metrics.upstream_error("timeout");
                 Err(ProxyError::UpstreamTimeout(inner.timeout))
             }
-            Ok(Err(_)) if exceeded.load(Ordering::Acquire) => Err(ProxyError::BodyTooLarge {
-                limit: inner.max_body,
-            }),
+            Ok(Err(_)) if exceeded.is_some_and(|e| e.load(Ordering::Acquire)) => {
+                Err(ProxyError::BodyTooLarge {
+                    limit: inner.max_body,
+                })
+            }
             Ok(Err(e)) => {
                 inner
                     .metrics
                     .upstream_error(if e.is_connect() { "connect" } else { "io" });
                 Err(ProxyError::UpstreamUnreachable(describe(&e)))
             }
-            Ok(Ok(mut response)) => {
-                let upstream_id = headers::sanitize_response(response.headers_mut(), request_id);
-                Ok((response, upstream_id))
-            }
+            Ok(Ok(response)) => Ok(response),
         }
+    }
+
+    fn finish(&self, mut response: Response<Incoming>, request_id: &HeaderValue) -> Forwarded {
+        let upstream_id = headers::sanitize_response(response.headers_mut(), request_id);
+        (response, upstream_id)
     }
 
     fn is_local(&self, authority: &Authority) -> bool {
@@ -260,6 +313,60 @@ impl Proxy {
         parts.authority = Some(upstream.authority.clone());
         parts.path_and_query = Some(pq);
         Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target".into()))
+    }
+}
+
+fn token_unavailable(e: AuthError) -> ProxyError {
+    match e {
+        AuthError::Unavailable {
+            retry_after,
+            reason,
+            ..
+        } => ProxyError::TokenUnavailable {
+            reason: format!("no usable Tango credential: {reason}"),
+            retry_after,
+        },
+    }
+}
+
+/// The request's parts with the credential headers set.
+fn with_credential(
+    mut parts: http::request::Parts,
+    credential: &Credential,
+) -> http::request::Parts {
+    parts
+        .headers
+        .insert(header::AUTHORIZATION, credential.authorization.clone());
+    if let Some(dpop) = &credential.dpop {
+        parts.headers.insert("dpop", dpop.clone());
+    }
+    parts
+}
+
+/// True when the body is known to be at most `limit` bytes (a `Content-Length` within it, or no
+/// body at all).
+fn fits(headers: &http::HeaderMap, limit: u64) -> bool {
+    match headers.get(header::CONTENT_LENGTH) {
+        Some(len) => len
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n <= limit),
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+trait FreshCredential {
+    fn filter_fresh(self, used: &Credential) -> Result<Credential, ()>;
+}
+
+impl FreshCredential for Result<Credential, AuthError> {
+    /// Only a credential different from the rejected one is worth a replay.
+    fn filter_fresh(self, used: &Credential) -> Result<Credential, ()> {
+        match self {
+            Ok(c) if c.authorization != used.authorization => Ok(c),
+            _ => Err(()),
+        }
     }
 }
 

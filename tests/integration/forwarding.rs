@@ -161,7 +161,12 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let url = format!("{}/raas/v2/slow?ms=700", proxy.url);
     let in_flight = tokio::spawn(async move { client().get(url).send().await });
     // Wait until the request is inside the proxy (the upstream has not answered yet).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while upstream.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     proxy.running.stop();
@@ -178,7 +183,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::basic(&upstream).await;
     for _ in 0..10 {
-        let resp = reqwest::Client::new()
+        let resp = client()
             .get(format!("{}/raas/v2/catalogs", proxy.url))
             .send()
             .await

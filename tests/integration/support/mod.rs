@@ -98,6 +98,8 @@ impl TestProxy {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest shares the proxy's rustls build, which has ring but no process-wide default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -258,9 +260,11 @@ impl ProxyProcess {
                 l.push('\n');
             }
         });
-        let (proxy, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("proxy did not start: {}", logs.lock().unwrap()));
+        let Ok((proxy, admin)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("proxy did not start: {}", logs.lock().unwrap());
+        };
         ProxyProcess {
             child,
             proxy_addr: proxy.parse().unwrap(),
