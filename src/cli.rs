@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{self, Listeners};
 use crate::config::{Config, ConfigError};
-use crate::mock::{MockConfig, MockTango, SEED_ACCOUNT};
+use crate::mock::{MockClient, MockConfig, MockTango, SEED_ACCOUNT};
 use crate::secret::Secret;
 
 /// Attaches Tango RaaS credentials to plain HTTP requests from local apps.
@@ -34,27 +34,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run the built-in mock of Tango's RaaS API (for local development).
+    /// Run the built-in mock of Tango's token endpoint and RaaS API (for local development).
     MockTango {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// Platform name the mock accepts.
-        #[arg(
-            long,
-            env = "TANGO_MOCK_PLATFORM_NAME",
-            default_value = "demo-platform"
-        )]
-        platform_name: String,
-        /// API key the mock accepts.
-        #[arg(
-            long,
-            env = "TANGO_MOCK_API_KEY",
-            default_value = "demo-api-key",
-            hide_env_values = true,
-            hide_default_value = true
-        )]
-        api_key: String,
+        #[command(flatten)]
+        credentials: MockCredentials,
     },
     /// Run the mock and the proxy together on loopback and print example requests.
     Demo {
@@ -67,6 +53,78 @@ enum Command {
     },
 }
 
+/// The credentials the mock accepts (defaults are the demo's).
+#[derive(Debug, clap::Args)]
+struct MockCredentials {
+    /// Platform name accepted with Basic auth.
+    #[arg(
+        long,
+        env = "TANGO_MOCK_PLATFORM_NAME",
+        default_value = "demo-platform"
+    )]
+    platform_name: String,
+    /// API key accepted with Basic auth.
+    #[arg(
+        long,
+        env = "TANGO_MOCK_API_KEY",
+        default_value = "demo-api-key",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    api_key: String,
+    /// OAuth client id.
+    #[arg(long, env = "TANGO_MOCK_CLIENT_ID", default_value = "demo-client")]
+    client_id: String,
+    /// OAuth client secret.
+    #[arg(
+        long,
+        env = "TANGO_MOCK_CLIENT_SECRET",
+        default_value = "demo-client-secret",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    client_secret: String,
+    /// Service-account user name.
+    #[arg(long, env = "TANGO_MOCK_USERNAME", default_value = "demo-user")]
+    username: String,
+    /// Service-account password.
+    #[arg(
+        long,
+        env = "TANGO_MOCK_PASSWORD",
+        default_value = "demo-password",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    password: String,
+    /// Multiplies token lifetimes and the rate-limit window (0.01 makes a 24 h token last 14 min).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Client-credentials tokens per client per 20 h window (0 = unlimited), as Tango documents.
+    #[arg(long, default_value_t = 1)]
+    client_credentials_limit: u32,
+}
+
+impl MockCredentials {
+    fn into_config(self) -> anyhow::Result<MockConfig> {
+        if !(self.time_scale > 0.0 && self.time_scale.is_finite()) {
+            anyhow::bail!("--time-scale must be a positive number");
+        }
+        Ok(MockConfig {
+            platform_name: self.platform_name,
+            api_key: Secret::new(self.api_key),
+            clients: vec![MockClient {
+                name: "Mock".into(),
+                client_id: self.client_id,
+                client_secret: Secret::new(self.client_secret),
+                service_accounts: vec![(self.username, Secret::new(self.password))],
+            }],
+            time_scale: self.time_scale,
+            client_credentials_limit: (self.client_credentials_limit > 0)
+                .then_some(self.client_credentials_limit),
+        })
+    }
+}
+
 impl Cli {
     /// Runs the chosen command.
     pub fn run(self) -> anyhow::Result<ExitCode> {
@@ -75,9 +133,8 @@ impl Cli {
             Command::CheckConfig { config } => Ok(check_config(config)),
             Command::MockTango {
                 listen,
-                platform_name,
-                api_key,
-            } => mock_tango(listen, platform_name, api_key),
+                credentials,
+            } => mock_tango(listen, credentials.into_config()?),
             Command::Demo { listen, admin } => demo(listen, admin),
         }
     }
@@ -132,15 +189,8 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn mock_tango(
-    listen: SocketAddr,
-    platform_name: String,
-    api_key: String,
-) -> anyhow::Result<ExitCode> {
-    let mock = MockTango::new(MockConfig {
-        platform_name,
-        api_key: Secret::new(api_key),
-    });
+fn mock_tango(listen: SocketAddr, config: MockConfig) -> anyhow::Result<ExitCode> {
+    let mock = MockTango::new(config);
     runtime(0)?.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -151,15 +201,20 @@ fn mock_tango(
     })
 }
 
-const DEMO_PLATFORM: &str = "demo-platform";
-const DEMO_API_KEY: &str = "demo-api-key";
-
 fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     runtime(0)?.block_on(async {
-        let mock = MockTango::new(MockConfig {
-            platform_name: DEMO_PLATFORM.into(),
-            api_key: Secret::new(DEMO_API_KEY),
-        });
+        let mock_config = MockConfig::default();
+        let client = mock_config
+            .clients
+            .first()
+            .cloned()
+            .context("the demo mock has no client")?;
+        let (username, password) = client
+            .service_accounts
+            .first()
+            .cloned()
+            .context("the demo mock has no service account")?;
+        let mock = MockTango::new(mock_config);
         let mock_addr = mock
             .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
@@ -173,10 +228,16 @@ admin = "{admin}"
 url = "http://{mock_addr}"
 allow_http = true
 [profiles.default]
-auth = "basic"
-platform_name = "{DEMO_PLATFORM}"
-api_key = "{DEMO_API_KEY}"
-"#
+auth = "service_account"
+token_url = "http://{mock_addr}/oauth/token"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+username = "{username}"
+password = "{password}"
+"#,
+            client_id = client.client_id,
+            client_secret = client.client_secret.expose(),
+            password = password.expose(),
         );
         let config = Config::from_toml(&toml).map_err(|e| anyhow::anyhow!("{e}"))?;
         let listeners = Listeners::bind(&config).await.with_context(|| {
@@ -188,7 +249,8 @@ api_key = "{DEMO_API_KEY}"
         println!(
             r#"
 tango-auth-proxy demo: a mock Tango on http://{mock_addr}, the proxy on http://{p}.
-The proxy adds Basic credentials for platform "{DEMO_PLATFORM}"; your requests carry none.
+The proxy signs in to the mock as service account "{username}" (OAuth 2.0, grant_type=password),
+keeps the token fresh, and adds it to your requests, which carry no credentials.
 Try, from another terminal:
 
   curl -s http://{p}/raas/v2/catalogs

@@ -1,10 +1,20 @@
 //! A mock of Tango for local development, the demo and tests.
 //!
-//! It serves the RaaS endpoints apps use most (see [`raas`]) behind the same Basic check Tango
-//! makes, answers errors in Tango's JSON shape, and counts what it sees: `GET /mock/stats` returns
-//! the number of RaaS requests and how many carried each credential (by platform name, never the
-//! key). Data lives in memory and starts with one customer and one funded account.
+//! It serves the RaaS endpoints apps use most (see [`raas`]) behind the credential checks Tango
+//! makes (Basic, or a Bearer token from its own token endpoint, see [`oauth`]), answers errors in
+//! Tango's JSON shape, and counts what it sees. Hooks for tests and local experiments live under
+//! `/mock`:
+//!
+//! | hook | does |
+//! | --- | --- |
+//! | `GET /mock/stats` | RaaS requests by credential, token requests by grant, orders |
+//! | `POST /mock/revoke` | invalidates every issued token (as deactivating credentials does) |
+//! | `POST /mock/token-endpoint/fail?mode=500\|timeout\|rate_limit&count=N` | the next N token requests fail that way |
+//! | `POST /mock/reject-bearer?on=true\|false` | every Bearer token is refused with 401 while on |
+//!
+//! Data lives in memory and starts with one customer and one funded account.
 
+mod oauth;
 mod raas;
 
 use std::collections::BTreeMap;
@@ -12,16 +22,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
+
+pub use oauth::{FailMode, TokenTimeline};
 
 use crate::secret::Secret;
 
@@ -30,13 +42,51 @@ pub const SEED_ACCOUNT: &str = "A00000001";
 /// The customer that owns it.
 pub const SEED_CUSTOMER: &str = "demo-customer";
 
-/// Credentials the mock accepts.
+/// An OAuth client the mock knows, with its service accounts.
+#[derive(Debug, Clone)]
+pub struct MockClient {
+    /// Shown in the rate-limit message, like Tango's "Client {name} {id}".
+    pub name: String,
+    /// The client id.
+    pub client_id: String,
+    /// The client secret.
+    pub client_secret: Secret,
+    /// Service accounts: user name and password.
+    pub service_accounts: Vec<(String, Secret)>,
+}
+
+/// What the mock accepts and how it behaves.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     /// Basic user name.
     pub platform_name: String,
     /// Basic password.
     pub api_key: Secret,
+    /// OAuth clients.
+    pub clients: Vec<MockClient>,
+    /// Multiplies every token lifetime and the rate-limit window (0.001 turns 24 h into 86 s).
+    pub time_scale: f64,
+    /// Client-credentials tokens one client may mint per 20-hour window (scaled); None = no limit.
+    pub client_credentials_limit: Option<u32>,
+}
+
+impl Default for MockConfig {
+    /// The demo's credentials: platform `demo-platform` / `demo-api-key`, client `demo-client` /
+    /// `demo-client-secret` with service account `demo-user` / `demo-password`.
+    fn default() -> Self {
+        Self {
+            platform_name: "demo-platform".into(),
+            api_key: Secret::new("demo-api-key"),
+            clients: vec![MockClient {
+                name: "Demo".into(),
+                client_id: "demo-client".into(),
+                client_secret: Secret::new("demo-client-secret"),
+                service_accounts: vec![("demo-user".into(), Secret::new("demo-password"))],
+            }],
+            time_scale: 1.0,
+            client_credentials_limit: Some(1),
+        }
+    }
 }
 
 /// What the mock has seen.
@@ -44,10 +94,22 @@ pub struct MockConfig {
 pub struct MockStats {
     /// RaaS requests received.
     pub requests: u64,
-    /// RaaS requests by credential: `basic:<platform>`, `basic-invalid`, `other-scheme` or `none`.
+    /// RaaS requests by credential: `basic:<platform>`, `bearer:<client id>`, `basic-invalid`,
+    /// `bearer-invalid`, `other-scheme` or `none`.
     pub credentials: BTreeMap<String, u64>,
+    /// Token endpoint requests by `grant_type` (every request, failed ones included).
+    pub token_requests: BTreeMap<String, u64>,
+    /// Tokens issued.
+    pub tokens_issued: u64,
     /// Orders created.
     pub orders: u64,
+}
+
+impl MockStats {
+    /// All token endpoint requests.
+    pub fn total_token_requests(&self) -> u64 {
+        self.token_requests.values().sum()
+    }
 }
 
 /// The mock Tango server's shared state.
@@ -59,6 +121,7 @@ struct MockInner {
     config: MockConfig,
     stats: Mutex<MockStats>,
     data: Mutex<raas::Data>,
+    tokens: oauth::Tokens,
 }
 
 impl MockTango {
@@ -68,6 +131,7 @@ impl MockTango {
             config,
             stats: Mutex::default(),
             data: Mutex::new(raas::Data::seeded()),
+            tokens: oauth::Tokens::default(),
         }))
     }
 
@@ -76,14 +140,46 @@ impl MockTango {
         lock(&self.0.stats).clone()
     }
 
-    /// The routes: RaaS under `/raas/v2`, counters under `/mock`.
+    /// Invalidates every issued token.
+    pub fn revoke_all(&self) {
+        self.0.tokens.revoke_all();
+    }
+
+    /// Makes the next `count` token requests fail with `mode`.
+    pub fn fail_token_requests(&self, mode: FailMode, count: usize) {
+        self.0.tokens.fail_next(mode, count);
+    }
+
+    /// While on, every Bearer token is refused with 401.
+    pub fn reject_all_bearer(&self, on: bool) {
+        self.0.tokens.reject_all(on);
+    }
+
+    /// Issue time, expiry and first use of every token, in issue order.
+    pub fn token_timeline(&self) -> Vec<TokenTimeline> {
+        self.0.tokens.timeline()
+    }
+
+    /// The access tokens issued so far (tests check they never reach a log).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.0.tokens.values()
+    }
+
+    /// The routes: RaaS under `/raas/v2`, the token endpoint at `/oauth/token`, hooks under `/mock`.
     pub fn router(&self) -> Router {
         let raas = raas::routes()
-            .layer(middleware::from_fn_with_state(self.clone(), check_basic))
+            .layer(middleware::from_fn_with_state(
+                self.clone(),
+                check_credential,
+            ))
             .with_state(self.clone());
         Router::new()
             .merge(raas)
+            .route("/oauth/token", post(oauth::token_endpoint))
             .route("/mock/stats", get(stats))
+            .route("/mock/revoke", post(revoke))
+            .route("/mock/token-endpoint/fail", post(fail_hook))
+            .route("/mock/reject-bearer", post(reject_hook))
             .with_state(self.clone())
     }
 
@@ -113,6 +209,10 @@ impl MockTango {
     fn data(&self) -> MutexGuard<'_, raas::Data> {
         lock(&self.0.data)
     }
+
+    fn count(&self, f: impl FnOnce(&mut MockStats)) {
+        f(&mut lock(&self.0.stats));
+    }
 }
 
 /// Locks a mutex, recovering the data if a handler panicked while holding it.
@@ -124,16 +224,53 @@ async fn stats(State(mock): State<MockTango>) -> Json<MockStats> {
     Json(mock.stats())
 }
 
-/// Classifies the credential, counts it, and rejects anything but the configured Basic pair.
-async fn check_basic(State(mock): State<MockTango>, req: Request, next: Next) -> Response {
-    let seen = classify(req.headers(), &mock.0.config);
-    {
-        let mut stats = lock(&mock.0.stats);
-        stats.requests += 1;
-        *stats.credentials.entry(seen.label()).or_default() += 1;
-    }
+async fn revoke(State(mock): State<MockTango>) -> StatusCode {
+    mock.revoke_all();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct FailQuery {
+    mode: String,
+    count: Option<usize>,
+}
+
+async fn fail_hook(State(mock): State<MockTango>, Query(q): Query<FailQuery>) -> Response {
+    let mode = match q.mode.as_str() {
+        "500" => FailMode::ServerError,
+        "timeout" => FailMode::Timeout,
+        "rate_limit" => FailMode::RateLimit,
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("unknown mode {other:?}; use 500, timeout or rate_limit\n"),
+            )
+                .into_response()
+        }
+    };
+    mock.fail_token_requests(mode, q.count.unwrap_or(1));
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct RejectQuery {
+    on: bool,
+}
+
+async fn reject_hook(State(mock): State<MockTango>, Query(q): Query<RejectQuery>) -> StatusCode {
+    mock.reject_all_bearer(q.on);
+    StatusCode::NO_CONTENT
+}
+
+/// Classifies the credential, counts it, and rejects anything Tango would reject.
+async fn check_credential(State(mock): State<MockTango>, req: Request, next: Next) -> Response {
+    let seen = classify(req.headers(), &mock);
+    mock.count(|s| {
+        s.requests += 1;
+        *s.credentials.entry(seen.label()).or_default() += 1;
+    });
     let mut resp = match seen {
-        Seen::Valid(_) => next.run(req).await,
+        Seen::Basic(_) | Seen::Bearer(_) => next.run(req).await,
         other => {
             let mut resp = tango_error(
                 StatusCode::UNAUTHORIZED,
@@ -141,9 +278,14 @@ async fn check_basic(State(mock): State<MockTango>, req: Request, next: Next) ->
                 "401.001",
                 other.reason(),
             );
+            let challenge = if matches!(other, Seen::BearerInvalid) {
+                "Bearer error=\"invalid_token\", error_description=\"The access token is invalid or expired\""
+            } else {
+                "Basic realm=\"tango\""
+            };
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"tango\""),
+                HeaderValue::from_static(challenge),
             );
             resp
         }
@@ -156,8 +298,10 @@ async fn check_basic(State(mock): State<MockTango>, req: Request, next: Next) ->
 }
 
 enum Seen {
-    Valid(String),
-    Invalid,
+    Basic(String),
+    Bearer(String),
+    BasicInvalid,
+    BearerInvalid,
     OtherScheme,
     Missing,
 }
@@ -165,8 +309,10 @@ enum Seen {
 impl Seen {
     fn label(&self) -> String {
         match self {
-            Seen::Valid(p) => format!("basic:{p}"),
-            Seen::Invalid => "basic-invalid".into(),
+            Seen::Basic(p) => format!("basic:{p}"),
+            Seen::Bearer(c) => format!("bearer:{c}"),
+            Seen::BasicInvalid => "basic-invalid".into(),
+            Seen::BearerInvalid => "bearer-invalid".into(),
             Seen::OtherScheme => "other-scheme".into(),
             Seen::Missing => "none".into(),
         }
@@ -174,24 +320,35 @@ impl Seen {
 
     fn reason(&self) -> &'static str {
         match self {
-            Seen::Valid(_) => "",
-            Seen::Invalid => "Invalid platform name or API key",
+            Seen::Basic(_) | Seen::Bearer(_) => "",
+            Seen::BasicInvalid => "Invalid platform name or API key",
+            Seen::BearerInvalid => "The access token is invalid or expired",
             Seen::OtherScheme => "Unsupported authorization scheme",
             Seen::Missing => "Full authentication is required to access this resource",
         }
     }
 }
 
-fn classify(headers: &HeaderMap, config: &MockConfig) -> Seen {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+fn classify(headers: &HeaderMap, mock: &MockTango) -> Seen {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return Seen::Missing;
     };
-    let Some(encoded) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return match mock.0.tokens.check(token.trim()) {
+            Some(client) => Seen::Bearer(client),
+            None => Seen::BearerInvalid,
+        };
+    }
+    let Some(encoded) = value.strip_prefix("Basic ") else {
         return Seen::OtherScheme;
     };
     let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-        return Seen::Invalid;
+        return Seen::BasicInvalid;
     };
+    let config = &mock.0.config;
     let decoded = zeroize::Zeroizing::new(decoded);
     let expected = zeroize::Zeroizing::new(format!(
         "{}:{}",
@@ -199,9 +356,9 @@ fn classify(headers: &HeaderMap, config: &MockConfig) -> Seen {
         config.api_key.expose()
     ));
     if decoded.as_slice() == expected.as_bytes() {
-        Seen::Valid(config.platform_name.clone())
+        Seen::Basic(config.platform_name.clone())
     } else {
-        Seen::Invalid
+        Seen::BasicInvalid
     }
 }
 
@@ -237,8 +394,12 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-fn request_id() -> String {
-    let mut b = [0u8; 16];
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn request_id() -> String {
+    random_hex(16)
 }

@@ -354,11 +354,7 @@ async fn create_order(
         data.by_external_ref.insert(ext, id);
     }
     drop(guard);
-    mock.0
-        .stats
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .orders += 1;
+    mock.count(|s| s.orders += 1);
     (StatusCode::CREATED, Json(order)).into_response()
 }
 
