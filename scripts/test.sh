@@ -16,6 +16,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# The concurrency tests hold a few thousand loopback sockets at once; lift the soft limit.
+hard=$(ulimit -Hn)
+if [ "$hard" = "unlimited" ] || [ "$hard" -gt 65536 ]; then hard=65536; fi
+ulimit -n "$hard" 2>/dev/null || true
+
 cargo test --locked --all-targets
 # Doc examples are compiled and run separately (--all-targets leaves them out).
 cargo test --locked --doc

@@ -1286,6 +1286,65 @@ mod tests {
         assert_eq!(c.cache.key_prefix, "tango-auth-proxy");
     }
 
+    fn problems(toml: &str) -> Vec<String> {
+        match Config::from_toml(toml) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn oauth_profiles_get_tango_defaults() {
+        let c = Config::from_toml(
+            "[upstream]\nenvironment = \"production\"\n[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+        )
+        .unwrap();
+        let AuthConfig::ClientCredentials(o) = &c.profiles["default"].auth else {
+            panic!("wrong method")
+        };
+        assert_eq!(o.token_url, PRODUCTION_TOKEN_URL);
+        assert_eq!(o.audience, DEFAULT_AUDIENCE);
+        assert_eq!(o.scope, "raas.all");
+        assert_eq!(o.refresh_window, Duration::from_secs(4 * 3600));
+        assert_eq!(o.min_token_interval, Some(Duration::from_secs(20 * 3600)));
+        assert_eq!(o.token_timeout, Duration::from_secs(10));
+        let c = Config::from_toml(
+            "[profiles.default]\nauth = \"service_account\"\nclient_id = \"c\"\nclient_secret = \"s\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let AuthConfig::ServiceAccount(o) = &c.profiles["default"].auth else {
+            panic!("wrong method")
+        };
+        assert_eq!(o.token_url, SANDBOX_TOKEN_URL);
+        assert_eq!(o.min_token_interval, None);
+        assert!(!c.to_redacted_toml().contains("\"s\""));
+    }
+
+    #[test]
+    fn oauth_profiles_report_every_missing_or_misplaced_key() {
+        let found = problems(
+            "[profiles.default]\nauth = \"service_account\"\napi_key = \"k\"\ntoken_url = \"http://idp.example/token\"\n",
+        );
+        for expected in [
+            "profiles.default.api_key: not used",
+            "profiles.default.token_url: http://idp.example/token is plain http",
+            "profiles.default.client_id: required",
+            "profiles.default.client_secret_file: required",
+            "profiles.default.username: required",
+            "profiles.default.password_file: required",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected}: {found:?}"
+            );
+        }
+        let found = problems(
+            "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\nusername = \"u\"\n",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("profiles.default.username: not used"));
+    }
+
     #[test]
     fn production_environment_sets_the_url() {
         let c = Config::from_toml(

@@ -9,7 +9,7 @@
 //! | --- | --- |
 //! | `GET /mock/stats` | RaaS requests by credential, token requests by grant, orders |
 //! | `POST /mock/revoke` | invalidates every issued token (as deactivating credentials does) |
-//! | `POST /mock/token-endpoint/fail?mode=500\|timeout\|rate_limit&count=N` | the next N token requests fail that way |
+//! | `POST /mock/token-endpoint/fail?mode=500\|timeout\|rate_limit\|slow&count=N` | the next N token requests fail that way (`slow`: answer after 5 s) |
 //! | `POST /mock/reject-bearer?on=true\|false` | every Bearer token is refused with 401 while on |
 //!
 //! Data lives in memory and starts with one customer and one funded account.
@@ -240,10 +240,11 @@ async fn fail_hook(State(mock): State<MockTango>, Query(q): Query<FailQuery>) ->
         "500" => FailMode::ServerError,
         "timeout" => FailMode::Timeout,
         "rate_limit" => FailMode::RateLimit,
+        "slow" => FailMode::Slow(std::time::Duration::from_secs(5)),
         other => {
             return (
                 StatusCode::BAD_REQUEST,
-                format!("unknown mode {other:?}; use 500, timeout or rate_limit\n"),
+                format!("unknown mode {other:?}; use 500, timeout, rate_limit or slow\n"),
             )
                 .into_response()
         }

@@ -28,6 +28,8 @@ pub enum FailMode {
     Timeout,
     /// Tango's 400 daily rate-limit answer.
     RateLimit,
+    /// A normal answer, after this delay.
+    Slow(Duration),
 }
 
 /// One issued token's life, in milliseconds since the mock's tokens registry started.
@@ -180,6 +182,7 @@ pub(super) async fn token_endpoint(
             tokio::time::sleep(Duration::from_secs(60)).await;
             return oauth_error(StatusCode::GATEWAY_TIMEOUT, "timeout", "Timed out");
         }
+        Some(FailMode::Slow(delay)) => tokio::time::sleep(delay).await,
         Some(FailMode::RateLimit) => {
             let (name, id) = config
                 .clients

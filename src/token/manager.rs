@@ -39,6 +39,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(300);
 const RATE_LIMIT_BACKOFF_BASE: Duration = Duration::from_secs(60);
 /// Longest retry delay after rate-limit answers.
 const RATE_LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
+/// After a mint caused by a 401, another 401-caused mint waits this long: if Tango rejects fresh
+/// tokens too, minting more of them would only hammer the token endpoint.
+const REJECTED_MINT_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest the refresher sleeps without re-planning.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -74,6 +77,7 @@ struct State {
     last_mint: Option<SystemTime>,
     mints: u64,
     refresh_at: Option<SystemTime>,
+    last_rejected_mint: Option<Instant>,
 }
 
 /// What `/status` shows about a token profile; no secret.
@@ -514,6 +518,20 @@ impl Authorizer for TokenManager {
         shared.metrics.upstream_401(&shared.profile);
         match shared.current() {
             Some(t) if t.authorization() == used.authorization => {
+                {
+                    let mut st = shared.state();
+                    let recent = st
+                        .last_rejected_mint
+                        .is_some_and(|at| at.elapsed() < REJECTED_MINT_INTERVAL);
+                    if recent || st.failures > 0 {
+                        tracing::warn!(
+                            profile = %shared.profile,
+                            "Tango rejected a token again (401) soon after a replacement; passing the 401 on without minting"
+                        );
+                        return false;
+                    }
+                    st.last_rejected_mint = Some(Instant::now());
+                }
                 shared.set_current(None);
                 tracing::warn!(profile = %shared.profile, "Tango rejected the token (401); minting a new one");
                 let store = shared.store.clone();
@@ -524,8 +542,7 @@ impl Authorizer for TokenManager {
                         tracing::warn!(profile = %me.profile, "cannot evict the rejected token: {e}");
                     }
                 });
-                let backing_off = shared.state().failures > 0;
-                !backing_off && shared.start_refresh(Reason::Rejected)
+                shared.start_refresh(Reason::Rejected)
             }
             Some(t) if t.usable_at(SystemTime::now()) => true,
             _ => shared.state().minting,

@@ -74,3 +74,31 @@ async fn assert_no_secret_in_trace_logs(upstream: &FakeUpstream, cfg: &std::path
         assert!(!logs.contains(secret), "{secret:?} appeared in the logs");
     }
 }
+
+/// OAuth: the client secret, the service-account password and every access token stay out of
+/// trace logs, through minting, use, a 401 and the replay.
+#[tokio::test]
+async fn no_oauth_secret_or_token_in_trace_logs() {
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(&cfg, oauth_toml(&url, "service_account", "")).unwrap();
+    let proc = ProxyProcess::start(&cfg, &[("RUST_LOG", "trace")]);
+    let c = client();
+    let get = |path: &str| c.get(format!("{}{path}", proc.url())).send();
+    assert_eq!(get("/raas/v2/catalogs").await.unwrap().status(), 200);
+    mock.revoke_all();
+    assert_eq!(get("/raas/v2/catalogs").await.unwrap().status(), 200);
+    let tokens = mock.issued_tokens();
+    assert_eq!(tokens.len(), 2);
+    let (code, logs) = proc.terminate();
+    assert_eq!(code, 0);
+    assert!(logs.contains("\"level\":\"TRACE\""));
+    assert!(logs.contains("obtained a new token"));
+    for secret in [CLIENT_SECRET, PASSWORD]
+        .into_iter()
+        .chain(tokens.iter().map(String::as_str))
+    {
+        assert!(!logs.contains(secret), "{secret:?} appeared in the logs");
+    }
+}

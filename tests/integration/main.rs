@@ -10,6 +10,7 @@ mod errors;
 mod forwarding;
 mod logs;
 mod mock;
+mod oauth;
 mod streaming;
 mod support;
 mod tls;

@@ -1,21 +1,11 @@
 //! The mock Tango behind the proxy, as the demo runs it.
 
-use tango_auth_proxy::mock::{MockConfig, MockTango, SEED_ACCOUNT};
-use tango_auth_proxy::secret::Secret;
+use tango_auth_proxy::mock::{MockTango, SEED_ACCOUNT};
 
 use crate::support::*;
 
 async fn mock_and_proxy() -> (MockTango, String, TestProxy) {
-    let mock = MockTango::new(MockConfig {
-        platform_name: PLATFORM.into(),
-        api_key: Secret::new(API_KEY),
-    });
-    let addr = mock
-        .clone()
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let url = format!("http://{addr}");
+    let (mock, url) = start_mock(mock_config(1.0)).await;
     let proxy = TestProxy::start(&config_toml(&url, "", "")).await;
     (mock, url, proxy)
 }

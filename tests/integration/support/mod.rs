@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use tango_auth_proxy::app::{self, Listeners, Running};
 use tango_auth_proxy::config::Config;
+use tango_auth_proxy::mock::{MockClient, MockConfig, MockTango};
+use tango_auth_proxy::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -54,6 +56,64 @@ api_key = "{API_KEY}"
     )
 }
 
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "cl13nt-S3cret-Must-N0t-L3ak";
+pub const USERNAME: &str = "svc-store-17";
+pub const PASSWORD: &str = "pa55w0rd-Must-N0t-L3ak";
+pub const FIVE_MINUTE_AUDIENCE: &str = "https://api.bhn.com/fiveminute";
+
+/// A mock Tango that knows the test client and service account.
+pub fn mock_config(time_scale: f64) -> MockConfig {
+    MockConfig {
+        platform_name: PLATFORM.into(),
+        api_key: Secret::new(API_KEY),
+        clients: vec![MockClient {
+            name: "Test".into(),
+            client_id: CLIENT_ID.into(),
+            client_secret: Secret::new(CLIENT_SECRET),
+            service_accounts: vec![(USERNAME.into(), Secret::new(PASSWORD))],
+        }],
+        time_scale,
+        client_credentials_limit: Some(1),
+    }
+}
+
+/// Starts a mock on a free port; returns it and its base URL.
+pub async fn start_mock(config: MockConfig) -> (MockTango, String) {
+    let mock = MockTango::new(config);
+    let addr = mock
+        .clone()
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (mock, format!("http://{addr}"))
+}
+
+/// A proxy config for an OAuth profile (`auth`) against the mock at `mock_url`.
+pub fn oauth_toml(mock_url: &str, auth: &str, extra_profile: &str) -> String {
+    let account = if auth == "service_account" {
+        format!("username = \"{USERNAME}\"\npassword = \"{PASSWORD}\"\n")
+    } else {
+        String::new()
+    };
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[upstream]
+url = "{mock_url}"
+allow_http = true
+[profiles.default]
+auth = "{auth}"
+token_url = "{mock_url}/oauth/token"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+{account}{extra_profile}
+"#
+    )
+}
+
 /// A proxy running inside the test process.
 pub struct TestProxy {
     pub running: Running,
@@ -85,6 +145,35 @@ impl TestProxy {
 
     pub fn addr(&self) -> SocketAddr {
         self.running.proxy_addr
+    }
+
+    /// The admin `/status` JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/status", self.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = client()
+                .get(format!("{}/readyz", self.admin_url))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the proxy never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// GET `path` (with query) through the proxy.
