@@ -195,14 +195,19 @@ fn a_non_loopback_listener_needs_an_explicit_opt_in() {
 fn the_shipped_example_config_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
-    let key = write(dir.path(), "api_key", "example-key\n");
+    let secret = write(dir.path(), "client_secret", "example-client-secret\n");
+    let password = write(dir.path(), "password", "example-password\n");
     let (code, out, err) = run_bin(
         &["check-config", "--config", example.to_str().unwrap()],
-        &[("TANGO_PROXY_PROFILES__DEFAULT__API_KEY_FILE", &key)],
+        &[
+            ("TANGO_PROXY_PROFILES__DEFAULT__CLIENT_SECRET_FILE", &secret),
+            ("TANGO_PROXY_PROFILES__DEFAULT__PASSWORD_FILE", &password),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("[profiles.default]"));
-    assert!(!out.contains("example-key"));
+    assert!(out.contains("auth = \"service_account\""));
+    assert!(!out.contains("example-client-secret") && !out.contains("example-password"));
 }
 
 #[test]
