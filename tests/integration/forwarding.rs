@@ -169,12 +169,12 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    proxy.running.stop();
+    proxy.stop();
     let resp = in_flight.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), r#"{"slow":true}"#);
     let addr = proxy.addr();
-    proxy.running.wait().await;
+    proxy.wait().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -81,6 +82,7 @@ pub fn mock_config(time_scale: f64) -> MockConfig {
 /// Starts a mock on a free port; returns it and its base URL.
 pub async fn start_mock(config: MockConfig) -> (MockTango, String) {
     let mock = MockTango::new(config);
+    logs::watch_mock(&mock);
     let addr = mock
         .clone()
         .spawn("127.0.0.1:0".parse().unwrap())
@@ -114,15 +116,25 @@ client_secret = "{CLIENT_SECRET}"
     )
 }
 
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            logs::assert_no_secret_captured();
+        }
+    }
+}
+
 /// A proxy running inside the test process.
 pub struct TestProxy {
-    pub running: Running,
+    running: Option<Running>,
+    proxy_addr: SocketAddr,
     pub url: String,
     pub admin_url: String,
 }
 
 impl TestProxy {
     pub async fn start(toml: &str) -> TestProxy {
+        logs::capture();
         let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("{e}"));
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -132,7 +144,8 @@ impl TestProxy {
         let url = format!("http://{}", running.proxy_addr);
         let admin_url = format!("http://{}", running.admin_addr);
         TestProxy {
-            running,
+            proxy_addr: running.proxy_addr,
+            running: Some(running),
             url,
             admin_url,
         }
@@ -144,7 +157,21 @@ impl TestProxy {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.running.proxy_addr
+        self.proxy_addr
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn stop(&self) {
+        if let Some(r) = &self.running {
+            r.stop();
+        }
+    }
+
+    /// Waits for the shutdown to finish.
+    pub async fn wait(mut self) {
+        if let Some(r) = self.running.take() {
+            r.wait().await;
+        }
     }
 
     /// The admin `/status` JSON.
@@ -401,6 +428,7 @@ impl ProxyProcess {
         // Give the log reader a moment to drain the pipe after exit.
         std::thread::sleep(Duration::from_millis(50));
         let logs = self.logs.lock().unwrap().clone();
+        logs::assert_no_secret_in(&logs);
         (code, logs)
     }
 }

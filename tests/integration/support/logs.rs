@@ -1,0 +1,70 @@
+//! Every in-process proxy run in this test binary logs at TRACE into one buffer, and every
+//! proxy (in-process or child process) is checked for known secrets when it stops: the API key,
+//! its Basic encoding, the client secret, the password and every token a mock issued.
+
+use std::io::Write;
+use std::sync::{Mutex, Once};
+
+use tango_auth_proxy::mock::MockTango;
+
+static CAPTURED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static MOCKS: Mutex<Vec<MockTango>> = Mutex::new(Vec::new());
+static INIT: Once = Once::new();
+
+struct Sink;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURED.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing TRACE subscriber once for the whole test binary.
+pub fn capture() {
+    INIT.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(|| Sink)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+/// Adds a mock's issued tokens to the secrets that must never be logged.
+pub fn watch_mock(mock: &MockTango) {
+    MOCKS.lock().unwrap().push(mock.clone());
+}
+
+fn secrets() -> Vec<String> {
+    let mut s: Vec<String> = vec![
+        super::API_KEY.into(),
+        super::expected_basic()["Basic ".len()..].to_string(),
+        super::CLIENT_SECRET.into(),
+        super::PASSWORD.into(),
+    ];
+    for mock in MOCKS.lock().unwrap().iter() {
+        s.extend(mock.issued_tokens());
+    }
+    s
+}
+
+/// Panics if `logs` holds a known secret.
+pub fn assert_no_secret_in(logs: &str) {
+    for secret in secrets() {
+        assert!(
+            !logs.contains(&secret),
+            "a secret appeared in the proxy logs"
+        );
+    }
+}
+
+/// Panics if anything captured so far holds a known secret.
+pub fn assert_no_secret_captured() {
+    let text = String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned();
+    assert!(!text.is_empty(), "no logs were captured");
+    assert_no_secret_in(&text);
+}
