@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{OAuthConfig, UpstreamConfig};
+use crate::proxy::describe;
 use crate::secret::Secret;
 
 /// What a successful token response carried.
@@ -193,20 +194,6 @@ fn form_urlencoded_byte_serialize(v: &str) -> impl Iterator<Item = char> + '_ {
         }
         buf.into_iter().flatten()
     })
-}
-
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[derive(Deserialize)]

@@ -235,7 +235,11 @@ impl Proxy {
                 })
                 .resolve()
                 .await;
-            if let Ok(fresh) = fresh.filter_fresh(&credential) {
+            // Only a credential different from the rejected one is worth a replay.
+            if let Some(fresh) = fresh
+                .ok()
+                .filter(|f| f.authorization != credential.authorization)
+            {
                 tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new token");
                 let replay = self
                     .send(
@@ -356,22 +360,8 @@ fn fits(headers: &http::HeaderMap, limit: u64) -> bool {
     }
 }
 
-trait FreshCredential {
-    fn filter_fresh(self, used: &Credential) -> Result<Credential, ()>;
-}
-
-impl FreshCredential for Result<Credential, AuthError> {
-    /// Only a credential different from the rejected one is worth a replay.
-    fn filter_fresh(self, used: &Credential) -> Result<Credential, ()> {
-        match self {
-            Ok(c) if c.authorization != used.authorization => Ok(c),
-            _ => Err(()),
-        }
-    }
-}
-
 /// An error and its sources on one line ("client error (Connect): tcp connect error: ...").
-fn describe(err: &dyn std::error::Error) -> String {
+pub(crate) fn describe(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
