@@ -6,6 +6,7 @@
 //! (a token being minted) return [`Authorization::Pending`].
 
 mod basic;
+pub mod dpop;
 pub mod oauth;
 
 use std::fmt;
