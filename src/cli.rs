@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::app::{self, Listeners};
+use crate::auth::dpop::{pkcs8_pem, DpopAlg, DpopKey};
 use crate::config::{Config, ConfigError};
 use crate::mock::{MockClient, MockConfig, MockTango, SEED_ACCOUNT};
 use crate::secret::Secret;
@@ -33,6 +34,15 @@ enum Command {
         /// Config file (else $TANGO_PROXY_CONFIG); TANGO_PROXY_* variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Write a new DPoP private key (PKCS#8 PEM, mode 0600) and print its JWK thumbprint.
+    Keygen {
+        /// Signing algorithm.
+        #[arg(long, value_enum, default_value = "ES256")]
+        alg: DpopAlg,
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Run the built-in mock of Tango's token endpoint and RaaS API (for local development).
     MockTango {
@@ -102,6 +112,9 @@ struct MockCredentials {
     /// Client-credentials tokens per client per 20 h window (0 = unlimited), as Tango documents.
     #[arg(long, default_value_t = 1)]
     client_credentials_limit: u32,
+    /// Demand DPoP server nonces (answers use_dpop_nonce until proofs carry the current one).
+    #[arg(long)]
+    dpop_nonces: bool,
 }
 
 impl MockCredentials {
@@ -121,6 +134,7 @@ impl MockCredentials {
             time_scale: self.time_scale,
             client_credentials_limit: (self.client_credentials_limit > 0)
                 .then_some(self.client_credentials_limit),
+            dpop_nonces: self.dpop_nonces,
         })
     }
 }
@@ -131,6 +145,7 @@ impl Cli {
         match self.command {
             Command::Serve { config } => serve(config),
             Command::CheckConfig { config } => Ok(check_config(config)),
+            Command::Keygen { alg, out } => keygen(alg, &out),
             Command::MockTango {
                 listen,
                 credentials,
@@ -168,6 +183,9 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     runtime(config.listen.workers)?.block_on(async {
         let listeners = Listeners::bind(&config).await?;
         app::serve(&config, listeners, app::shutdown_signal()).await?;
@@ -175,9 +193,50 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn keygen(alg: DpopAlg, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let (key, der) = DpopKey::generate(alg)?;
+    let pem = zeroize::Zeroizing::new(pkcs8_pem(&der));
+    write_private_file(out, pem.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}", key.thumbprint());
+    eprintln!(
+        "wrote a new {} DPoP key to {} (mode 0600); its JWK thumbprint is printed above",
+        alg.as_str(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Creates `path` with mode 0600 (never replacing an existing file) and writes `bytes`.
+fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 fn check_config(path: Option<PathBuf>) -> ExitCode {
     match Config::load(path.as_deref()) {
         Ok(config) => {
+            for w in config.warnings() {
+                eprintln!("tango-auth-proxy: warning: {w}");
+            }
             println!("# configuration is valid; effective values, secrets redacted:\n");
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
@@ -203,7 +262,10 @@ fn mock_tango(listen: SocketAddr, config: MockConfig) -> anyhow::Result<ExitCode
 
 fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     runtime(0)?.block_on(async {
-        let mock_config = MockConfig::default();
+        let mock_config = MockConfig {
+            dpop_nonces: true,
+            ..MockConfig::default()
+        };
         let client = mock_config
             .clients
             .first()
@@ -219,6 +281,14 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
             .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .context("cannot start the mock")?;
+        // A DPoP key made for this run; removed again at exit.
+        let key_path =
+            std::env::temp_dir().join(format!("tango-auth-proxy-demo-{}.pem", std::process::id()));
+        let _ = std::fs::remove_file(&key_path);
+        let (key, der) = DpopKey::generate(DpopAlg::Es256)?;
+        write_private_file(&key_path, pkcs8_pem(&der).as_bytes())
+            .with_context(|| format!("cannot write {}", key_path.display()))?;
+        let _cleanup = RemoveOnDrop(key_path.clone());
         let toml = format!(
             r#"
 [listen]
@@ -234,7 +304,9 @@ client_id = "{client_id}"
 client_secret = "{client_secret}"
 username = "{username}"
 password = "{password}"
+dpop_key_file = "{key_file}"
 "#,
+            key_file = key_path.display(),
             client_id = client.client_id,
             client_secret = client.client_secret.expose(),
             password = password.expose(),
@@ -249,8 +321,9 @@ password = "{password}"
         println!(
             r#"
 tango-auth-proxy demo: a mock Tango on http://{mock_addr}, the proxy on http://{p}.
-The proxy signs in to the mock as service account "{username}" (OAuth 2.0, grant_type=password),
-keeps the token fresh, and adds it to your requests, which carry no credentials.
+The proxy signs in to the mock as service account "{username}" (OAuth 2.0, grant_type=password)
+with a DPoP-bound token (key thumbprint {jkt}, server nonces on), keeps the token fresh, and
+adds it with a freshly signed DPoP proof to your requests, which carry no credentials.
 Try, from another terminal:
 
   curl -s http://{p}/raas/v2/catalogs
@@ -263,7 +336,8 @@ Try, from another terminal:
   curl -s http://{mock_addr}/mock/stats           # what the mock saw
 
 Press Ctrl-C to stop.
-"#
+"#,
+            jkt = key.thumbprint(),
         );
         app::shutdown_signal().await;
         running.stop();

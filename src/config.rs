@@ -513,6 +513,23 @@ pub struct OAuthConfig {
     /// Time allowed for one token request.
     #[serde(serialize_with = "ser_duration")]
     pub token_timeout: Duration,
+    /// The DPoP key, when the profile uses DPoP-bound tokens.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub dpop: Option<DpopConfig>,
+}
+
+/// A profile's DPoP key, loaded at start.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpopConfig {
+    /// Where the key was read from.
+    #[serde(rename = "dpop_key_file")]
+    pub key_file: PathBuf,
+    /// The key itself (never printed; its thumbprint is).
+    #[serde(skip)]
+    pub key: std::sync::Arc<crate::auth::dpop::DpopKey>,
+    /// RFC 7638 thumbprint of the public key.
+    #[serde(rename = "dpop_thumbprint")]
+    pub thumbprint: String,
 }
 
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -749,6 +766,26 @@ impl Config {
     /// The profile a sidecar serves.
     pub fn default_profile(&self) -> Option<&ProfileConfig> {
         self.profiles.values().next()
+    }
+
+    /// Things that work but deserve an operator's attention (printed by `check-config`, logged
+    /// by `serve`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in self.profiles.values() {
+            if let AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) = &p.auth {
+                if let Some(d) = &o.dpop {
+                    if crate::auth::dpop::is_too_open(&d.key_file) {
+                        out.push(format!(
+                            "profiles.{}.dpop_key_file: {} is readable by group or others; chmod 600 it",
+                            p.name,
+                            d.key_file.display()
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The effective configuration as TOML, every secret shown as `"<redacted>"`.
@@ -1115,12 +1152,20 @@ fn validate_oauth(
             );
         }
     }
-    if raw.dpop_key_file.is_some() {
-        p.push(
-            format!("{key}.dpop_key_file"),
-            "DPoP is not available in this version; remove it",
-        );
-    }
+    let dpop = match &raw.dpop_key_file {
+        None => None,
+        Some(path) => match crate::auth::dpop::DpopKey::load(path) {
+            Ok(k) => Some(DpopConfig {
+                key_file: path.clone(),
+                thumbprint: k.thumbprint().to_string(),
+                key: std::sync::Arc::new(k),
+            }),
+            Err(e) => {
+                p.push(format!("{key}.dpop_key_file"), e.to_string());
+                None
+            }
+        },
+    };
     let default_token_url = match environment {
         Environment::Sandbox => SANDBOX_TOKEN_URL,
         Environment::Production => PRODUCTION_TOKEN_URL,
@@ -1223,6 +1268,7 @@ fn validate_oauth(
         refresh_window,
         min_token_interval: (!min_token_interval.is_zero()).then_some(min_token_interval),
         token_timeout,
+        dpop,
     })
 }
 

@@ -156,7 +156,10 @@ impl DpopKey {
         };
         let borrowed: Vec<(&str, &str)> = members.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let jwk = canonical_jwk(&borrowed);
-        let header = format!(r#"{{"typ":"dpop+jwt","alg":"{}","jwk":{jwk}}}"#, alg.as_str());
+        let header = format!(
+            r#"{{"typ":"dpop+jwt","alg":"{}","jwk":{jwk}}}"#,
+            alg.as_str()
+        );
         Ok(DpopKey {
             alg,
             signer,
@@ -271,7 +274,10 @@ pub fn canonical_jwk(members: &[(&str, &str)]) -> String {
 }
 
 fn thumbprint_of_json(canonical: &str) -> String {
-    B64.encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()))
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
 }
 
 /// The RFC 7638 SHA-256 thumbprint of a JWK given by its required members.
@@ -313,6 +319,15 @@ fn origin_of(uri: &http::Uri, scheme: &str) -> String {
         Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
         _ => format!("{scheme}://{host}"),
     }
+}
+
+/// A profile's DPoP state: its key and the nonces servers gave it.
+#[derive(Debug)]
+pub struct Dpop {
+    /// The proof key.
+    pub key: std::sync::Arc<DpopKey>,
+    /// Latest nonce per origin (token endpoint and API alike).
+    pub nonces: NonceCache,
 }
 
 /// The latest `DPoP-Nonce` each server origin sent.
@@ -405,8 +420,12 @@ mod tests {
 
     #[test]
     fn rfc8037_ed25519_signing_example() {
-        let seed = B64.decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A").unwrap();
-        let x = B64.decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo").unwrap();
+        let seed = B64
+            .decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
+            .unwrap();
+        let x = B64
+            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+            .unwrap();
         let kp = Ed25519KeyPair::from_seed_and_public_key(&seed, &x).unwrap();
         let sig = kp.sign(b"eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc");
         assert_eq!(
@@ -426,7 +445,9 @@ mod tests {
 
     #[test]
     fn htu_is_normalised() {
-        let u: http::Uri = "HTTPS://API.Example.COM:443/raas/v2/orders/A%2FB?x=1".parse().unwrap();
+        let u: http::Uri = "HTTPS://API.Example.COM:443/raas/v2/orders/A%2FB?x=1"
+            .parse()
+            .unwrap();
         assert_eq!(htu(&u), "https://api.example.com/raas/v2/orders/A%2FB");
         let u: http::Uri = "http://127.0.0.1:8081/oauth/token".parse().unwrap();
         assert_eq!(htu(&u), "http://127.0.0.1:8081/oauth/token");

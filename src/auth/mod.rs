@@ -131,6 +131,8 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn rejected(&self, _used: &Credential, _challenge: Option<&HeaderValue>) -> bool {
         false
     }
+    /// Sees every upstream response to a request sent to `uri` (DPoP reads `DPoP-Nonce` here).
+    fn observe(&self, _uri: &http::Uri, _headers: &http::HeaderMap) {}
 }
 
 /// One Tango identity and the authorizer that speaks for it.
@@ -160,13 +162,20 @@ impl Profile {
                 ..
             } => Arc::new(BasicAuth::new(platform_name, api_key)?),
             AuthConfig::ClientCredentials(oauth) | AuthConfig::ServiceAccount(oauth) => {
-                let client = oauth::TokenClient::new(oauth, upstream)
+                let dpop = oauth.dpop.as_ref().map(|d| {
+                    Arc::new(dpop::Dpop {
+                        key: d.key.clone(),
+                        nonces: dpop::NonceCache::default(),
+                    })
+                });
+                let client = oauth::TokenClient::new(oauth, upstream, dpop.clone())
                     .map_err(AuthBuildError::TokenClient)?;
                 Arc::new(TokenManager::start(
                     &config.name,
                     config.auth.method(),
                     oauth,
                     client,
+                    dpop,
                     store,
                     metrics,
                 ))

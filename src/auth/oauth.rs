@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use super::dpop::{htu, origin, Dpop};
 use crate::config::{OAuthConfig, UpstreamConfig};
 use crate::proxy::describe;
 use crate::secret::Secret;
@@ -56,6 +59,9 @@ pub enum TokenError {
     /// A 2xx answer the proxy cannot use.
     #[error("token endpoint answer unusable: {0}")]
     InvalidResponse(String),
+    /// No DPoP proof could be made.
+    #[error("{0}")]
+    Dpop(String),
 }
 
 impl TokenError {
@@ -68,6 +74,7 @@ impl TokenError {
             TokenError::Timeout(_) => "timeout",
             TokenError::Transport(_) => "unreachable",
             TokenError::InvalidResponse(_) => "invalid_response",
+            TokenError::Dpop(_) => "dpop_error",
         }
     }
 }
@@ -79,6 +86,10 @@ pub struct TokenClient {
     url: String,
     form: Vec<(&'static str, FormValue)>,
     timeout: Duration,
+    dpop: Option<Arc<Dpop>>,
+    /// The token endpoint's `htu` and origin, normalised once.
+    htu: String,
+    origin: String,
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +100,16 @@ enum FormValue {
 
 impl TokenClient {
     /// Builds the client: same roots as the API client, no redirects, per-request timeout.
-    pub fn new(config: &OAuthConfig, upstream: &UpstreamConfig) -> Result<Self, String> {
+    /// With `dpop`, every token request carries a proof.
+    pub fn new(
+        config: &OAuthConfig,
+        upstream: &UpstreamConfig,
+        dpop: Option<Arc<Dpop>>,
+    ) -> Result<Self, String> {
+        let uri: http::Uri = config
+            .token_url
+            .parse()
+            .map_err(|e| format!("token_url: {e}"))?;
         let tls =
             crate::proxy::client::tls_config(&upstream.extra_roots).map_err(|e| e.to_string())?;
         let http = reqwest::Client::builder()
@@ -122,6 +142,9 @@ impl TokenClient {
             url: config.token_url.clone(),
             form,
             timeout: config.token_timeout,
+            dpop,
+            htu: htu(&uri),
+            origin: origin(&uri),
         })
     }
 
@@ -133,29 +156,56 @@ impl TokenClient {
         }
     }
 
-    /// Requests one token.
+    /// Requests one token. With DPoP, a `use_dpop_nonce` answer is retried once with the nonce.
     pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
         let body = zeroize::Zeroizing::new(self.encoded_form());
-        let sent = self
-            .http
-            .post(&self.url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/json")
-            .body(body.as_bytes().to_vec())
-            .send()
-            .await;
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
-            Err(e) => return Err(TokenError::Transport(describe(&e))),
-        };
-        let status = response.status().as_u16();
-        let bytes = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
-            Err(e) => return Err(TokenError::Transport(describe(&e))),
-        };
-        parse_response(status, &bytes)
+        let mut retried = false;
+        loop {
+            let mut request = self
+                .http
+                .post(&self.url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("accept", "application/json")
+                .body(body.as_bytes().to_vec());
+            if let Some(dpop) = &self.dpop {
+                let nonce = dpop.nonces.get(&self.origin);
+                let proof = dpop
+                    .key
+                    .proof("POST", &self.htu, None, nonce.as_deref())
+                    .map_err(|e| TokenError::Dpop(e.to_string()))?;
+                request = request.header("DPoP", proof);
+            }
+            let response = match request.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
+                Err(e) => return Err(TokenError::Transport(describe(&e))),
+            };
+            let mut new_nonce = false;
+            if let (Some(dpop), Some(n)) = (
+                &self.dpop,
+                response
+                    .headers()
+                    .get("dpop-nonce")
+                    .and_then(|v| v.to_str().ok()),
+            ) {
+                new_nonce = dpop.nonces.update(&self.origin, n);
+            }
+            let status = response.status().as_u16();
+            let bytes = match response.bytes().await {
+                Ok(b) => b,
+                Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
+                Err(e) => return Err(TokenError::Transport(describe(&e))),
+            };
+            if status == 400
+                && new_nonce
+                && !retried
+                && oauth_error_code(&bytes) == Some("use_dpop_nonce".into())
+            {
+                retried = true;
+                continue;
+            }
+            return parse_response(status, &bytes);
+        }
     }
 
     fn encoded_form(&self) -> String {
@@ -245,6 +295,11 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenEr
     } else {
         Err(TokenError::Rejected { status, message })
     }
+}
+
+/// The OAuth `error` code of an error body.
+fn oauth_error_code(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<RawError>(body).ok()?.error
 }
 
 /// `error: error_description` from JSON, else a short excerpt of the text.

@@ -10,10 +10,16 @@
 //! | `GET /mock/stats` | RaaS requests by credential, token requests by grant, orders |
 //! | `POST /mock/revoke` | invalidates every issued token (as deactivating credentials does) |
 //! | `POST /mock/token-endpoint/fail?mode=500\|timeout\|rate_limit\|slow&count=N` | the next N token requests fail that way (`slow`: answer after 5 s) |
-//! | `POST /mock/reject-bearer?on=true\|false` | every Bearer token is refused with 401 while on |
+//! | `POST /mock/reject-bearer?on=true\|false` | every Bearer or DPoP token is refused with 401 while on |
+//! | `POST /mock/dpop-nonce/rotate` | a new DPoP server nonce (nonce mode); the old one stops working |
+//!
+//! DPoP is checked strictly on both the token endpoint and the RaaS routes (see [`dpop`]); a
+//! token request with a valid proof gets a DPoP-bound token (`token_type` `DPoP`), which then
+//! only works as `Authorization: DPoP` with a proof from the same key.
 //!
 //! Data lives in memory and starts with one customer and one funded account.
 
+mod dpop;
 mod oauth;
 mod raas;
 
@@ -68,6 +74,8 @@ pub struct MockConfig {
     pub time_scale: f64,
     /// Client-credentials tokens one client may mint per 20-hour window (scaled); None = no limit.
     pub client_credentials_limit: Option<u32>,
+    /// Demand DPoP server nonces (`use_dpop_nonce`) on both endpoints.
+    pub dpop_nonces: bool,
 }
 
 impl Default for MockConfig {
@@ -85,6 +93,7 @@ impl Default for MockConfig {
             }],
             time_scale: 1.0,
             client_credentials_limit: Some(1),
+            dpop_nonces: false,
         }
     }
 }
@@ -94,8 +103,9 @@ impl Default for MockConfig {
 pub struct MockStats {
     /// RaaS requests received.
     pub requests: u64,
-    /// RaaS requests by credential: `basic:<platform>`, `bearer:<client id>`, `basic-invalid`,
-    /// `bearer-invalid`, `other-scheme` or `none`.
+    /// RaaS requests by credential: `basic:<platform>`, `bearer:<client id>`, `dpop:<client id>`,
+    /// `basic-invalid`, `bearer-invalid`, `dpop-invalid`, `dpop-use-nonce`, `other-scheme` or
+    /// `none`.
     pub credentials: BTreeMap<String, u64>,
     /// Token endpoint requests by `grant_type` (every request, failed ones included).
     pub token_requests: BTreeMap<String, u64>,
@@ -122,17 +132,28 @@ struct MockInner {
     stats: Mutex<MockStats>,
     data: Mutex<raas::Data>,
     tokens: oauth::Tokens,
+    dpop: dpop::Verifier,
 }
 
 impl MockTango {
     /// A mock accepting `config`'s credentials, with seed data.
     pub fn new(config: MockConfig) -> Self {
+        let verifier = dpop::Verifier::default();
+        if config.dpop_nonces {
+            verifier.require_nonces();
+        }
         Self(Arc::new(MockInner {
             config,
             stats: Mutex::default(),
             data: Mutex::new(raas::Data::seeded()),
             tokens: oauth::Tokens::default(),
+            dpop: verifier,
         }))
+    }
+
+    /// Replaces the DPoP server nonce (nonce mode); proofs with the old one get `use_dpop_nonce`.
+    pub fn rotate_dpop_nonce(&self) {
+        self.0.dpop.rotate_nonce();
     }
 
     /// A snapshot of the counters.
@@ -180,6 +201,7 @@ impl MockTango {
             .route("/mock/revoke", post(revoke))
             .route("/mock/token-endpoint/fail", post(fail_hook))
             .route("/mock/reject-bearer", post(reject_hook))
+            .route("/mock/dpop-nonce/rotate", post(rotate_hook))
             .with_state(self.clone())
     }
 
@@ -263,34 +285,38 @@ async fn reject_hook(State(mock): State<MockTango>, Query(q): Query<RejectQuery>
     StatusCode::NO_CONTENT
 }
 
+async fn rotate_hook(State(mock): State<MockTango>) -> StatusCode {
+    mock.rotate_dpop_nonce();
+    StatusCode::NO_CONTENT
+}
+
 /// Classifies the credential, counts it, and rejects anything Tango would reject.
 async fn check_credential(State(mock): State<MockTango>, req: Request, next: Next) -> Response {
-    let seen = classify(req.headers(), &mock);
+    let seen = classify(&req, &mock);
     mock.count(|s| {
         s.requests += 1;
         *s.credentials.entry(seen.label()).or_default() += 1;
     });
     let mut resp = match seen {
-        Seen::Basic(_) | Seen::Bearer(_) => next.run(req).await,
+        Seen::Basic(_) | Seen::Bearer(_) | Seen::Dpop(_) => next.run(req).await,
         other => {
             let mut resp = tango_error(
                 StatusCode::UNAUTHORIZED,
                 req.uri().path(),
                 "401.001",
-                other.reason(),
+                &other.reason(),
             );
-            let challenge = if matches!(other, Seen::BearerInvalid) {
-                "Bearer error=\"invalid_token\", error_description=\"The access token is invalid or expired\""
-            } else {
-                "Basic realm=\"tango\""
-            };
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
+            if let Ok(v) = HeaderValue::from_str(&other.challenge()) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
             resp
         }
     };
+    if let Some(nonce) = mock.0.dpop.current_nonce() {
+        if let Ok(v) = HeaderValue::from_str(&nonce) {
+            resp.headers_mut().insert("dpop-nonce", v);
+        }
+    }
     // Tango stamps its own id on every answer; support asks for it.
     if let Ok(id) = HeaderValue::from_str(&request_id()) {
         resp.headers_mut().insert("x-request-id", id);
@@ -301,8 +327,11 @@ async fn check_credential(State(mock): State<MockTango>, req: Request, next: Nex
 enum Seen {
     Basic(String),
     Bearer(String),
+    Dpop(String),
     BasicInvalid,
     BearerInvalid,
+    DpopInvalid(String),
+    DpopUseNonce,
     OtherScheme,
     Missing,
 }
@@ -312,25 +341,54 @@ impl Seen {
         match self {
             Seen::Basic(p) => format!("basic:{p}"),
             Seen::Bearer(c) => format!("bearer:{c}"),
+            Seen::Dpop(c) => format!("dpop:{c}"),
             Seen::BasicInvalid => "basic-invalid".into(),
             Seen::BearerInvalid => "bearer-invalid".into(),
+            Seen::DpopInvalid(_) => "dpop-invalid".into(),
+            Seen::DpopUseNonce => "dpop-use-nonce".into(),
             Seen::OtherScheme => "other-scheme".into(),
             Seen::Missing => "none".into(),
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> String {
         match self {
-            Seen::Basic(_) | Seen::Bearer(_) => "",
-            Seen::BasicInvalid => "Invalid platform name or API key",
-            Seen::BearerInvalid => "The access token is invalid or expired",
-            Seen::OtherScheme => "Unsupported authorization scheme",
-            Seen::Missing => "Full authentication is required to access this resource",
+            Seen::Basic(_) | Seen::Bearer(_) | Seen::Dpop(_) => String::new(),
+            Seen::BasicInvalid => "Invalid platform name or API key".into(),
+            Seen::BearerInvalid => "The access token is invalid or expired".into(),
+            Seen::DpopInvalid(why) => format!("Invalid DPoP proof or token: {why}"),
+            Seen::DpopUseNonce => "Resource server requires nonce in DPoP proof".into(),
+            Seen::OtherScheme => "Unsupported authorization scheme".into(),
+            Seen::Missing => "Full authentication is required to access this resource".into(),
+        }
+    }
+
+    fn challenge(&self) -> String {
+        match self {
+            Seen::BearerInvalid => {
+                "Bearer error=\"invalid_token\", error_description=\"The access token is invalid or expired\"".into()
+            }
+            Seen::DpopInvalid(why) if why.starts_with("token") => {
+                "DPoP algs=\"ES256 EdDSA\", error=\"invalid_token\"".into()
+            }
+            Seen::DpopInvalid(_) => "DPoP algs=\"ES256 EdDSA\", error=\"invalid_dpop_proof\"".into(),
+            Seen::DpopUseNonce => "DPoP algs=\"ES256 EdDSA\", error=\"use_dpop_nonce\"".into(),
+            _ => "Basic realm=\"tango\"".into(),
         }
     }
 }
 
-fn classify(headers: &HeaderMap, mock: &MockTango) -> Seen {
+/// The URL a request was sent to, as the mock sees it (it serves plain http).
+fn request_url(headers: &HeaderMap, path: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}{path}")
+}
+
+fn classify(req: &Request, mock: &MockTango) -> Seen {
+    let headers = req.headers();
     let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -339,8 +397,28 @@ fn classify(headers: &HeaderMap, mock: &MockTango) -> Seen {
     };
     if let Some(token) = value.strip_prefix("Bearer ") {
         return match mock.0.tokens.check(token.trim()) {
-            Some(client) => Seen::Bearer(client),
-            None => Seen::BearerInvalid,
+            Some((client, None)) => Seen::Bearer(client),
+            _ => Seen::BearerInvalid,
+        };
+    }
+    if let Some(token) = value.strip_prefix("DPoP ") {
+        let token = token.trim();
+        let Some((client, Some(jkt))) = mock.0.tokens.check(token) else {
+            return Seen::DpopInvalid("token invalid, expired or not DPoP-bound".into());
+        };
+        let Some(proof) = headers.get("dpop").and_then(|v| v.to_str().ok()) else {
+            return Seen::DpopInvalid("no DPoP proof".into());
+        };
+        let url = request_url(headers, req.uri().path());
+        return match mock
+            .0
+            .dpop
+            .verify(proof, req.method().as_str(), &url, Some(token))
+        {
+            Ok(thumbprint) if thumbprint == jkt => Seen::Dpop(client),
+            Ok(_) => Seen::DpopInvalid("token bound to another key".into()),
+            Err(dpop::ProofError::UseNonce) => Seen::DpopUseNonce,
+            Err(dpop::ProofError::Invalid(why)) => Seen::DpopInvalid(why),
         };
     }
     let Some(encoded) = value.strip_prefix("Basic ") else {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,7 @@ struct Issued {
     expires: Instant,
     first_used: Option<Instant>,
     revoked: bool,
+    jkt: Option<String>,
 }
 
 /// The issued tokens and the failure plan.
@@ -92,8 +93,8 @@ impl Tokens {
         *lock(&self.reject_all) = on;
     }
 
-    /// The client id of a valid token, recording its first use.
-    pub(super) fn check(&self, value: &str) -> Option<String> {
+    /// The client id and DPoP binding of a valid token, recording its first use.
+    pub(super) fn check(&self, value: &str) -> Option<(String, Option<String>)> {
         if *lock(&self.reject_all) {
             return None;
         }
@@ -105,7 +106,7 @@ impl Tokens {
             return None;
         }
         t.first_used.get_or_insert(now);
-        Some(t.client_id.clone())
+        Some((t.client_id.clone(), t.jkt.clone()))
     }
 
     pub(super) fn timeline(&self) -> Vec<TokenTimeline> {
@@ -124,7 +125,7 @@ impl Tokens {
         lock(&self.issued).iter().map(|t| t.value.clone()).collect()
     }
 
-    fn issue(&self, client_id: &str, ttl: Duration) -> String {
+    fn issue(&self, client_id: &str, ttl: Duration, jkt: Option<String>) -> String {
         let value = random_hex(24);
         let now = Instant::now();
         let mut issued = lock(&self.issued);
@@ -135,6 +136,7 @@ impl Tokens {
             expires: now + ttl,
             first_used: None,
             revoked: false,
+            jkt,
         });
         lock(&self.by_value).insert(value.clone(), issued.len() - 1);
         value
@@ -162,8 +164,19 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 
 pub(super) async fn token_endpoint(
     State(mock): State<MockTango>,
+    headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Response {
+    let mut resp = issue_token(&mock, &headers, form).await;
+    if let Some(nonce) = mock.0.dpop.current_nonce() {
+        if let Ok(v) = HeaderValue::from_str(&nonce) {
+            resp.headers_mut().insert("dpop-nonce", v);
+        }
+    }
+    resp
+}
+
+async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> Response {
     let grant = form.grant_type.clone().unwrap_or_default();
     mock.count(|s| *s.token_requests.entry(grant.clone()).or_default() += 1);
     let tokens = &mock.0.tokens;
@@ -236,16 +249,37 @@ pub(super) async fn token_endpoint(
             )
         }
     }
+    // A DPoP proof makes the token DPoP-bound to the proof's key.
+    let jkt = match headers.get("dpop").map(|v| v.to_str().unwrap_or_default()) {
+        None => None,
+        Some(proof) => {
+            let url = super::request_url(headers, "/oauth/token");
+            match mock.0.dpop.verify(proof, "POST", &url, None) {
+                Ok(jkt) => Some(jkt),
+                Err(super::dpop::ProofError::UseNonce) => {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "use_dpop_nonce",
+                        "Authorization server requires nonce in DPoP proof",
+                    )
+                }
+                Err(super::dpop::ProofError::Invalid(why)) => {
+                    return oauth_error(StatusCode::BAD_REQUEST, "invalid_dpop_proof", &why)
+                }
+            }
+        }
+    };
+    let token_type = if jkt.is_some() { "DPoP" } else { "Bearer" };
     let audience = form.audience.unwrap_or_default();
     let base = crate::token::audience_lifetime(&audience);
     let secs = (base.as_secs_f64() * config.time_scale).round().max(1.0) as u64;
-    let value = tokens.issue(&client.client_id, Duration::from_secs(secs));
+    let value = tokens.issue(&client.client_id, Duration::from_secs(secs), jkt);
     mock.count(|s| s.tokens_issued += 1);
     Json(json!({
         "access_token": value,
         "scope": form.scope.unwrap_or_else(|| "raas.all".into()),
         "expires_in": secs,
-        "token_type": "Bearer",
+        "token_type": token_type,
     }))
     .into_response()
 }

@@ -196,9 +196,11 @@ impl Proxy {
         if !(authorizer.replays() && fits(&parts.headers, inner.replay_max_body)) {
             let exceeded = Arc::new(AtomicBool::new(false));
             let body = OutboundBody::streaming(body, inner.max_body, exceeded.clone());
+            let sent_to = parts.uri.clone();
             let response = self
                 .send(with_credential(parts, &credential), body, Some(&exceeded))
                 .await?;
+            authorizer.observe(&sent_to, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED {
                 // Not replayable, but the next request should not reuse a rejected token.
                 authorizer.rejected(
@@ -222,6 +224,7 @@ impl Proxy {
                 None,
             )
             .await?;
+        authorizer.observe(&template.uri, response.headers());
         if response.status() == StatusCode::UNAUTHORIZED
             && authorizer.rejected(
                 &credential,
@@ -235,12 +238,12 @@ impl Proxy {
                 })
                 .resolve()
                 .await;
-            // Only a credential different from the rejected one is worth a replay.
-            if let Some(fresh) = fresh
-                .ok()
-                .filter(|f| f.authorization != credential.authorization)
-            {
-                tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new token");
+            // Only a different credential (new token, or new DPoP proof) is worth a replay.
+            if let Some(fresh) = fresh.ok().filter(|f| {
+                f.authorization != credential.authorization || f.dpop != credential.dpop
+            }) {
+                tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");
+                let sent_to = template.uri.clone();
                 let replay = self
                     .send(
                         with_credential(template, &fresh),
@@ -248,6 +251,7 @@ impl Proxy {
                         None,
                     )
                     .await?;
+                authorizer.observe(&sent_to, replay.headers());
                 return Ok(self.finish(replay, request_id));
             }
         }

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::store::TokenStore;
 use super::{expiry, Token};
+use crate::auth::dpop::{self, Dpop};
 use crate::auth::oauth::{TokenClient, TokenError};
 use crate::auth::{AuthError, Authorization, Authorizer, Credential, ProfileStatus, Target};
 use crate::config::{AuthMethod, OAuthConfig};
@@ -101,6 +102,9 @@ pub struct ManagerStatus {
     pub retry_in_seconds: Option<u64>,
     /// True while the token endpoint is failing.
     pub degraded: bool,
+    /// The DPoP key's thumbprint, for DPoP profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpop_jkt: Option<String>,
 }
 
 #[derive(Debug)]
@@ -110,6 +114,7 @@ struct Shared {
     identity: String,
     audience: String,
     client: TokenClient,
+    dpop: Option<Arc<Dpop>>,
     refresh_window: Duration,
     min_interval: Option<Duration>,
     wait: Duration,
@@ -142,6 +147,7 @@ impl TokenManager {
         method: AuthMethod,
         config: &OAuthConfig,
         client: TokenClient,
+        dpop: Option<Arc<Dpop>>,
         store: Arc<dyn TokenStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -154,8 +160,9 @@ impl TokenManager {
             method,
             identity,
             audience: config.audience.clone(),
-            key: fingerprint(config, client.grant()),
+            key: fingerprint(config, client.grant(), dpop.as_deref()),
             client,
+            dpop,
             refresh_window: config.refresh_window,
             min_interval: config.min_token_interval,
             wait: config.token_timeout + Duration::from_secs(1),
@@ -172,7 +179,7 @@ impl TokenManager {
 }
 
 /// A stable, non-secret key for what makes a token different.
-fn fingerprint(config: &OAuthConfig, grant: &str) -> String {
+fn fingerprint(config: &OAuthConfig, grant: &str, dpop: Option<&Dpop>) -> String {
     let material = [
         config.token_url.as_str(),
         grant,
@@ -180,6 +187,7 @@ fn fingerprint(config: &OAuthConfig, grant: &str) -> String {
         config.username.as_deref().unwrap_or(""),
         config.audience.as_str(),
         config.scope.as_str(),
+        dpop.map_or("", |d| d.key.thumbprint()),
     ]
     .join("\n");
     let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
@@ -193,13 +201,6 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn credential(token: &Token) -> Credential {
-    Credential {
-        authorization: token.authorization(),
-        dpop: None,
-    }
-}
-
 /// A random fraction in [0, 1).
 fn random_unit() -> f64 {
     let mut b = [0u8; 4];
@@ -208,6 +209,34 @@ fn random_unit() -> f64 {
 }
 
 impl Shared {
+    /// The headers for one request: the token, plus a fresh proof for DPoP tokens.
+    fn credential(&self, token: &Token, target: Target<'_>) -> Result<Credential, AuthError> {
+        let proof = match &self.dpop {
+            Some(d) if token.dpop => {
+                let nonce = d.nonces.get(&dpop::origin(target.uri));
+                let proof = d
+                    .key
+                    .proof(
+                        target.method.as_str(),
+                        &dpop::htu(target.uri),
+                        Some(token.ath()),
+                        nonce.as_deref(),
+                    )
+                    .map_err(|e| AuthError::Unavailable {
+                        profile: self.profile.clone(),
+                        reason: e.to_string(),
+                        retry_after: Duration::from_secs(1),
+                    })?;
+                HeaderValue::from_str(&proof).ok()
+            }
+            _ => None,
+        };
+        Ok(Credential {
+            authorization: token.authorization(),
+            dpop: proof,
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -263,10 +292,12 @@ impl Shared {
             self.finish();
             return;
         }
+        let dpop = self.dpop.is_some();
         match self.client.fetch().await.and_then(|r| {
-            if r.token_type != "bearer" {
+            let expected = if dpop { "dpop" } else { "bearer" };
+            if r.token_type != expected {
                 return Err(TokenError::InvalidResponse(format!(
-                    "token_type {:?}; this profile uses Bearer tokens",
+                    "token_type {:?}; this profile needs {expected} tokens",
                     r.token_type
                 )));
             }
@@ -276,7 +307,7 @@ impl Shared {
                 &self.audience,
                 SystemTime::now(),
             );
-            Token::new(r.access_token, expires_at, lifetime).ok_or_else(|| {
+            Token::new(r.access_token, expires_at, lifetime, dpop).ok_or_else(|| {
                 TokenError::InvalidResponse("access_token is not valid in an HTTP header".into())
             })
         }) {
@@ -444,7 +475,7 @@ impl Shared {
         }
     }
 
-    async fn wait_for_token(self: Arc<Self>) -> Result<Credential, AuthError> {
+    async fn wait_for_token(self: Arc<Self>, target: Target<'_>) -> Result<Credential, AuthError> {
         let mut generation = self.generation.subscribe();
         let now = SystemTime::now();
         let reason = if self.current().is_some() {
@@ -455,7 +486,7 @@ impl Shared {
         self.start_refresh(reason);
         let _ = tokio::time::timeout(self.wait, generation.changed()).await;
         match self.usable(SystemTime::now().max(now)) {
-            Some(t) => Ok(credential(&t)),
+            Some(t) => self.credential(&t, target),
             None => Err(self.unavailable(&self.state())),
         }
     }
@@ -479,7 +510,7 @@ async fn refresher(shared: Weak<Shared>) {
 }
 
 impl Authorizer for TokenManager {
-    fn authorize<'a>(&'a self, _target: Target<'a>) -> Authorization<'a> {
+    fn authorize<'a>(&'a self, target: Target<'a>) -> Authorization<'a> {
         let shared = &self.shared;
         let now = SystemTime::now();
         if let Some(token) = shared.usable(now) {
@@ -487,7 +518,7 @@ impl Authorizer for TokenManager {
             if in_window {
                 shared.wake.notify_one();
             }
-            return Authorization::Ready(Ok(credential(&token)));
+            return Authorization::Ready(shared.credential(&token, target));
         }
         {
             let st = shared.state();
@@ -496,7 +527,7 @@ impl Authorizer for TokenManager {
                 return Authorization::Ready(Err(shared.unavailable(&st)));
             }
         }
-        Authorization::Pending(Box::pin(shared.clone().wait_for_token()))
+        Authorization::Pending(Box::pin(shared.clone().wait_for_token(target)))
     }
 
     fn is_ready(&self) -> bool {
@@ -507,13 +538,24 @@ impl Authorizer for TokenManager {
         true
     }
 
+    fn observe(&self, uri: &http::Uri, headers: &http::HeaderMap) {
+        if let (Some(d), Some(nonce)) = (
+            &self.shared.dpop,
+            headers.get("dpop-nonce").and_then(|v| v.to_str().ok()),
+        ) {
+            d.nonces.update(&dpop::origin(uri), nonce);
+        }
+    }
+
     fn rejected(&self, used: &Credential, challenge: Option<&HeaderValue>) -> bool {
         let shared = &self.shared;
         if challenge
             .and_then(|c| c.to_str().ok())
             .is_some_and(|c| c.contains("use_dpop_nonce"))
         {
-            return false;
+            // A nonce challenge is not a bad token: replay with a proof carrying the new nonce
+            // (already recorded by `observe`).
+            return shared.dpop.is_some();
         }
         shared.metrics.upstream_401(&shared.profile);
         match shared.current() {
@@ -566,6 +608,7 @@ impl Authorizer for TokenManager {
                 .retry_at
                 .map(|r| r.saturating_duration_since(Instant::now()).as_secs()),
             degraded: st.failures > 0,
+            dpop_jkt: shared.dpop.as_ref().map(|d| d.key.thumbprint().to_string()),
         };
         ProfileStatus {
             auth: shared.method.as_str(),

@@ -29,21 +29,39 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// How long it was valid for when obtained.
     pub lifetime: Duration,
+    /// True for a DPoP-bound token (`Authorization: DPoP ...`).
+    pub dpop: bool,
     header: HeaderValue,
+    ath: String,
 }
 
 impl Token {
-    /// A bearer token expiring at `expires_at`, obtained `lifetime` before that.
-    pub fn new(access_token: Secret, expires_at: SystemTime, lifetime: Duration) -> Option<Self> {
-        let mut header =
-            HeaderValue::from_str(&format!("Bearer {}", access_token.expose())).ok()?;
+    /// A token expiring at `expires_at`, obtained `lifetime` before that; `dpop` picks the
+    /// `Authorization` scheme. `None` when the token cannot be carried in a header.
+    pub fn new(
+        access_token: Secret,
+        expires_at: SystemTime,
+        lifetime: Duration,
+        dpop: bool,
+    ) -> Option<Self> {
+        let scheme = if dpop { "DPoP" } else { "Bearer" };
+        let value = zeroize::Zeroizing::new(format!("{scheme} {}", access_token.expose()));
+        let mut header = HeaderValue::from_str(&value).ok()?;
         header.set_sensitive(true);
+        let ath = crate::auth::dpop::ath(access_token.expose());
         Some(Self {
             access_token,
             expires_at,
             lifetime,
+            dpop,
             header,
+            ath,
         })
+    }
+
+    /// `ath` for DPoP proofs: base64url(SHA-256(token)), computed once.
+    pub fn ath(&self) -> &str {
+        &self.ath
     }
 
     /// The pre-encoded `Authorization` value.
@@ -174,7 +192,7 @@ mod tests {
     #[test]
     fn usable_and_window_rules() {
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let day = Token::new(Secret::new("t"), now + DAY_LIFETIME, DAY_LIFETIME).unwrap();
+        let day = Token::new(Secret::new("t"), now + DAY_LIFETIME, DAY_LIFETIME, false).unwrap();
         assert!(day.usable_at(now + DAY_LIFETIME - Duration::from_secs(31)));
         assert!(!day.usable_at(now + DAY_LIFETIME - Duration::from_secs(30)));
         // 24 h token renews in its last 4 h; a 5-minute token in its last 75 s.

@@ -94,6 +94,7 @@ mod tests {
             Secret::new(v),
             SystemTime::now() + Duration::from_secs(secs),
             Duration::from_secs(secs),
+            false,
         )
         .unwrap()
     }
