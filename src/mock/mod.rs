@@ -176,6 +176,12 @@ impl MockTango {
         self.0.tokens.reject_all(on);
     }
 
+    /// While on, the token endpoint ignores DPoP proofs and issues Bearer tokens (a
+    /// misconfigured server; a DPoP profile must refuse such tokens).
+    pub fn issue_bearer_despite_dpop(&self, on: bool) {
+        self.0.tokens.ignore_dpop(on);
+    }
+
     /// Issue time, expiry and first use of every token, in issue order.
     pub fn token_timeline(&self) -> Vec<TokenTimeline> {
         self.0.tokens.timeline()

@@ -62,6 +62,7 @@ pub(super) struct Tokens {
     by_value: Mutex<HashMap<String, usize>>,
     failures: Mutex<VecDeque<FailMode>>,
     reject_all: Mutex<bool>,
+    ignore_dpop: Mutex<bool>,
     cc_mints: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
@@ -73,6 +74,7 @@ impl Default for Tokens {
             by_value: Mutex::default(),
             failures: Mutex::default(),
             reject_all: Mutex::new(false),
+            ignore_dpop: Mutex::new(false),
             cc_mints: Mutex::default(),
         }
     }
@@ -91,6 +93,10 @@ impl Tokens {
 
     pub(super) fn reject_all(&self, on: bool) {
         *lock(&self.reject_all) = on;
+    }
+
+    pub(super) fn ignore_dpop(&self, on: bool) {
+        *lock(&self.ignore_dpop) = on;
     }
 
     /// The client id and DPoP binding of a valid token, recording its first use.
@@ -250,8 +256,10 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
         }
     }
     // A DPoP proof makes the token DPoP-bound to the proof's key.
+    let ignore = *lock(&tokens.ignore_dpop);
     let jkt = match headers.get("dpop").map(|v| v.to_str().unwrap_or_default()) {
         None => None,
+        Some(_) if ignore => None,
         Some(proof) => {
             let url = super::request_url(headers, "/oauth/token");
             match mock.0.dpop.verify(proof, "POST", &url, None) {

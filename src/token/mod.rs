@@ -205,6 +205,7 @@ mod tests {
             Secret::new("t"),
             now + FIVE_MINUTE_LIFETIME,
             FIVE_MINUTE_LIFETIME,
+            false,
         )
         .unwrap();
         assert_eq!(five.refresh_from(window), now + Duration::from_secs(225));
@@ -214,6 +215,7 @@ mod tests {
             Secret::new("t"),
             now + Duration::from_secs(10),
             Duration::from_secs(10),
+            false,
         )
         .unwrap();
         assert!(short.usable_at(now + Duration::from_secs(8)));

@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+mod dpop;
 mod errors;
 mod forwarding;
 mod logs;
