@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Throughput and latency of tango-auth-proxy (Basic mode) against nginx adding a static
-# Authorization header, both with one worker, in front of the same minimal upstream on loopback.
+# Throughput and latency of tango-auth-proxy (Basic, OAuth Bearer and DPoP modes) against nginx
+# adding a static Authorization header, both with one worker, in front of the same minimal
+# upstream on loopback. The OAuth rows get their token from the built-in mock Tango (one mint);
+# the DPoP row signs a fresh ES256 proof for every request.
 #
 #   scripts/bench.sh                 # defaults: 10 s per run, 50 connections
 #   DURATION=30s CONNECTIONS=100 scripts/bench.sh
@@ -96,7 +98,24 @@ NGINX
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); NG_PID=$!
 wait_port "$NG_PORT"
 
-start_proxy() { # $1 = RUST_LOG
+# The mock Tango as token endpoint for the OAuth rows, and a DPoP key.
+IDP_PORT=$(free_port)
+"$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
+wait_port "$IDP_PORT"
+"$BIN" keygen --out "$work/dpop.pem" >/dev/null 2>&1
+
+profile_toml() { # $1 = basic | bearer | dpop
+  case $1 in
+    basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
+    *)
+      printf 'auth = "service_account"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
+      printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n'
+      printf 'username = "demo-user"\npassword = "demo-password"\n'
+      if [ "$1" = dpop ]; then printf 'dpop_key_file = "%s"\n' "$work/dpop.pem"; fi ;;
+  esac
+}
+
+start_proxy() { # $1 = RUST_LOG, $2 = basic | bearer | dpop
   local port admin
   port=$(free_port); admin=$(free_port)
   cat > "$work/proxy.toml" <<TOML
@@ -108,13 +127,20 @@ workers = 1
 url = "http://127.0.0.1:$UP_PORT"
 allow_http = true
 [profiles.default]
-auth = "basic"
-platform_name = "bench-platform"
-api_key = "bench-api-key"
+$(profile_toml "$2")
 TOML
   RUST_LOG=$1 "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
   PROXY_PID=$!; pids+=($PROXY_PID); PROXY_PORT=$port
   wait_port "$port"
+  # Ready means a token is in hand for the OAuth modes.
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$admin"; printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3; grep -q ' 200 ' <&3) 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench.sh: the proxy never became ready" >&2
+  exit 1
 }
 
 # Runs wrk against $2 and appends "name rps p50 p99 rss" to the results; $3 = pid for RSS.
@@ -133,10 +159,16 @@ measure() {
 
 measure "upstream direct" "http://127.0.0.1:$UP_PORT/raas/v2/catalogs" "$UP_PID"
 measure "nginx, static Authorization (1 worker)" "http://127.0.0.1:$NG_PORT/raas/v2/catalogs" "$NG_PID"
-start_proxy warn
+start_proxy warn basic
 measure "tango-auth-proxy basic (workers = 1)" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
 kill "$PROXY_PID"
-start_proxy info
+start_proxy warn bearer
+measure "tango-auth-proxy OAuth bearer" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
+kill "$PROXY_PID"
+start_proxy warn dpop
+measure "tango-auth-proxy DPoP (ES256 proof/request)" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
+kill "$PROXY_PID"
+start_proxy info basic
 measure "tango-auth-proxy basic, access log on" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
 
 echo
@@ -149,6 +181,9 @@ for r in "${results[@]}"; do
   printf '| %-40s | %12s | %9s | %9s | %8s |\n' "$n" "$rps" "$p50" "$p99" "$rss"
 done
 ng=$(cut -d'|' -f2 <<<"${results[1]}")
-px=$(cut -d'|' -f2 <<<"${results[2]}")
 echo
-echo "proxy/nginx throughput ratio: $(awk -v a="$px" -v b="$ng" 'BEGIN {printf "%.2f", a/b}')"
+for i in 2 3 4; do
+  name=$(cut -d'|' -f1 <<<"${results[$i]}")
+  px=$(cut -d'|' -f2 <<<"${results[$i]}")
+  echo "$name / nginx throughput ratio: $(awk -v a="$px" -v b="$ng" 'BEGIN {printf "%.2f", a/b}')"
+done
