@@ -102,3 +102,50 @@ async fn no_oauth_secret_or_token_in_trace_logs() {
         assert!(!logs.contains(secret), "{secret:?} appeared in the logs");
     }
 }
+
+/// DPoP: the private key and the DPoP-bound tokens stay out of trace logs (proofs are not
+/// secrets, but the key that signs them is).
+#[tokio::test]
+async fn no_dpop_key_or_token_in_trace_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("dpop.pem");
+    let (code, _, err) = run_bin(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let mut config = mock_config(1.0);
+    config.dpop_nonces = true;
+    let (mock, url) = start_mock(config).await;
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        oauth_toml(
+            &url,
+            "service_account",
+            &format!("dpop_key_file = \"{}\"", key.display()),
+        ),
+    )
+    .unwrap();
+    let proc = ProxyProcess::start(&cfg, &[("RUST_LOG", "trace")]);
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .get(format!("{}/raas/v2/catalogs", proc.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        mock.rotate_dpop_nonce();
+    }
+    let tokens = mock.issued_tokens();
+    assert_eq!(tokens.len(), 1);
+    let (code, logs) = proc.terminate();
+    assert_eq!(code, 0);
+    assert!(logs.contains("\"level\":\"TRACE\""));
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(
+            !logs.contains(line),
+            "a line of the private key appeared in the logs"
+        );
+    }
+    assert!(!logs.contains(&tokens[0]));
+}
