@@ -478,6 +478,14 @@ impl Shared {
     async fn wait_for_token(self: Arc<Self>, target: Target<'_>) -> Result<Credential, AuthError> {
         let mut generation = self.generation.subscribe();
         let now = SystemTime::now();
+        // A refresh may have finished between the caller's check and the subscription; starting
+        // another one then would mint a second token.
+        if let Some(t) = self.usable(now) {
+            return self.credential(&t, target);
+        }
+        if self.state().failures > 0 {
+            return Err(self.unavailable(&self.state()));
+        }
         let reason = if self.current().is_some() {
             Reason::Expired
         } else {
