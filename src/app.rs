@@ -14,11 +14,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::auth::{AuthBuildError, Profile};
+use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::client::TlsError;
 use crate::proxy::{server, Proxy};
-use crate::token::store::{MemoryStore, TokenStore};
+use crate::token::store::{FileStore, MemoryStore, TokenStore};
 
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,9 @@ pub enum AppError {
     /// The configuration has no profile.
     #[error("no profile configured")]
     NoProfile,
+    /// The token store could not be opened.
+    #[error("token cache: {0}")]
+    Store(String),
 }
 
 /// The two listeners, already bound.
@@ -98,7 +102,18 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let admin_addr = local_addr(&listeners.admin, config.listen.admin, "listen.admin")?;
     let profile_config = config.default_profile().ok_or(AppError::NoProfile)?;
     let metrics = Arc::new(Metrics::new());
-    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::default());
+    let store: Arc<dyn TokenStore> = match (&config.cache.backend, &config.cache.path) {
+        (CacheBackend::File, Some(dir)) => Arc::new(
+            FileStore::new(
+                dir,
+                &config.cache.key_prefix,
+                config.cache.sealer.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| AppError::Store(e.to_string()))?,
+        ),
+        _ => Arc::new(MemoryStore::default()),
+    };
     let profile = Profile::from_config(profile_config, &config.upstream, store, metrics.clone())?;
     let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
     let admin_state = AdminState::new(config, vec![profile], metrics);

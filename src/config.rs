@@ -202,6 +202,7 @@ struct RawCache {
     redis_url: Option<Text>,
     key_prefix: Option<Text>,
     encryption_key_file: Option<PathBuf>,
+    previous_encryption_key_files: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,6 +428,15 @@ pub struct CacheConfig {
     pub key_prefix: String,
     /// AES-256-GCM key file for tokens at rest.
     pub encryption_key_file: Option<PathBuf>,
+    /// Keys that sealed records before the last rotation; still opened, never used to seal.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub previous_encryption_key_files: Vec<PathBuf>,
+    /// The current key's id (a truncated hash; safe to show).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
+    /// Seals and opens records with those keys.
+    #[serde(skip)]
+    pub sealer: std::sync::Arc<crate::token::Sealer>,
 }
 
 /// One Tango identity.
@@ -772,6 +782,7 @@ impl Config {
     /// by `serve`).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        self.cache_warnings(&mut out);
         for p in self.profiles.values() {
             if let AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) = &p.auth {
                 if let Some(d) = &o.dpop {
@@ -786,6 +797,16 @@ impl Config {
             }
         }
         out
+    }
+
+    /// Warnings about the cache (encryption off for a persistent backend).
+    fn cache_warnings(&self, out: &mut Vec<String>) {
+        if self.cache.backend != CacheBackend::Memory && !self.cache.sealer.encrypts() {
+            out.push(format!(
+                "cache.encryption_key_file is not set: tokens in the {} cache are stored unencrypted",
+                self.cache.backend.as_str()
+            ));
+        }
     }
 
     /// The effective configuration as TOML, every secret shown as `"<redacted>"`.
@@ -978,31 +999,63 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
 
 fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
     let backend = raw.backend.unwrap_or_default();
-    if backend != CacheBackend::Memory {
-        p.push(
+    match backend {
+        CacheBackend::Memory => {}
+        CacheBackend::File => {
+            if raw.path.is_none() {
+                p.push(
+                    "cache.path",
+                    "required for backend = \"file\" (a directory)",
+                );
+            }
+        }
+        CacheBackend::Redis => p.push(
             "cache.backend",
-            format!(
-                "{:?} is not available in this version; use \"memory\"",
-                backend.as_str()
-            ),
-        );
+            "\"redis\" is not available in this version; use \"memory\" or \"file\"",
+        ),
     }
     let key_prefix = raw
         .key_prefix
         .map(|t| t.0)
         .unwrap_or_else(|| "tango-auth-proxy".to_string());
-    if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+    if key_prefix.is_empty()
+        || !key_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
         p.push(
             "cache.key_prefix",
-            "must be non-empty without spaces or braces",
+            "must be non-empty: letters, digits, '-', '_', '.', ':'",
         );
     }
+    let previous = raw.previous_encryption_key_files.unwrap_or_default();
+    let sealer = match &raw.encryption_key_file {
+        None => {
+            if !previous.is_empty() {
+                p.push(
+                    "cache.previous_encryption_key_files",
+                    "needs cache.encryption_key_file (the key that seals new records)",
+                );
+            }
+            crate::token::Sealer::plaintext()
+        }
+        Some(current) => match crate::token::Sealer::from_files(current, &previous) {
+            Ok(s) => s,
+            Err(e) => {
+                p.push("cache.encryption_key_file", e.to_string());
+                crate::token::Sealer::plaintext()
+            }
+        },
+    };
     CacheConfig {
         backend,
         path: raw.path,
         redis_url: raw.redis_url.map(|t| t.0),
         key_prefix,
         encryption_key_file: raw.encryption_key_file,
+        previous_encryption_key_files: previous,
+        encryption_key_id: sealer.key_id().map(str::to_string),
+        sealer: std::sync::Arc::new(sealer),
     }
 }
 

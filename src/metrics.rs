@@ -57,6 +57,12 @@ pub struct Metrics {
     token_requests: Family<OutcomeLabel, Counter>,
     token_expiry: Family<ProfileLabel, Gauge>,
     upstream_401: Family<ProfileLabel, Counter>,
+    cache_unreadable: Family<BackendLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: &'static str,
 }
 
 impl Metrics {
@@ -119,6 +125,12 @@ impl Metrics {
             "401 answers from Tango, by profile",
             upstream_401.clone(),
         );
+        let cache_unreadable = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "cache_unreadable_records",
+            "Cached token records that did not open (tampered or sealed with an unknown key) and were treated as misses",
+            cache_unreadable.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -129,7 +141,15 @@ impl Metrics {
             token_requests,
             token_expiry,
             upstream_401,
+            cache_unreadable,
         }
+    }
+
+    /// Records a cached token record that did not open.
+    pub fn cache_unreadable_record(&self, backend: &'static str) {
+        self.cache_unreadable
+            .get_or_create(&BackendLabel { backend })
+            .inc();
     }
 
     /// Records one token endpoint request.

@@ -2,7 +2,9 @@
 //! [`TokenManager`] (usable / refresh window / mint budget, single-flight, backoff).
 
 mod manager;
+mod seal;
 pub mod store;
+pub use seal::{KeyError, Sealer};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

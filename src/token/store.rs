@@ -7,10 +7,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use super::Token;
+use super::{Sealer, Token};
+use crate::metrics::Metrics;
 
 /// Why a store call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,6 +82,160 @@ impl TokenStore for MemoryStore {
             map.remove(key);
         }
         Box::pin(async move { Ok(same) })
+    }
+}
+
+/// Tokens in files on this host: one file per profile fingerprint, written atomically
+/// (temporary file, fsync, rename) with mode 0600, sealed with AES-256-GCM when a key is
+/// configured. Survives restarts; processes on one host share it.
+///
+/// Compare-and-delete reads, compares and removes without a lock: two processes on one host
+/// racing on a rejected token can at worst remove the newer one, which costs one extra mint.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    prefix: String,
+    sealer: Arc<Sealer>,
+    metrics: Arc<Metrics>,
+}
+
+impl FileStore {
+    /// Uses (and creates, mode 0700) the directory `dir`.
+    pub fn new(
+        dir: &Path,
+        prefix: &str,
+        sealer: Arc<Sealer>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        create_private_dir(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            sealer,
+            metrics,
+        })
+    }
+
+    /// The record's logical name (the sealing associated data), as in Redis.
+    fn record_name(&self, key: &str) -> String {
+        format!("{}:{{{key}}}:token", self.prefix)
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{}-{key}.token", self.prefix))
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Token>, StoreError> {
+        let path = self.path(key);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        match self.sealer.open(&self.record_name(key), text.trim()) {
+            Some(t) if t.expires_at > SystemTime::now() => Ok(Some(t)),
+            Some(_) => Ok(None),
+            None => {
+                self.metrics.cache_unreadable_record(self.name());
+                tracing::warn!(
+                    file = %path.display(),
+                    "ignoring a cached token record that does not open (tampered, or sealed with a key no longer configured)"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    fn write(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+        let sealed = zeroize::Zeroizing::new(
+            self.sealer
+                .seal(&self.record_name(key), token)
+                .ok_or_else(|| StoreError::Unavailable("cannot seal the token record".into()))?,
+        );
+        let path = self.path(key);
+        let tmp = self
+            .dir
+            .join(format!(".{}-{key}.{}.tmp", self.prefix, std::process::id()));
+        let io = |e: std::io::Error| {
+            StoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
+        };
+        write_private(&tmp, sealed.as_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl TokenStore for FileStore {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
+        // Small local files: reading inline is cheaper than a blocking-pool hop, and this runs
+        // only at start and at refresh time, never per request.
+        let result = self.read(key);
+        Box::pin(async move { result })
+    }
+
+    fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
+        let result = match self.read(key) {
+            Ok(Some(existing)) if existing.expires_at > token.expires_at => Ok(()),
+            _ => self.write(key, token),
+        };
+        Box::pin(async move { result })
+    }
+
+    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool> {
+        let result = match self.read(key) {
+            Ok(Some(t)) if t.access_token == rejected.access_token => {
+                std::fs::remove_file(self.path(key))
+                    .map(|_| true)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(false)
+                        } else {
+                            Err(StoreError::Unavailable(e.to_string()))
+                        }
+                    })
+            }
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        };
+        Box::pin(async move { result })
     }
 }
 

@@ -90,7 +90,7 @@ async fn no_oauth_secret_or_token_in_trace_logs() {
     mock.revoke_all();
     assert_eq!(get("/raas/v2/catalogs").await.unwrap().status(), 200);
     let tokens = mock.issued_tokens();
-    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens.len(), 2, "{:?}", mock.stats());
     let (code, logs) = proc.terminate();
     assert_eq!(code, 0);
     assert!(logs.contains("\"level\":\"TRACE\""));
