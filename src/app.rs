@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::proxy::client::TlsError;
 use crate::proxy::{server, Proxy};
 use crate::token::store::{FileStore, MemoryStore, TokenStore};
+use crate::token::RedisStore;
 
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,15 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         (CacheBackend::File, Some(dir)) => Arc::new(
             FileStore::new(
                 dir,
+                &config.cache.key_prefix,
+                config.cache.sealer.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| AppError::Store(e.to_string()))?,
+        ),
+        (CacheBackend::Redis, _) => Arc::new(
+            RedisStore::new(
+                config.cache.redis_url.as_deref().unwrap_or_default(),
                 &config.cache.key_prefix,
                 config.cache.sealer.clone(),
                 metrics.clone(),

@@ -1009,10 +1009,17 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
                 );
             }
         }
-        CacheBackend::Redis => p.push(
-            "cache.backend",
-            "\"redis\" is not available in this version; use \"memory\" or \"file\"",
-        ),
+        CacheBackend::Redis => match raw.redis_url.as_ref().map(Text::as_str) {
+            None | Some("") => p.push("cache.redis_url", "required for backend = \"redis\""),
+            Some(url) => {
+                if let Err(e) = redis::Client::open(url) {
+                    p.push(
+                        "cache.redis_url",
+                        format!("not a usable Redis URL ({}): {e}", redact_url_password(url)),
+                    );
+                }
+            }
+        },
     }
     let key_prefix = raw
         .key_prefix

@@ -36,3 +36,10 @@ pub mod mock;
 pub mod proxy;
 pub mod secret;
 pub mod token;
+
+/// `n` random bytes as hex (lease owners and similar unique ids).
+pub(crate) fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

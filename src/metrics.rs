@@ -58,6 +58,15 @@ pub struct Metrics {
     token_expiry: Family<ProfileLabel, Gauge>,
     upstream_401: Family<ProfileLabel, Counter>,
     cache_unreadable: Family<BackendLabel, Counter>,
+    redis_errors: Counter,
+    mints: Family<ReasonLabel, Counter>,
+    lease_waits: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    profile: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,6 +140,24 @@ impl Metrics {
             "Cached token records that did not open (tampered or sealed with an unknown key) and were treated as misses",
             cache_unreadable.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed or timed out",
+            redis_errors.clone(),
+        );
+        let mints = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "token_mints",
+            "Tokens minted by this process, by reason (cold, window, expired, rejected, retry)",
+            mints.clone(),
+        );
+        let lease_waits = Counter::default();
+        registry.register(
+            "lease_waits",
+            "Refreshes that waited for another replica holding the refresh lease",
+            lease_waits.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -142,7 +169,30 @@ impl Metrics {
             token_expiry,
             upstream_401,
             cache_unreadable,
+            redis_errors,
+            mints,
+            lease_waits,
         }
+    }
+
+    /// Records a mint and why it happened.
+    pub fn mint(&self, profile: &str, reason: &'static str) {
+        self.mints
+            .get_or_create(&ReasonLabel {
+                profile: profile.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Records a refresh that waited on another replica's lease.
+    pub fn lease_wait(&self) {
+        self.lease_waits.inc();
+    }
+
+    /// Records a failed Redis call.
+    pub fn redis_error(&self) {
+        self.redis_errors.inc();
     }
 
     /// Records a cached token record that did not open.

@@ -62,6 +62,9 @@ pub enum TokenError {
     /// No DPoP proof could be made.
     #[error("{0}")]
     Dpop(String),
+    /// Another replica is minting; this one did not get a token in time.
+    #[error("{0}")]
+    Coordination(String),
 }
 
 impl TokenError {
@@ -75,6 +78,7 @@ impl TokenError {
             TokenError::Transport(_) => "unreachable",
             TokenError::InvalidResponse(_) => "invalid_response",
             TokenError::Dpop(_) => "dpop_error",
+            TokenError::Coordination(_) => "lease_busy",
         }
     }
 }

@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 
 pub use oauth::{FailMode, TokenTimeline};
 
+use crate::random_hex;
 use crate::secret::Secret;
 
 /// The account every mock starts with.
@@ -477,12 +478,6 @@ pub fn tango_error_with(
 
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn request_id() -> String {

@@ -43,6 +43,8 @@ const RATE_LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 /// After a mint caused by a 401, another 401-caused mint waits this long: if Tango rejects fresh
 /// tokens too, minting more of them would only hammer the token endpoint.
 const REJECTED_MINT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a token that could not be written to the cache is retried.
+const WRITE_BACK_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest the refresher sleeps without re-planning.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -79,6 +81,8 @@ struct State {
     mints: u64,
     refresh_at: Option<SystemTime>,
     last_rejected_mint: Option<Instant>,
+    cache_degraded: bool,
+    unsaved: bool,
 }
 
 /// What `/status` shows about a token profile; no secret.
@@ -102,6 +106,8 @@ pub struct ManagerStatus {
     pub retry_in_seconds: Option<u64>,
     /// True while the token endpoint is failing.
     pub degraded: bool,
+    /// True while the shared token cache is unreachable (the proxy coordinates in-process).
+    pub cache_degraded: bool,
     /// The DPoP key's thumbprint, for DPoP profiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dpop_jkt: Option<String>,
@@ -292,6 +298,137 @@ impl Shared {
             self.finish();
             return;
         }
+        if reason == Reason::Window && self.fleet_minted_recently().await {
+            self.finish();
+            return;
+        }
+        if !self.store.shared() {
+            self.mint(reason).await;
+            self.finish();
+            return;
+        }
+        // Fleet single-flight: one process mints, the others wait for its token.
+        let owner = crate::random_hex(16);
+        let ttl = self.lease_ttl();
+        match self.store.try_lease(&self.key, &owner, ttl).await {
+            Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
+            Ok(false) => {
+                self.metrics.lease_wait();
+                if !self.await_fleet_token(ttl).await {
+                    // The holder produced no token (it died or its mint failed): take over once.
+                    match self.store.try_lease(&self.key, &owner, ttl).await {
+                        Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
+                        Ok(false) => self.fail(
+                            &TokenError::Coordination(
+                                "another replica holds the refresh lease and has not produced a token yet".into(),
+                            ),
+                            reason,
+                        ),
+                        Err(e) => {
+                            self.cache_error(&e);
+                            self.mint(reason).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.cache_error(&e);
+                self.mint(reason).await;
+            }
+        }
+        self.finish();
+    }
+
+    /// How long a refresh lease lives without being extended.
+    fn lease_ttl(&self) -> Duration {
+        self.wait + Duration::from_secs(1)
+    }
+
+    /// With `min_token_interval`, a window refresh waits while any process minted recently.
+    async fn fleet_minted_recently(&self) -> bool {
+        let Some(interval) = self.min_interval else {
+            return false;
+        };
+        match self.store.last_mint(&self.key).await {
+            Ok(Some(at)) if at + interval > SystemTime::now() => {
+                let mut st = self.state();
+                if st.last_mint.is_none_or(|m| m < at) {
+                    st.last_mint = Some(at);
+                }
+                tracing::debug!(profile = %self.profile, "a replica minted recently; renewal waits for the mint budget");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                self.cache_error(&e);
+                false
+            }
+        }
+    }
+
+    async fn mint_holding_lease(&self, reason: Reason, owner: &str, ttl: Duration) {
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if let Err(e) = self.store.extend_lease(&self.key, owner, ttl).await {
+                    self.cache_error(&e);
+                }
+            }
+        };
+        tokio::select! {
+            () = self.mint(reason) => {}
+            () = keep_alive => {}
+        }
+        if let Err(e) = self.store.release_lease(&self.key, owner).await {
+            self.cache_error(&e);
+        }
+    }
+
+    /// Polls the shared store until another process's token appears, at most `ttl`.
+    async fn await_fleet_token(&self, ttl: Duration) -> bool {
+        let deadline = Instant::now() + ttl;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.adopt_stored().await {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn cache_error(&self, e: &super::store::StoreError) {
+        let mut st = self.state();
+        if !st.cache_degraded {
+            tracing::warn!(profile = %self.profile, "token cache degraded, coordinating inside this process only: {e}");
+        }
+        st.cache_degraded = true;
+    }
+
+    fn cache_ok(&self) {
+        let mut st = self.state();
+        if st.cache_degraded {
+            tracing::info!(profile = %self.profile, "token cache reachable again");
+        }
+        st.cache_degraded = false;
+    }
+
+    /// Writes the current token back after the store was unreachable.
+    async fn write_back(&self) {
+        let Some(token) = self.usable(SystemTime::now()) else {
+            self.state().unsaved = false;
+            return;
+        };
+        match self.store.save(&self.key, &token).await {
+            Ok(()) => {
+                self.state().unsaved = false;
+                self.cache_ok();
+                tracing::info!(profile = %self.profile, "wrote the token back to the cache");
+            }
+            Err(e) => self.cache_error(&e),
+        }
+    }
+
+    async fn mint(&self, reason: Reason) {
         let dpop = self.dpop.is_some();
         match self.client.fetch().await.and_then(|r| {
             let expected = if dpop { "dpop" } else { "bearer" };
@@ -313,20 +450,26 @@ impl Shared {
         }) {
             Ok(token) => {
                 self.metrics.token_request(&self.profile, "success");
+                self.metrics.mint(&self.profile, reason.as_str());
                 tracing::info!(
                     profile = %self.profile,
                     reason = reason.as_str(),
                     lifetime_s = token.lifetime.as_secs(),
                     "obtained a new token"
                 );
-                if let Err(e) = self.store.save(&self.key, &token).await {
-                    tracing::warn!(profile = %self.profile, "cannot write the token to the store: {e}");
+                let saved = self.store.save(&self.key, &token).await;
+                let recorded = self.store.record_mint(&self.key, SystemTime::now()).await;
+                match saved.and(recorded) {
+                    Ok(()) => self.cache_ok(),
+                    Err(e) => {
+                        self.cache_error(&e);
+                        self.state().unsaved = true;
+                    }
                 }
                 self.adopt(Arc::new(token), true);
             }
             Err(e) => self.fail(&e, reason),
         }
-        self.finish();
     }
 
     /// Uses a stored token if it is better than what this process holds.
@@ -336,7 +479,7 @@ impl Shared {
             Ok(Some(t)) => t,
             Ok(None) => return false,
             Err(e) => {
-                tracing::warn!(profile = %self.profile, "token store: {e}");
+                self.cache_error(&e);
                 return false;
             }
         };
@@ -503,9 +646,13 @@ impl Shared {
 async fn refresher(shared: Weak<Shared>) {
     loop {
         let Some(me) = shared.upgrade() else { return };
-        let (due, sleep) = me.plan(SystemTime::now());
+        let (due, mut sleep) = me.plan(SystemTime::now());
         if let Some(reason) = due {
             me.start_refresh(reason);
+        }
+        if me.state().unsaved {
+            me.write_back().await;
+            sleep = sleep.min(WRITE_BACK_INTERVAL);
         }
         let sleep = sleep.clamp(Duration::from_millis(10), MAX_SLEEP);
         let me_for_wait = me.clone();
@@ -616,6 +763,7 @@ impl Authorizer for TokenManager {
                 .retry_at
                 .map(|r| r.saturating_duration_since(Instant::now()).as_secs()),
             degraded: st.failures > 0,
+            cache_degraded: st.cache_degraded,
             dpop_jkt: shared.dpop.as_ref().map(|d| d.key.thumbprint().to_string()),
         };
         ProfileStatus {

@@ -2,8 +2,10 @@
 //! [`TokenManager`] (usable / refresh window / mint budget, single-flight, backoff).
 
 mod manager;
+mod redis_store;
 mod seal;
 pub mod store;
+pub use redis_store::RedisStore;
 pub use seal::{KeyError, Sealer};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{Sealer, Token};
 use crate::metrics::Metrics;
@@ -37,6 +37,47 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
     fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
     /// Removes the stored token only if it is still `rejected` (compare-and-delete).
     fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool>;
+
+    /// True when other processes share this store, so a refresh must take the fleet lease.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Tries to take the refresh lease for `key` as `owner` for `ttl`. Stores without peers
+    /// always grant it: single-flight inside the process is enough.
+    fn try_lease<'a>(
+        &'a self,
+        _key: &'a str,
+        _owner: &'a str,
+        _ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Extends a lease still held by `owner`; false when it was lost.
+    fn extend_lease<'a>(
+        &'a self,
+        _key: &'a str,
+        _owner: &'a str,
+        _ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Releases a lease still held by `owner` (compare-and-delete).
+    fn release_lease<'a>(&'a self, _key: &'a str, _owner: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// When any process sharing this store last minted a token for `key`.
+    fn last_mint<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SystemTime>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Records a mint in the shared ledger.
+    fn record_mint<'a>(&'a self, _key: &'a str, _at: SystemTime) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Tokens in this process only.

@@ -12,6 +12,7 @@ mod forwarding;
 mod logs;
 mod mock;
 mod oauth;
+mod redis;
 mod store;
 mod streaming;
 mod support;

@@ -23,7 +23,7 @@ fn token(value: &str, secs: u64) -> Token {
 }
 
 /// What every backend must do.
-async fn store_suite(store: &dyn TokenStore) {
+pub async fn store_suite(store: &dyn TokenStore) {
     assert!(store.load("fp1").await.unwrap().is_none());
     store.save("fp1", &token("first", 100)).await.unwrap();
     let loaded = store.load("fp1").await.unwrap().unwrap();

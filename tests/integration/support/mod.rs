@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod redis_server;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -20,6 +21,7 @@ use tango_auth_proxy::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub use redis_server::RedisServer;
 pub use upstream::FakeUpstream;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

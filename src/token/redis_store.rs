@@ -1,0 +1,335 @@
+//! The Redis token store: one record per profile fingerprint, shared by every replica.
+//!
+//! Keys share a hash tag so one profile's records live in one cluster slot:
+//! `{prefix}:{fp}:token` (value `expires_ms.ath.sealed`, Redis TTL = remaining life),
+//! `{prefix}:{fp}:lock` (refresh lease: `SET NX PX` with a random owner, extended while a mint
+//! runs, released by compare-and-delete) and `{prefix}:{fp}:minted` (the fleet's last mint, Unix
+//! ms). Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
+//! rejected token. The `ath` (SHA-256 of the token) in clear lets those scripts compare tokens
+//! without decrypting; it is what DPoP proofs carry anyway and cannot be reversed.
+//!
+//! Every call has a short timeout. The connection is made lazily and re-made after failures, so
+//! Redis being down at start, killed or restarted only makes calls fail fast; the token manager
+//! then keeps serving from memory and coordinates inside the process.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::sync::Mutex;
+
+use super::store::{StoreError, StoreFuture, TokenStore};
+use super::{Sealer, Token};
+use crate::metrics::Metrics;
+
+/// Time allowed for one Redis call (connecting included).
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the ledger remembers a mint.
+const LEDGER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+const SAVE_LATER: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local exp = tonumber(string.match(cur, '^(%d+)%.'))
+  if exp and exp >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+const DELETE_IF_ATH: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.match(cur, '^%d+%.([^.]+)%.') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
+const EXTEND_IF_OWNER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const DELETE_IF_OWNER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Tokens in Redis.
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    sealer: Arc<Sealer>,
+    metrics: Arc<Metrics>,
+    save_later: Script,
+    delete_if_ath: Script,
+    extend_if_owner: Script,
+    delete_if_owner: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl RedisStore {
+    /// Prepares the store; no connection is made until the first call.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        sealer: Arc<Sealer>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        Ok(Self {
+            client,
+            conn: Mutex::new(None),
+            prefix: prefix.to_string(),
+            sealer,
+            metrics,
+            save_later: Script::new(SAVE_LATER),
+            delete_if_ath: Script::new(DELETE_IF_ATH),
+            extend_if_owner: Script::new(EXTEND_IF_OWNER),
+            delete_if_owner: Script::new(DELETE_IF_OWNER),
+        })
+    }
+
+    fn name(&self, key: &str, what: &str) -> String {
+        format!("{}:{{{key}}}:{what}", self.prefix)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CALL_TIMEOUT)
+            .set_response_timeout(CALL_TIMEOUT)
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("Redis connect timed out".into()))?
+        .map_err(|e| StoreError::Unavailable(format!("Redis: {e}")))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one Redis call with the timeout; a failure drops the connection so the next call
+    /// reconnects.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        let result = match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("Redis: {e}"))),
+            Err(_) => Err(StoreError::Unavailable("Redis call timed out".into())),
+        };
+        if result.is_err() {
+            self.metrics.redis_error();
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+
+    fn prefix_of(token: &Token) -> String {
+        format!("{}.{}.", unix_ms(token.expires_at), token.ath())
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
+        Box::pin(async move {
+            let name = self.name(key, "token");
+            let k = name.clone();
+            let value: Option<String> = self
+                .call(|mut c| async move { redis::cmd("GET").arg(&k).query_async(&mut c).await })
+                .await?;
+            let Some(value) = value else {
+                return Ok(None);
+            };
+            let mut parts = value.splitn(3, '.');
+            let (Some(exp), Some(_ath), Some(sealed)) = (parts.next(), parts.next(), parts.next())
+            else {
+                self.metrics.cache_unreadable_record("redis");
+                return Ok(None);
+            };
+            match self.sealer.open(&name, sealed) {
+                Some(t) if exp.parse::<u64>().ok() == Some(unix_ms(t.expires_at)) => {
+                    Ok((t.expires_at > SystemTime::now()).then_some(t))
+                }
+                _ => {
+                    self.metrics.cache_unreadable_record("redis");
+                    tracing::warn!(key = %name, "ignoring a cached token record that does not open");
+                    Ok(None)
+                }
+            }
+        })
+    }
+
+    fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let name = self.name(key, "token");
+            let sealed = self
+                .sealer
+                .seal(&name, token)
+                .ok_or_else(|| StoreError::Unavailable("cannot seal the token record".into()))?;
+            let value = zeroize::Zeroizing::new(format!("{}{sealed}", Self::prefix_of(token)));
+            let ttl = token
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_millis()
+                .max(1) as u64;
+            let exp = unix_ms(token.expires_at);
+            let script = &self.save_later;
+            let _: i64 = self
+                .call(|mut c| async move {
+                    script
+                        .key(&name)
+                        .arg(value.as_str())
+                        .arg(exp)
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let name = self.name(key, "token");
+            let ath = rejected.ath().to_string();
+            let script = &self.delete_if_ath;
+            let n: i64 = self
+                .call(|mut c| async move { script.key(&name).arg(&ath).invoke_async(&mut c).await })
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let name = self.name(key, "lock");
+            let ms = ttl.as_millis() as u64;
+            let got: Option<String> = self
+                .call(|mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&name)
+                        .arg(owner)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ms)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(got.is_some())
+        })
+    }
+
+    fn extend_lease<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let name = self.name(key, "lock");
+            let ms = ttl.as_millis() as u64;
+            let script = &self.extend_if_owner;
+            let n: i64 = self
+                .call(|mut c| async move {
+                    script
+                        .key(&name)
+                        .arg(owner)
+                        .arg(ms)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, owner: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let name = self.name(key, "lock");
+            let script = &self.delete_if_owner;
+            let _: i64 = self
+                .call(
+                    |mut c| async move { script.key(&name).arg(owner).invoke_async(&mut c).await },
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn last_mint<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SystemTime>> {
+        Box::pin(async move {
+            let name = self.name(key, "minted");
+            let v: Option<u64> = self
+                .call(|mut c| async move { redis::cmd("GET").arg(&name).query_async(&mut c).await })
+                .await?;
+            Ok(v.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+        })
+    }
+
+    fn record_mint<'a>(&'a self, key: &'a str, at: SystemTime) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let name = self.name(key, "minted");
+            let ms = unix_ms(at);
+            let ttl = LEDGER_TTL.as_millis() as u64;
+            let _: () = self
+                .call(|mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&name)
+                        .arg(ms)
+                        .arg("PX")
+                        .arg(ttl)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The Redis token cache: the store suite, a fleet of real proxy processes sharing one Redis,
+//! restarts, the hot path, encryption, and Redis outages.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use tango_auth_proxy::metrics::Metrics;
+use tango_auth_proxy::secret::Secret;
+use tango_auth_proxy::token::store::TokenStore;
+use tango_auth_proxy::token::{RedisStore, Sealer, Token};
+
+use crate::support::*;
+
+fn token(value: &str, secs: u64) -> Token {
+    Token::new(
+        Secret::new(value),
+        SystemTime::now() + Duration::from_secs(secs),
+        Duration::from_secs(secs),
+        false,
+    )
+    .unwrap()
+}
+
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("cache-key");
+    std::fs::write(
+        &p,
+        base64::engine::general_purpose::STANDARD.encode([3u8; 32]),
+    )
+    .unwrap();
+    p
+}
+
+/// A proxy config using `redis` as its cache, with encryption.
+fn fleet_toml(mock_url: &str, redis: &RedisServer, key: &Path) -> String {
+    oauth_toml(mock_url, "service_account", "").replace(
+        "[profiles.default]",
+        &format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
+            redis.url(),
+            key.display()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn redis_passes_the_store_suite_and_keeps_tokens_sealed() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let none: [&Path; 0] = [];
+    let metrics = Arc::new(Metrics::new());
+    let plain = RedisStore::new(
+        &redis.url(),
+        "plain",
+        Arc::new(Sealer::plaintext()),
+        metrics.clone(),
+    )
+    .unwrap();
+    crate::store::store_suite(&plain).await;
+    let sealed = RedisStore::new(
+        &redis.url(),
+        "sealed",
+        Arc::new(Sealer::from_files(&key, &none).unwrap()),
+        metrics.clone(),
+    )
+    .unwrap();
+    crate::store::store_suite(&sealed).await;
+
+    // The raw value holds no token; its TTL is the token's remaining life; tampering is a miss.
+    sealed
+        .save("fp", &token("redis-raw-token", 100))
+        .await
+        .unwrap();
+    let raw: String = redis.cmd(&["GET", "sealed:{fp}:token"]);
+    assert!(!raw.contains("redis-raw-token"), "{raw}");
+    let ttl: i64 = redis.cmd(&["PTTL", "sealed:{fp}:token"]);
+    assert!((90_000..=100_000).contains(&ttl), "{ttl}");
+    let tampered = format!("{}A", &raw[..raw.len() - 1]).replace("AA", "AB");
+    let tampered = if tampered == raw {
+        format!("{raw}x")
+    } else {
+        tampered
+    };
+    let _: () = redis.cmd(&["SET", "sealed:{fp}:token", &tampered]);
+    assert!(sealed.load("fp").await.unwrap().is_none());
+    assert!(metrics
+        .encode()
+        .contains(r#"tango_proxy_cache_unreadable_records_total{backend="redis"} 1"#));
+
+    // Leases: one owner at a time, released only by the owner.
+    let ttl = Duration::from_secs(5);
+    assert!(sealed.try_lease("fp", "a", ttl).await.unwrap());
+    assert!(!sealed.try_lease("fp", "b", ttl).await.unwrap());
+    sealed.release_lease("fp", "b").await.unwrap();
+    assert!(!sealed.try_lease("fp", "b", ttl).await.unwrap());
+    assert!(sealed.extend_lease("fp", "a", ttl).await.unwrap());
+    sealed.release_lease("fp", "a").await.unwrap();
+    assert!(sealed.try_lease("fp", "b", ttl).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_eight_mints_one_token_and_restarts_mint_none() {
+    let redis = RedisServer::start();
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    // The token answer is slow, so every process wants a token while the first mint runs.
+    mock.fail_token_requests(
+        tango_auth_proxy::mock::FailMode::Slow(Duration::from_millis(800)),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(&cfg, fleet_toml(&url, &redis, &key_file(dir.path()))).unwrap();
+
+    for round in 0..2 {
+        let fleet: Vec<ProxyProcess> = (0..8)
+            .map(|_| ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]))
+            .collect();
+        let c = client();
+        let requests: Vec<_> = (0..400)
+            .map(|i| {
+                let c = c.clone();
+                let url = format!("{}/raas/v2/catalogs", fleet[i % 8].url());
+                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        for r in requests {
+            assert_eq!(r.await.unwrap().unwrap(), 200, "round {round}");
+        }
+        let stats = mock.stats();
+        assert_eq!(stats.total_token_requests(), 1, "round {round}: {stats:?}");
+        if round == 0 {
+            // Processes that started while the first mint ran waited on its lease.
+            let mut waits = 0;
+            for p in &fleet {
+                let text = c
+                    .get(format!("http://{}/metrics", p.admin_addr))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                waits += text
+                    .lines()
+                    .find(|l| l.starts_with("tango_proxy_lease_waits_total"))
+                    .and_then(|l| l.split_whitespace().last())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            assert!(waits >= 1, "no process waited on the refresh lease");
+        }
+        for p in fleet {
+            let (code, _) = p.terminate();
+            assert_eq!(code, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_hot_path_sends_no_redis_command_per_request() {
+    let redis = RedisServer::start();
+    let (_mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&fleet_toml(&url, &redis, &key_file(dir.path()))).await;
+    proxy.wait_ready().await;
+    let before = redis.total_calls();
+    let c = client();
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..20 {
+        let c = c.clone();
+        let url = format!("{}/raas/v2/catalogs", proxy.url);
+        handles.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200, "worker {w}");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let after = redis.total_calls();
+    // INFO itself counts once; nothing else should have reached Redis.
+    assert!(
+        after - before <= 3,
+        "{} Redis commands for 10,000 requests in {:?}",
+        after - before,
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_down_at_start_then_back_gets_the_token_written_back() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    // Redis is not running yet: the proxy mints in-process and serves.
+    let placeholder = format!("redis://127.0.0.1:{port}/0");
+    let toml = oauth_toml(&url, "service_account", "").replace(
+        "[profiles.default]",
+        &format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{placeholder}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
+            key.display()
+        ),
+    );
+    let first = TestProxy::start(&toml).await;
+    first.wait_ready().await;
+    for _ in 0..20 {
+        assert_eq!(first.get("/raas/v2/catalogs").await.status(), 200);
+    }
+    let status = first.status().await;
+    assert_eq!(
+        status["profiles"]["default"]["token"]["cache_degraded"], true,
+        "{status}"
+    );
+
+    // Redis comes back empty; the token is written back within a few seconds.
+    let redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n: i64 = redis.cmd(&["DBSIZE"]);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the token was never written back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        first.status().await["profiles"]["default"]["token"]["cache_degraded"],
+        false
+    );
+    // A new process now finds it and mints nothing.
+    let second = TestProxy::start(&toml).await;
+    second.wait_ready().await;
+    assert_eq!(second.get("/raas/v2/catalogs").await.status(), 200);
+    assert_eq!(mock.stats().total_token_requests(), 1);
+}
+
+#[tokio::test]
+async fn redis_killed_mid_load_costs_no_request() {
+    let mut redis = RedisServer::start();
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start(&fleet_toml(&url, &redis, &key_file(dir.path()))).await;
+    proxy.wait_ready().await;
+    for i in 0..300 {
+        if i == 100 {
+            redis.kill();
+        }
+        assert_eq!(
+            proxy.get("/raas/v2/catalogs").await.status(),
+            200,
+            "request {i}"
+        );
+    }
+    assert_eq!(mock.stats().total_token_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_lease_holder_is_replaced_after_the_lease_expires() {
+    let redis = RedisServer::start();
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    // The first token request hangs for 5 s; the holder is killed meanwhile.
+    mock.fail_token_requests(
+        tango_auth_proxy::mock::FailMode::Slow(Duration::from_secs(5)),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    // token_timeout 2 s: a lease lives 4 s unless its holder extends it.
+    let toml = fleet_toml(&url, &redis, &key_file(dir.path())).replace(
+        "[profiles.default]\n",
+        "[profiles.default]\ntoken_timeout = \"2s\"\n",
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    let mut holder = ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.stats().total_token_requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never asked for a token"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = holder.child.kill();
+    let _ = holder.child.wait();
+    let killed_at = Instant::now();
+
+    let other = ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]);
+    let c = client();
+    loop {
+        let r = c
+            .get(format!("http://{}/readyz", other.admin_addr))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no token within lease + delay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = c
+        .get(format!("{}/raas/v2/catalogs", other.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The dead holder's request plus one replacement: exactly one extra.
+    assert_eq!(mock.stats().total_token_requests(), 2);
+}
