@@ -384,16 +384,41 @@ impl Shared {
         }
     }
 
-    /// Polls the shared store until another process's token appears, at most `ttl`.
+    /// Polls the shared store until another process's token appears (or the fleet is told to
+    /// back off), at most `ttl`. True when nothing is left to do.
     async fn await_fleet_token(&self, ttl: Duration) -> bool {
         let deadline = Instant::now() + ttl;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if self.adopt_stored().await {
+            if self.adopt_stored().await || self.honour_fleet_backoff().await {
                 return true;
             }
         }
         false
+    }
+
+    /// Applies a fleet-wide backoff another replica recorded; true when one is in force.
+    async fn honour_fleet_backoff(&self) -> bool {
+        let (until, why) = match self.store.fleet_backoff(&self.key).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return false,
+            Err(e) => {
+                self.cache_error(&e);
+                return false;
+            }
+        };
+        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+        let mut st = self.state();
+        st.failures = st.failures.max(1);
+        st.retry_at = Some(Instant::now() + left);
+        st.last_error = Some(format!("{why} (answer given to another replica)"));
+        st.last_error_at = Some(SystemTime::now());
+        tracing::warn!(
+            profile = %self.profile,
+            retry_in_s = left.as_secs(),
+            "not asking Tango for a token: the fleet is backing off ({why})"
+        );
+        true
     }
 
     fn cache_error(&self, e: &super::store::StoreError) {
@@ -429,6 +454,9 @@ impl Shared {
     }
 
     async fn mint(&self, reason: Reason) {
+        if self.honour_fleet_backoff().await {
+            return;
+        }
         let dpop = self.dpop.is_some();
         match self.client.fetch().await.and_then(|r| {
             let expected = if dpop { "dpop" } else { "bearer" };
@@ -468,7 +496,24 @@ impl Shared {
                 }
                 self.adopt(Arc::new(token), true);
             }
-            Err(e) => self.fail(&e, reason),
+            Err(e) => {
+                self.fail(&e, reason);
+                if let TokenError::RateLimited(_) = &e {
+                    let until = self
+                        .state()
+                        .retry_at
+                        .map(|r| SystemTime::now() + r.saturating_duration_since(Instant::now()));
+                    if let Some(until) = until {
+                        if let Err(err) = self
+                            .store
+                            .set_fleet_backoff(&self.key, until, &e.to_string())
+                            .await
+                        {
+                            self.cache_error(&err);
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -4,7 +4,8 @@
 //! `{prefix}:{fp}:token` (value `expires_ms.ath.sealed`, Redis TTL = remaining life),
 //! `{prefix}:{fp}:lock` (refresh lease: `SET NX PX` with a random owner, extended while a mint
 //! runs, released by compare-and-delete) and `{prefix}:{fp}:minted` (the fleet's last mint, Unix
-//! ms). Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
+//! ms) and `{prefix}:{fp}:backoff` (after a rate-limit answer: when the fleet may ask again, so
+//! one refusal quiets every replica). Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
 //! rejected token. The `ath` (SHA-256 of the token) in clear lets those scripts compare tokens
 //! without decrypting; it is what DPoP proofs carry anyway and cannot be reversed.
 //!
@@ -310,6 +311,49 @@ impl TokenStore for RedisStore {
                 .call(|mut c| async move { redis::cmd("GET").arg(&name).query_async(&mut c).await })
                 .await?;
             Ok(v.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+        })
+    }
+
+    fn fleet_backoff<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {
+        Box::pin(async move {
+            let name = self.name(key, "backoff");
+            let v: Option<String> = self
+                .call(|mut c| async move { redis::cmd("GET").arg(&name).query_async(&mut c).await })
+                .await?;
+            Ok(v.and_then(|v| {
+                let (ms, reason) = v.split_once('|')?;
+                let until = UNIX_EPOCH + Duration::from_millis(ms.parse().ok()?);
+                (until > SystemTime::now()).then(|| (until, reason.to_string()))
+            }))
+        })
+    }
+
+    fn set_fleet_backoff<'a>(
+        &'a self,
+        key: &'a str,
+        until: SystemTime,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let name = self.name(key, "backoff");
+            let ttl = until
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_millis()
+                .max(1) as u64;
+            let value = format!("{}|{reason}", unix_ms(until));
+            let _: () = self
+                .call(|mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&name)
+                        .arg(value)
+                        .arg("PX")
+                        .arg(ttl)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(())
         })
     }
 

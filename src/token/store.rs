@@ -78,6 +78,22 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
     fn record_mint<'a>(&'a self, _key: &'a str, _at: SystemTime) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
+
+    /// A fleet-wide "do not ask Tango before" time and its reason (set after a rate-limit
+    /// answer), if one is in force.
+    fn fleet_backoff<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Tells every process sharing the store not to ask Tango before `until`.
+    fn set_fleet_backoff<'a>(
+        &'a self,
+        _key: &'a str,
+        _until: SystemTime,
+        _reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Tokens in this process only.

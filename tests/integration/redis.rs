@@ -323,3 +323,76 @@ async fn a_dead_lease_holder_is_replaced_after_the_lease_expires() {
     // The dead holder's request plus one replacement: exactly one extra.
     assert_eq!(mock.stats().total_token_requests(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_fleet_asks_once_and_backs_off_together() {
+    let redis = RedisServer::start();
+    // Client credentials, one token per (scaled) 20 h, 6 s tokens; min_token_interval 20 h.
+    let (mock, url) = start_mock(mock_config(6.0 / 300.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let toml = oauth_toml(
+        &url,
+        "client_credentials",
+        &format!("audience = \"{FIVE_MINUTE_AUDIENCE}\"\ntoken_timeout = \"2s\""),
+    )
+    .replace(
+        "[profiles.default]",
+        &format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
+            redis.url(),
+            key_file(dir.path()).display()
+        ),
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    let fleet: Vec<ProxyProcess> = (0..4)
+        .map(|_| ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]))
+        .collect();
+    let c = client();
+    let start = Instant::now();
+    let mut saw_503 = false;
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(9) {
+        let resp = c
+            .get(format!("{}/raas/v2/catalogs", fleet[i % 4].url()))
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => assert!(!saw_503, "a 200 after the fleet token became unusable"),
+            503 => saw_503 = true,
+            other => panic!("unexpected {other}"),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_503, "the token never became unusable");
+    // One mint, one refused renewal, and the rest of the fleet stayed quiet.
+    let stats = mock.stats();
+    assert_eq!(stats.token_requests["client_credentials"], 2, "{stats:?}");
+    for p in &fleet {
+        let status: serde_json::Value = c
+            .get(format!("http://{}/status", p.admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = &status["profiles"]["default"]["token"];
+        assert!(
+            token["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("rate limit"),
+            "{status}"
+        );
+        assert!(
+            token["retry_in_seconds"].as_u64().unwrap() >= 30,
+            "{status}"
+        );
+    }
+    for p in fleet {
+        p.terminate();
+    }
+}
