@@ -115,7 +115,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         ),
         (CacheBackend::Redis, _) => Arc::new(
             RedisStore::new(
-                config.cache.redis_url.as_deref().unwrap_or_default(),
+                &config.cache.redis,
                 &config.cache.key_prefix,
                 config.cache.sealer.clone(),
                 metrics.clone(),

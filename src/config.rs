@@ -203,6 +203,8 @@ struct RawCache {
     key_prefix: Option<Text>,
     encryption_key_file: Option<PathBuf>,
     previous_encryption_key_files: Option<Vec<PathBuf>>,
+    redis_password_file: Option<PathBuf>,
+    redis_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -437,6 +439,15 @@ pub struct CacheConfig {
     /// Seals and opens records with those keys.
     #[serde(skip)]
     pub sealer: std::sync::Arc<crate::token::Sealer>,
+    /// File holding the Redis password (overrides one in the URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Extra PEM roots for `rediss://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// How to reach Redis (URL, password, roots), resolved.
+    #[serde(skip)]
+    pub redis: crate::token::RedisOptions,
 }
 
 /// One Tango identity.
@@ -1009,17 +1020,39 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
                 );
             }
         }
-        CacheBackend::Redis => match raw.redis_url.as_ref().map(Text::as_str) {
-            None | Some("") => p.push("cache.redis_url", "required for backend = \"redis\""),
-            Some(url) => {
-                if let Err(e) = redis::Client::open(url) {
-                    p.push(
-                        "cache.redis_url",
-                        format!("not a usable Redis URL ({}): {e}", redact_url_password(url)),
-                    );
-                }
+        CacheBackend::Redis => {
+            if raw.redis_url.as_ref().is_none_or(|u| u.0.is_empty()) {
+                p.push("cache.redis_url", "required for backend = \"redis\"");
             }
-        },
+        }
+    }
+    let password = raw.redis_password_file.as_ref().and_then(|f| {
+        read_secret_file(f)
+            .map_err(|e| p.push("cache.redis_password_file", e))
+            .ok()
+    });
+    let ca_pem = raw.redis_ca_file.as_ref().and_then(|f| {
+        load_pem_certificates(f)
+            .map_err(|e| p.push("cache.redis_ca_file", e))
+            .ok()
+            .and_then(|_| std::fs::read(f).ok())
+    });
+    let redis = crate::token::RedisOptions {
+        url: raw
+            .redis_url
+            .as_ref()
+            .map(|t| t.0.clone())
+            .unwrap_or_default(),
+        password,
+        ca_pem,
+    };
+    if backend == CacheBackend::Redis && !redis.url.is_empty() {
+        if let Err(e) = crate::token::check_redis_options(&redis) {
+            p.push(
+                "cache.redis_url",
+                format!("{} ({})", e, redact_url_password(&redis.url)),
+            );
+        }
     }
     let key_prefix = raw
         .key_prefix
@@ -1063,6 +1096,9 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
         previous_encryption_key_files: previous,
         encryption_key_id: sealer.key_id().map(str::to_string),
         sealer: std::sync::Arc::new(sealer),
+        redis_password_file: raw.redis_password_file,
+        redis_ca_file: raw.redis_ca_file,
+        redis,
     }
 }
 

@@ -5,7 +5,7 @@ mod manager;
 mod redis_store;
 mod seal;
 pub mod store;
-pub use redis_store::RedisStore;
+pub use redis_store::{check_options as check_redis_options, RedisOptions, RedisStore};
 pub use seal::{KeyError, Sealer};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -16,9 +16,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::{IntoConnectionInfo, Script, TlsCertificates};
 use tokio::sync::Mutex;
+
+use crate::secret::Secret;
 
 use super::store::{StoreError, StoreFuture, TokenStore};
 use super::{Sealer, Token};
@@ -62,10 +65,166 @@ end
 return 0
 ";
 
+/// How to reach Redis.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// `redis://`, `rediss://` (TLS), or `redis+cluster://` / `rediss+cluster://` with a
+    /// comma-separated list of seed nodes; user and password may be in the URL.
+    pub url: String,
+    /// A password that overrides the URL's (from `cache.redis_password_file`).
+    pub password: Option<Secret>,
+    /// PEM roots to trust for `rediss` (from `cache.redis_ca_file`); else the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+enum Target {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A standalone or cluster connection behind one interface.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The pieces of a `redis+cluster://user:pass@h1:p1,h2:p2/...` URL.
+struct ClusterUrl {
+    tls: bool,
+    user: Option<String>,
+    password: Option<String>,
+    nodes: Vec<String>,
+}
+
+fn cluster_parts(url: &str) -> Option<ClusterUrl> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("rediss+cluster://") {
+        (true, r)
+    } else {
+        (false, url.strip_prefix("redis+cluster://")?)
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        None => (None, None),
+        Some(u) => match u.split_once(':') {
+            Some((user, pass)) => (
+                (!user.is_empty()).then(|| user.to_string()),
+                Some(pass.to_string()),
+            ),
+            None => (None, Some(u.to_string())),
+        },
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{h}"))
+        .collect();
+    (!nodes.is_empty()).then_some(ClusterUrl {
+        tls,
+        user,
+        password,
+        nodes,
+    })
+}
+
+fn build_target(options: &RedisOptions) -> Result<Target, String> {
+    let certs = |ca: &Vec<u8>| TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.clone()),
+    };
+    if let Some(ClusterUrl {
+        tls,
+        user,
+        password,
+        nodes,
+    }) = cluster_parts(&options.url)
+    {
+        let mut builder = ClusterClientBuilder::new(nodes)
+            .connection_timeout(CALL_TIMEOUT)
+            .response_timeout(CALL_TIMEOUT)
+            .retries(1);
+        if let Some(u) = user {
+            builder = builder.username(u);
+        }
+        if let Some(p) = options
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_string())
+            .or(password)
+        {
+            builder = builder.password(p);
+        }
+        if let (true, Some(ca)) = (tls, &options.ca_pem) {
+            builder = builder.certs(certs(ca));
+        }
+        return builder
+            .build()
+            .map(Target::Cluster)
+            .map_err(|e| format!("invalid Redis cluster URL: {e}"));
+    }
+    let mut info = options
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("invalid Redis URL: {e}"))?;
+    if let Some(p) = &options.password {
+        info.redis.password = Some(p.expose().to_string());
+    }
+    let client = match &options.ca_pem {
+        Some(ca) if options.url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(info, certs(ca))
+        }
+        _ => redis::Client::open(info),
+    }
+    .map_err(|e| format!("invalid Redis URL: {e}"))?;
+    Ok(Target::Single(client))
+}
+
+/// Checks a Redis URL (and its options) without connecting.
+pub fn check_options(options: &RedisOptions) -> Result<(), String> {
+    build_target(options).map(|_| ())
+}
+
 /// Tokens in Redis.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: Mutex<Option<ConnectionManager>>,
+    target: Target,
+    conn: Mutex<Option<Conn>>,
     prefix: String,
     sealer: Arc<Sealer>,
     metrics: Arc<Metrics>,
@@ -92,15 +251,14 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl RedisStore {
     /// Prepares the store; no connection is made until the first call.
     pub fn new(
-        url: &str,
+        options: &RedisOptions,
         prefix: &str,
         sealer: Arc<Sealer>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let target = build_target(options).map_err(StoreError::Unavailable)?;
         Ok(Self {
-            client,
+            target,
             conn: Mutex::new(None),
             prefix: prefix.to_string(),
             sealer,
@@ -116,22 +274,29 @@ impl RedisStore {
         format!("{}:{{{key}}}:{what}", self.prefix)
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    async fn connection(&self) -> Result<Conn, StoreError> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(CALL_TIMEOUT)
-            .set_response_timeout(CALL_TIMEOUT)
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            CALL_TIMEOUT,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable("Redis connect timed out".into()))?
-        .map_err(|e| StoreError::Unavailable(format!("Redis: {e}")))?;
+        let connect = async {
+            match &self.target {
+                Target::Single(client) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(CALL_TIMEOUT)
+                        .set_response_timeout(CALL_TIMEOUT)
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_with_config(client.clone(), config)
+                        .await
+                        .map(Conn::Single)
+                }
+                Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            }
+        };
+        let conn = tokio::time::timeout(CALL_TIMEOUT * 2, connect)
+            .await
+            .map_err(|_| StoreError::Unavailable("Redis connect timed out".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("Redis: {e}")))?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -140,7 +305,7 @@ impl RedisStore {
     /// reconnects.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.connection().await?;

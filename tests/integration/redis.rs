@@ -9,7 +9,7 @@ use base64::Engine;
 use tango_auth_proxy::metrics::Metrics;
 use tango_auth_proxy::secret::Secret;
 use tango_auth_proxy::token::store::TokenStore;
-use tango_auth_proxy::token::{RedisStore, Sealer, Token};
+use tango_auth_proxy::token::{RedisOptions, RedisStore, Sealer, Token};
 
 use crate::support::*;
 
@@ -52,8 +52,12 @@ async fn redis_passes_the_store_suite_and_keeps_tokens_sealed() {
     let key = key_file(dir.path());
     let none: [&Path; 0] = [];
     let metrics = Arc::new(Metrics::new());
+    let options = RedisOptions {
+        url: redis.url(),
+        ..RedisOptions::default()
+    };
     let plain = RedisStore::new(
-        &redis.url(),
+        &options,
         "plain",
         Arc::new(Sealer::plaintext()),
         metrics.clone(),
@@ -61,7 +65,7 @@ async fn redis_passes_the_store_suite_and_keeps_tokens_sealed() {
     .unwrap();
     crate::store::store_suite(&plain).await;
     let sealed = RedisStore::new(
-        &redis.url(),
+        &options,
         "sealed",
         Arc::new(Sealer::from_files(&key, &none).unwrap()),
         metrics.clone(),
@@ -394,5 +398,56 @@ async fn a_rate_limited_fleet_asks_once_and_backs_off_together() {
     }
     for p in fleet {
         p.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_master_cluster_the_fleet_mints_once_and_restarts_mint_none() {
+    let cluster = RedisCluster::start();
+    let options = RedisOptions {
+        url: cluster.url(),
+        ..RedisOptions::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    crate::store::store_suite(
+        &RedisStore::new(&options, "suite", Arc::new(Sealer::plaintext()), metrics).unwrap(),
+    )
+    .await;
+
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    mock.fail_token_requests(
+        tango_auth_proxy::mock::FailMode::Slow(Duration::from_millis(600)),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let toml = oauth_toml(&url, "service_account", "").replace(
+        "[profiles.default]",
+        &format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
+            cluster.url(),
+            key_file(dir.path()).display()
+        ),
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    for round in 0..2 {
+        let fleet: Vec<ProxyProcess> = (0..3)
+            .map(|_| ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]))
+            .collect();
+        let c = client();
+        let requests: Vec<_> = (0..150)
+            .map(|i| {
+                let c = c.clone();
+                let url = format!("{}/raas/v2/catalogs", fleet[i % 3].url());
+                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        for r in requests {
+            assert_eq!(r.await.unwrap().unwrap(), 200, "round {round}");
+        }
+        assert_eq!(mock.stats().total_token_requests(), 1, "round {round}");
+        for p in fleet {
+            assert_eq!(p.terminate().0, 0);
+        }
     }
 }
