@@ -542,3 +542,36 @@ impl TokenStore for RedisStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_every_seed_node() {
+        let c = cluster_parts("redis+cluster://app:pw@10.0.0.1:7000,10.0.0.2:7001/0").unwrap();
+        assert!(!c.tls);
+        assert_eq!(c.user.as_deref(), Some("app"));
+        assert_eq!(c.password.as_deref(), Some("pw"));
+        assert_eq!(c.nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
+        let c = cluster_parts("rediss+cluster://h:1").unwrap();
+        assert!(c.tls && c.user.is_none() && c.password.is_none());
+        assert_eq!(c.nodes, ["rediss://h:1"]);
+        assert!(cluster_parts("redis://h:1").is_none());
+        assert!(cluster_parts("redis+cluster://").is_none());
+    }
+
+    #[test]
+    fn options_are_checked_without_connecting() {
+        let ok = |url: &str| {
+            check_options(&RedisOptions {
+                url: url.into(),
+                ..RedisOptions::default()
+            })
+        };
+        assert!(ok("redis://127.0.0.1:6379/0").is_ok());
+        assert!(ok("rediss://user:pw@redis.example:6380/1").is_ok());
+        assert!(ok("redis+cluster://a:1,b:2").is_ok());
+        assert!(ok("http://nope").is_err());
+    }
+}

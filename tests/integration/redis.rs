@@ -451,3 +451,50 @@ async fn on_a_three_master_cluster_the_fleet_mints_once_and_restarts_mint_none()
         }
     }
 }
+
+#[tokio::test]
+async fn rediss_with_an_extra_ca_and_a_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, cert_pem, key_pem) = private_ca_cert_and_key();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &ca_pem),
+        write("cert.pem", &cert_pem),
+        write("key.pem", &key_pem),
+    );
+    let password = write("redis-password", "s3cret-redis-pass\n");
+    let server = RedisServer::start_tls(&cert, &key, &ca, "s3cret-redis-pass");
+    let toml = format!(
+        "[cache]\nbackend = \"redis\"\nredis_url = \"rediss://127.0.0.1:{}/0\"\nredis_ca_file = \"{}\"\nredis_password_file = \"{}\"\n[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n",
+        server.port,
+        ca.display(),
+        password.display()
+    );
+    let config =
+        tango_auth_proxy::config::Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.to_redacted_toml().contains("s3cret-redis-pass"));
+    let store = RedisStore::new(
+        &config.cache.redis,
+        "tls",
+        Arc::new(Sealer::plaintext()),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    crate::store::store_suite(&store).await;
+
+    // Without the CA, the server's certificate is not trusted.
+    let mut untrusted = config.cache.redis.clone();
+    untrusted.ca_pem = None;
+    let store = RedisStore::new(
+        &untrusted,
+        "tls",
+        Arc::new(Sealer::plaintext()),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    assert!(store.load("fp").await.is_err());
+}

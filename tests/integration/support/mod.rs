@@ -316,6 +316,21 @@ pub fn private_ca_server() -> (String, rustls::ServerConfig) {
     (ca.pem(), config)
 }
 
+/// A private CA and a server certificate for 127.0.0.1 signed by it, as PEM:
+/// (CA certificate, server certificate, server private key).
+pub fn private_ca_cert_and_key() -> (String, String, String) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
 // ------------------------------------------------------------------------------------------
 // The real binary
 
