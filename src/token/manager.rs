@@ -45,6 +45,10 @@ const RATE_LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 const REJECTED_MINT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a token that could not be written to the cache is retried.
 const WRITE_BACK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a process sharing a cache checks that the cache still holds its token (a Redis
+/// restarted empty, an eviction) and picks up a newer one a replica wrote: one read per replica
+/// per interval, never per request.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest the refresher sleeps without re-planning.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -437,6 +441,33 @@ impl Shared {
         st.cache_degraded = false;
     }
 
+    /// Compares the shared copy with ours: writes ours back when the cache lost it, adopts a
+    /// newer one a replica stored.
+    async fn check_shared_copy(&self) {
+        if self.state().minting {
+            return;
+        }
+        let Some(ours) = self.usable(SystemTime::now()) else {
+            return;
+        };
+        match self.store.load(&self.key).await {
+            Err(e) => {
+                self.cache_error(&e);
+                self.state().unsaved = true;
+            }
+            Ok(Some(theirs)) if theirs.expires_at > ours.expires_at => {
+                self.cache_ok();
+                self.adopt(Arc::new(theirs), false);
+            }
+            Ok(Some(theirs)) if theirs.expires_at == ours.expires_at => self.cache_ok(),
+            Ok(_) => {
+                tracing::info!(profile = %self.profile, "the token cache lost the token; writing it back");
+                self.state().unsaved = true;
+                self.write_back().await;
+            }
+        }
+    }
+
     /// Writes the current token back after the store was unreachable.
     async fn write_back(&self) {
         let Some(token) = self.usable(SystemTime::now()) else {
@@ -689,8 +720,13 @@ impl Shared {
 }
 
 async fn refresher(shared: Weak<Shared>) {
+    let mut last_check = Instant::now();
     loop {
         let Some(me) = shared.upgrade() else { return };
+        if me.store.shared() && last_check.elapsed() >= STORE_CHECK_INTERVAL {
+            last_check = Instant::now();
+            me.check_shared_copy().await;
+        }
         let (due, mut sleep) = me.plan(SystemTime::now());
         if let Some(reason) = due {
             me.start_refresh(reason);
@@ -698,6 +734,9 @@ async fn refresher(shared: Weak<Shared>) {
         if me.state().unsaved {
             me.write_back().await;
             sleep = sleep.min(WRITE_BACK_INTERVAL);
+        }
+        if me.store.shared() {
+            sleep = sleep.min(STORE_CHECK_INTERVAL);
         }
         let sleep = sleep.clamp(Duration::from_millis(10), MAX_SLEEP);
         let me_for_wait = me.clone();

@@ -88,6 +88,30 @@ async fn redis_passes_the_store_suite_and_keeps_tokens_sealed() {
     } else {
         tampered
     };
+    // A rotated key still opens the record.
+    let new_key = dir.path().join("new-key");
+    std::fs::write(
+        &new_key,
+        base64::engine::general_purpose::STANDARD.encode([4u8; 32]),
+    )
+    .unwrap();
+    let rotated = RedisStore::new(
+        &options,
+        "sealed",
+        Arc::new(Sealer::from_files(&new_key, &[&key]).unwrap()),
+        metrics.clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        rotated
+            .load("fp")
+            .await
+            .unwrap()
+            .unwrap()
+            .access_token
+            .expose(),
+        "redis-raw-token"
+    );
     let _: () = redis.cmd(&["SET", "sealed:{fp}:token", &tampered]);
     assert!(sealed.load("fp").await.unwrap().is_none());
     assert!(metrics
@@ -188,9 +212,9 @@ async fn the_hot_path_sends_no_redis_command_per_request() {
         h.await.unwrap();
     }
     let after = redis.total_calls();
-    // INFO itself counts once; nothing else should have reached Redis.
+    // INFO itself and a cache check every 5 s at most: a small constant, not one per request.
     assert!(
-        after - before <= 3,
+        after - before <= 10,
         "{} Redis commands for 10,000 requests in {:?}",
         after - before,
         started.elapsed()
@@ -252,22 +276,40 @@ async fn redis_down_at_start_then_back_gets_the_token_written_back() {
 }
 
 #[tokio::test]
-async fn redis_killed_mid_load_costs_no_request() {
+async fn redis_killed_mid_load_costs_no_request_and_gets_the_token_back_when_it_returns() {
     let mut redis = RedisServer::start();
+    let port = redis.port;
     let (mock, url) = start_mock(mock_config(1.0)).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(&fleet_toml(&url, &redis, &key_file(dir.path()))).await;
+    let toml = fleet_toml(&url, &redis, &key_file(dir.path()));
+    let proxy = TestProxy::start(&toml).await;
     proxy.wait_ready().await;
     for i in 0..300 {
         if i == 100 {
             redis.kill();
         }
-        assert_eq!(
-            proxy.get("/raas/v2/catalogs").await.status(),
-            200,
-            "request {i}"
-        );
+        let status = proxy.get("/raas/v2/catalogs").await.status();
+        assert_eq!(status, 200, "request {i}");
     }
+    // Redis comes back empty: the running proxy notices and writes its token back.
+    let redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n: i64 = redis.cmd(&["DBSIZE"]);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the token was never written back"
+        );
+        assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A cold process then mints nothing.
+    let cold = TestProxy::start(&toml).await;
+    cold.wait_ready().await;
+    assert_eq!(cold.get("/raas/v2/catalogs").await.status(), 200);
     assert_eq!(mock.stats().total_token_requests(), 1);
 }
 
