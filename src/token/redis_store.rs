@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{IntoConnectionInfo, Script, TlsCertificates};
 use tokio::sync::Mutex;
 
@@ -80,6 +81,7 @@ pub struct RedisOptions {
 enum Target {
     Single(redis::Client),
     Cluster(ClusterClient),
+    Sentinel(Mutex<SentinelClient>),
 }
 
 /// A standalone or cluster connection behind one interface.
@@ -87,6 +89,7 @@ enum Target {
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(redis::aio::MultiplexedConnection),
 }
 
 impl ConnectionLike for Conn {
@@ -97,6 +100,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -109,6 +113,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -116,25 +121,33 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }
 
-/// The pieces of a `redis+cluster://user:pass@h1:p1,h2:p2/...` URL.
-struct ClusterUrl {
+/// The pieces of a multi-host URL: `redis+cluster://user:pass@h1:p1,h2:p2` or
+/// `redis+sentinel://user:pass@s1:p1,s2:p2/service[/db]` (and their `rediss+` TLS forms).
+struct MultiHostUrl {
     tls: bool,
     user: Option<String>,
     password: Option<String>,
-    nodes: Vec<String>,
+    hosts: Vec<String>,
+    path: Vec<String>,
 }
 
-fn cluster_parts(url: &str) -> Option<ClusterUrl> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("rediss+cluster://") {
+fn multi_host_parts(url: &str, kind: &str) -> Option<MultiHostUrl> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix(&format!("rediss+{kind}://")) {
         (true, r)
     } else {
-        (false, url.strip_prefix("redis+cluster://")?)
+        (false, url.strip_prefix(&format!("redis+{kind}://"))?)
     };
-    let authority = rest.split('/').next().unwrap_or_default();
+    let mut segments = rest.split('/');
+    let authority = segments.next().unwrap_or_default();
+    let path: Vec<String> = segments
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
     let (userinfo, hosts) = match authority.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
@@ -149,17 +162,17 @@ fn cluster_parts(url: &str) -> Option<ClusterUrl> {
             None => (None, Some(u.to_string())),
         },
     };
-    let scheme = if tls { "rediss" } else { "redis" };
-    let nodes: Vec<String> = hosts
+    let hosts: Vec<String> = hosts
         .split(',')
         .filter(|h| !h.is_empty())
-        .map(|h| format!("{scheme}://{h}"))
+        .map(str::to_string)
         .collect();
-    (!nodes.is_empty()).then_some(ClusterUrl {
+    (!hosts.is_empty()).then_some(MultiHostUrl {
         tls,
         user,
         password,
-        nodes,
+        hosts,
+        path,
     })
 }
 
@@ -168,13 +181,16 @@ fn build_target(options: &RedisOptions) -> Result<Target, String> {
         client_tls: None,
         root_cert: Some(ca.clone()),
     };
-    if let Some(ClusterUrl {
+    if let Some(MultiHostUrl {
         tls,
         user,
         password,
-        nodes,
-    }) = cluster_parts(&options.url)
+        hosts,
+        ..
+    }) = multi_host_parts(&options.url, "cluster")
     {
+        let scheme = if tls { "rediss" } else { "redis" };
+        let nodes: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
         let mut builder = ClusterClientBuilder::new(nodes)
             .connection_timeout(CALL_TIMEOUT)
             .response_timeout(CALL_TIMEOUT)
@@ -197,6 +213,35 @@ fn build_target(options: &RedisOptions) -> Result<Target, String> {
             .build()
             .map(Target::Cluster)
             .map_err(|e| format!("invalid Redis cluster URL: {e}"));
+    }
+    if let Some(url) = multi_host_parts(&options.url, "sentinel") {
+        let service = url.path.first().cloned().ok_or(
+            "a sentinel URL names the service: redis+sentinel://host:port,.../SERVICE[/DB]",
+        )?;
+        let db = match url.path.get(1) {
+            Some(d) => d
+                .parse()
+                .map_err(|_| format!("bad database number {d:?}"))?,
+            None => 0,
+        };
+        let node = SentinelNodeConnectionInfo {
+            tls_mode: url.tls.then_some(redis::TlsMode::Secure),
+            redis_connection_info: Some(redis::RedisConnectionInfo {
+                db,
+                username: url.user,
+                password: options
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .or(url.password),
+                ..Default::default()
+            }),
+        };
+        let sentinels: Vec<String> = url.hosts.iter().map(|h| format!("redis://{h}")).collect();
+        let client =
+            SentinelClient::build(sentinels, service, Some(node), SentinelServerType::Master)
+                .map_err(|e| format!("invalid Redis sentinel URL: {e}"))?;
+        return Ok(Target::Sentinel(Mutex::new(client)));
     }
     let mut info = options
         .url
@@ -291,6 +336,14 @@ impl RedisStore {
                         .map(Conn::Single)
                 }
                 Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+                // Asks the sentinels for the current primary on every (re)connect, so a
+                // failover is followed at the next call after the old primary fails.
+                Target::Sentinel(client) => client
+                    .lock()
+                    .await
+                    .get_async_connection()
+                    .await
+                    .map(Conn::Sentinel),
             }
         };
         let conn = tokio::time::timeout(CALL_TIMEOUT * 2, connect)
@@ -548,17 +601,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cluster_urls_name_every_seed_node() {
-        let c = cluster_parts("redis+cluster://app:pw@10.0.0.1:7000,10.0.0.2:7001/0").unwrap();
+    fn multi_host_urls_name_every_node() {
+        let c = multi_host_parts(
+            "redis+cluster://app:pw@10.0.0.1:7000,10.0.0.2:7001",
+            "cluster",
+        )
+        .unwrap();
         assert!(!c.tls);
         assert_eq!(c.user.as_deref(), Some("app"));
         assert_eq!(c.password.as_deref(), Some("pw"));
-        assert_eq!(c.nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
-        let c = cluster_parts("rediss+cluster://h:1").unwrap();
+        assert_eq!(c.hosts, ["10.0.0.1:7000", "10.0.0.2:7001"]);
+        let c = multi_host_parts("rediss+cluster://h:1", "cluster").unwrap();
         assert!(c.tls && c.user.is_none() && c.password.is_none());
-        assert_eq!(c.nodes, ["rediss://h:1"]);
-        assert!(cluster_parts("redis://h:1").is_none());
-        assert!(cluster_parts("redis+cluster://").is_none());
+        assert!(multi_host_parts("redis://h:1", "cluster").is_none());
+        assert!(multi_host_parts("redis+cluster://", "cluster").is_none());
+        let s = multi_host_parts(
+            "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/2",
+            "sentinel",
+        )
+        .unwrap();
+        assert_eq!(s.hosts, ["s1:26379", "s2:26379"]);
+        assert_eq!(s.path, ["mymaster", "2"]);
+        assert_eq!(s.password.as_deref(), Some("pw"));
+        assert!(s.user.is_none());
     }
 
     #[test]
@@ -572,6 +637,8 @@ mod tests {
         assert!(ok("redis://127.0.0.1:6379/0").is_ok());
         assert!(ok("rediss://user:pw@redis.example:6380/1").is_ok());
         assert!(ok("redis+cluster://a:1,b:2").is_ok());
+        assert!(ok("redis+sentinel://a:26379,b:26379/mymaster").is_ok());
+        assert!(ok("redis+sentinel://a:26379").is_err());
         assert!(ok("http://nope").is_err());
     }
 }

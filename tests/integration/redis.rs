@@ -540,3 +540,43 @@ async fn rediss_with_an_extra_ca_and_a_password_file() {
     .unwrap();
     assert!(store.load("fp").await.is_err());
 }
+
+#[tokio::test]
+async fn through_sentinel_the_store_reaches_the_primary_and_a_fleet_shares_it() {
+    let sentinel = RedisSentinel::start();
+    let options = RedisOptions {
+        url: sentinel.url(),
+        ..RedisOptions::default()
+    };
+    crate::store::store_suite(
+        &RedisStore::new(
+            &options,
+            "sentinel",
+            Arc::new(Sealer::plaintext()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap(),
+    )
+    .await;
+
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = oauth_toml(&url, "service_account", "").replace(
+        "[profiles.default]",
+        &format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
+            sentinel.url(),
+            key_file(dir.path()).display()
+        ),
+    );
+    let first = TestProxy::start(&toml).await;
+    first.wait_ready().await;
+    let second = TestProxy::start(&toml).await;
+    second.wait_ready().await;
+    assert_eq!(first.get("/raas/v2/catalogs").await.status(), 200);
+    assert_eq!(second.get("/raas/v2/catalogs").await.status(), 200);
+    assert_eq!(mock.stats().total_token_requests(), 1);
+    // The record lives on the primary the sentinel names.
+    let keys: Vec<String> = sentinel.primary.cmd(&["KEYS", "tango-auth-proxy:*:token"]);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}

@@ -21,7 +21,7 @@ use tango_auth_proxy::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub use redis_server::{RedisCluster, RedisServer};
+pub use redis_server::{RedisCluster, RedisSentinel, RedisServer};
 pub use upstream::FakeUpstream;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

@@ -216,3 +216,72 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 }
+
+/// A primary and one Sentinel watching it as `mymaster`.
+pub struct RedisSentinel {
+    pub primary: RedisServer,
+    pub sentinel_port: u16,
+    sentinel: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let primary = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let sentinel_port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\nsentinel down-after-milliseconds mymaster 1000\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .unwrap();
+        let sentinel = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed");
+        let url = format!("redis://127.0.0.1:{sentinel_port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer: redis::RedisResult<Vec<String>> = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                .and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg("mymaster")
+                        .query(&mut c)
+                });
+            if answer.is_ok_and(|a| a.len() == 2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sentinel did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisSentinel {
+            primary,
+            sentinel_port,
+            sentinel: Some(sentinel),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel_port)
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.sentinel.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
