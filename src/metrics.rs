@@ -61,6 +61,15 @@ pub struct Metrics {
     redis_errors: Counter,
     mints: Family<ReasonLabel, Counter>,
     lease_waits: Counter,
+    lease_wait_seconds: Histogram,
+    /// memory hit, memory miss, store hit, store miss.
+    lookups: [Counter; 4],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabel {
+    level: &'static str,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,6 +167,29 @@ impl Metrics {
             "Refreshes that waited for another replica holding the refresh lease",
             lease_waits.clone(),
         );
+        let lease_wait_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 12));
+        registry.register(
+            "lease_wait_seconds",
+            "Time spent waiting for another replica's token",
+            lease_wait_seconds.clone(),
+        );
+        let lookup_family = Family::<LookupLabel, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Token lookups by level (memory: per request; store: at start and refresh) and result",
+            lookup_family.clone(),
+        );
+        let lookups = [
+            ("memory", "hit"),
+            ("memory", "miss"),
+            ("store", "hit"),
+            ("store", "miss"),
+        ]
+        .map(|(level, result)| {
+            lookup_family
+                .get_or_create(&LookupLabel { level, result })
+                .clone()
+        });
         Self {
             registry,
             by_class,
@@ -172,7 +204,20 @@ impl Metrics {
             redis_errors,
             mints,
             lease_waits,
+            lease_wait_seconds,
+            lookups,
         }
+    }
+
+    /// Records a lookup of the in-process token (`memory`) or the shared store.
+    pub fn lookup(&self, store: bool, hit: bool) {
+        let idx = usize::from(store) * 2 + usize::from(!hit);
+        self.lookups[idx].inc();
+    }
+
+    /// Records how long a refresh waited on another replica.
+    pub fn lease_waited(&self, waited: Duration) {
+        self.lease_wait_seconds.observe(waited.as_secs_f64());
     }
 
     /// Records a mint and why it happened.

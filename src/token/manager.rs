@@ -15,6 +15,7 @@
 //! * **401**: [`Authorizer::rejected`] evicts the token only if it is still the current one, and
 //!   starts one mint; the forwarder then replays a buffered request once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -131,6 +132,8 @@ struct Shared {
     store: Arc<dyn TokenStore>,
     key: String,
     current: RwLock<Option<Arc<Token>>>,
+    /// `State::refresh_at` as Unix ms, readable without the lock on the request path.
+    refresh_at_ms: AtomicU64,
     state: Mutex<State>,
     generation: watch::Sender<u64>,
     wake: Notify,
@@ -178,6 +181,7 @@ impl TokenManager {
             wait: config.token_timeout + Duration::from_secs(1),
             store,
             current: RwLock::new(None),
+            refresh_at_ms: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             generation: watch::channel(0).0,
             wake: Notify::new(),
@@ -205,6 +209,12 @@ fn fingerprint(config: &OAuthConfig, grant: &str, dpop: Option<&Dpop>) -> String
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -318,7 +328,10 @@ impl Shared {
             Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
             Ok(false) => {
                 self.metrics.lease_wait();
-                if !self.await_fleet_token(ttl).await {
+                let started = Instant::now();
+                let done = self.await_fleet_token(ttl).await;
+                self.metrics.lease_waited(started.elapsed());
+                if !done {
                     // The holder produced no token (it died or its mint failed): take over once.
                     match self.store.try_lease(&self.key, &owner, ttl).await {
                         Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
@@ -393,7 +406,14 @@ impl Shared {
     async fn await_fleet_token(&self, ttl: Duration) -> bool {
         let deadline = Instant::now() + ttl;
         while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Returns early when the holder announces its token; else a 50 ms poll.
+            if let Err(e) = self
+                .store
+                .wait_for_change(&self.key, Duration::from_millis(50))
+                .await
+            {
+                self.cache_error(&e);
+            }
             if self.adopt_stored().await || self.honour_fleet_backoff().await {
                 return true;
             }
@@ -518,7 +538,8 @@ impl Shared {
                 );
                 let saved = self.store.save(&self.key, &token).await;
                 let recorded = self.store.record_mint(&self.key, SystemTime::now()).await;
-                match saved.and(recorded) {
+                let announced = self.store.announce(&self.key).await;
+                match saved.and(recorded).and(announced) {
                     Ok(()) => self.cache_ok(),
                     Err(e) => {
                         self.cache_error(&e);
@@ -553,12 +574,16 @@ impl Shared {
         let now = SystemTime::now();
         let stored = match self.store.load(&self.key).await {
             Ok(Some(t)) => t,
-            Ok(None) => return false,
+            Ok(None) => {
+                self.metrics.lookup(true, false);
+                return false;
+            }
             Err(e) => {
                 self.cache_error(&e);
                 return false;
             }
         };
+        self.metrics.lookup(true, true);
         let newer = self
             .current()
             .is_none_or(|c| stored.expires_at > c.expires_at);
@@ -584,7 +609,9 @@ impl Shared {
                 st.last_mint = Some(now);
                 st.mints += 1;
             }
-            st.refresh_at = Some(token.refresh_from(self.refresh_window) + jitter);
+            let at = token.refresh_from(self.refresh_window) + jitter;
+            st.refresh_at = Some(at);
+            self.refresh_at_ms.store(unix_ms(at), Ordering::Relaxed);
         }
         let expiry_unix = token
             .expires_at
@@ -753,12 +780,15 @@ impl Authorizer for TokenManager {
         let shared = &self.shared;
         let now = SystemTime::now();
         if let Some(token) = shared.usable(now) {
-            let in_window = shared.state().refresh_at.is_some_and(|at| now >= at);
-            if in_window {
+            shared.metrics.lookup(false, true);
+            // An atomic, not the state lock: this runs on every request.
+            let refresh_at = shared.refresh_at_ms.load(Ordering::Relaxed);
+            if refresh_at != 0 && unix_ms(now) >= refresh_at {
                 shared.wake.notify_one();
             }
             return Authorization::Ready(shared.credential(&token, target));
         }
+        shared.metrics.lookup(false, false);
         {
             let st = shared.state();
             if st.failures > 0 {

@@ -9,6 +9,9 @@
 //! rejected token. The `ath` (SHA-256 of the token) in clear lets those scripts compare tokens
 //! without decrypting; it is what DPoP proofs carry anyway and cannot be reversed.
 //!
+//! Processes waiting for another's mint are woken by a `PUBLISH` on `{prefix}:{fp}:wake`
+//! (standalone Redis; a pattern subscription per process) and otherwise poll every 50 ms.
+//!
 //! Every call has a short timeout. The connection is made lazily and re-made after failures, so
 //! Redis being down at start, killed or restarted only makes calls fail fast; the token manager
 //! then keeps serving from memory and coordinates inside the process.
@@ -270,6 +273,9 @@ pub fn check_options(options: &RedisOptions) -> Result<(), String> {
 pub struct RedisStore {
     target: Target,
     conn: Mutex<Option<Conn>>,
+    /// Woken by `{prefix}:{fp}:wake` messages (standalone Redis; elsewhere waiters poll).
+    wake: Arc<tokio::sync::Notify>,
+    subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     prefix: String,
     sealer: Arc<Sealer>,
     metrics: Arc<Metrics>,
@@ -305,6 +311,8 @@ impl RedisStore {
         Ok(Self {
             target,
             conn: Mutex::new(None),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            subscriber: std::sync::Mutex::new(None),
             prefix: prefix.to_string(),
             sealer,
             metrics,
@@ -374,14 +382,81 @@ impl RedisStore {
         result
     }
 
+    /// Starts the wake-up subscriber once (standalone Redis only); it reconnects after errors.
+    fn ensure_subscriber(&self) {
+        let Target::Single(client) = &self.target else {
+            return;
+        };
+        let mut slot = self.subscriber.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let client = client.clone();
+        let wake = self.wake.clone();
+        let pattern = format!("{}:*:wake", self.prefix);
+        *slot = Some(tokio::spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                if let Ok(Ok(mut pubsub)) =
+                    tokio::time::timeout(CALL_TIMEOUT, client.get_async_pubsub()).await
+                {
+                    if pubsub.psubscribe(&pattern).await.is_ok() {
+                        let mut messages = pubsub.on_message();
+                        while messages.next().await.is_some() {
+                            wake.notify_waiters();
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+
     fn prefix_of(token: &Token) -> String {
         format!("{}.{}.", unix_ms(token.expires_at), token.ath())
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(h) = self
+            .subscriber
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            h.abort();
+        }
     }
 }
 
 impl TokenStore for RedisStore {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    fn wait_for_change<'a>(&'a self, _key: &'a str, limit: Duration) -> StoreFuture<'a, ()> {
+        self.ensure_subscriber();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(limit, self.wake.notified()).await;
+            Ok(())
+        })
+    }
+
+    fn announce<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let channel = self.name(key, "wake");
+            let _: i64 = self
+                .call(|mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(1)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(())
+        })
     }
 
     fn shared(&self) -> bool {

@@ -79,6 +79,20 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// Waits until another process may have stored a token for `key`, at most `limit`: stores
+    /// with a notification channel return early on a notice; others just wait (polling).
+    fn wait_for_change<'a>(&'a self, _key: &'a str, limit: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(limit).await;
+            Ok(())
+        })
+    }
+
+    /// Tells waiting processes that a token for `key` was stored.
+    fn announce<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// A fleet-wide "do not ask Tango before" time and its reason (set after a rate-limit
     /// answer), if one is in force.
     fn fleet_backoff<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {

@@ -118,6 +118,36 @@ async fn redis_passes_the_store_suite_and_keeps_tokens_sealed() {
         .encode()
         .contains(r#"tango_proxy_cache_unreadable_records_total{backend="redis"} 1"#));
 
+    // A waiter is woken by another process's announcement, long before its limit.
+    let waiter = Arc::new(
+        RedisStore::new(
+            &options,
+            "sealed",
+            Arc::new(Sealer::plaintext()),
+            metrics.clone(),
+        )
+        .unwrap(),
+    );
+    let w = waiter.clone();
+    // Subscribe first, then announce until the waiter returns.
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        w.wait_for_change("fp", Duration::from_secs(60))
+            .await
+            .unwrap();
+        started.elapsed()
+    });
+    let announced_at = Instant::now();
+    while !waiting.is_finished() {
+        sealed.announce("fp").await.unwrap();
+        assert!(
+            announced_at.elapsed() < Duration::from_secs(30),
+            "the waiter was never woken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiting.await.unwrap() < Duration::from_secs(30));
+
     // Leases: one owner at a time, released only by the owner.
     let ttl = Duration::from_secs(5);
     assert!(sealed.try_lease("fp", "a", ttl).await.unwrap());
