@@ -610,3 +610,41 @@ async fn through_sentinel_the_store_reaches_the_primary_and_a_fleet_shares_it() 
     let keys: Vec<String> = sentinel.primary.cmd(&["KEYS", "tango-auth-proxy:*:token"]);
     assert_eq!(keys.len(), 1, "{keys:?}");
 }
+
+#[tokio::test]
+async fn without_redis_each_process_renews_at_most_once() {
+    let mut redis = RedisServer::start();
+    // 6 s tokens: renewal from 4.5 s.
+    let (mock, url) = start_mock(mock_config(6.0 / 300.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = fleet_toml(&url, &redis, &key_file(dir.path())).replace(
+        "[profiles.default]\n",
+        &format!("[profiles.default]\naudience = \"{FIVE_MINUTE_AUDIENCE}\"\n"),
+    );
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        let p = TestProxy::start(&toml).await;
+        p.wait_ready().await;
+        fleet.push(p);
+    }
+    assert_eq!(mock.stats().total_token_requests(), 1);
+    redis.kill();
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        let status = fleet[i % 3].get("/raas/v2/catalogs").await.status();
+        assert_eq!(status, 200, "request {i}");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // The cold mint, then at most one renewal per process while they cannot coordinate.
+    let calls = mock.stats().total_token_requests();
+    assert!((2..=4).contains(&calls), "{calls} token requests");
+    for p in &fleet {
+        let status = p.status().await;
+        assert_eq!(
+            status["profiles"]["default"]["token"]["cache_degraded"], true,
+            "{status}"
+        );
+    }
+}
