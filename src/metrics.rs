@@ -64,6 +64,7 @@ pub struct Metrics {
     lease_wait_seconds: Histogram,
     /// memory hit, memory miss, store hit, store miss.
     lookups: [Counter; 4],
+    cache_degraded: Family<ProfileLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,6 +191,12 @@ impl Metrics {
                 .get_or_create(&LookupLabel { level, result })
                 .clone()
         });
+        let cache_degraded = Family::<ProfileLabel, Gauge>::default();
+        registry.register(
+            "cache_degraded",
+            "1 while the shared token cache is unreachable and the profile coordinates in-process",
+            cache_degraded.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -206,7 +213,17 @@ impl Metrics {
             lease_waits,
             lease_wait_seconds,
             lookups,
+            cache_degraded,
         }
+    }
+
+    /// Records whether a profile's shared cache is reachable.
+    pub fn set_cache_degraded(&self, profile: &str, degraded: bool) {
+        self.cache_degraded
+            .get_or_create(&ProfileLabel {
+                profile: profile.to_string(),
+            })
+            .set(i64::from(degraded));
     }
 
     /// Records a lookup of the in-process token (`memory`) or the shared store.

@@ -449,6 +449,7 @@ impl Shared {
         let mut st = self.state();
         if !st.cache_degraded {
             tracing::warn!(profile = %self.profile, "token cache degraded, coordinating inside this process only: {e}");
+            self.metrics.set_cache_degraded(&self.profile, true);
         }
         st.cache_degraded = true;
     }
@@ -457,6 +458,7 @@ impl Shared {
         let mut st = self.state();
         if st.cache_degraded {
             tracing::info!(profile = %self.profile, "token cache reachable again");
+            self.metrics.set_cache_degraded(&self.profile, false);
         }
         st.cache_degraded = false;
     }
