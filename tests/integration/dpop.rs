@@ -228,16 +228,9 @@ async fn nonce_mode_cold_start_with_200_concurrent_requests() {
     let (mock, url) = start_mock(config).await;
     mock.fail_token_requests(FailMode::Slow(Duration::from_millis(700)), 1);
     let proxy = TestProxy::start(&dpop_toml(&url, &url, &key)).await;
-    let c = client();
-    let requests: Vec<_> = (0..200)
-        .map(|_| {
-            let c = c.clone();
-            let url = format!("{}/raas/v2/catalogs", proxy.url);
-            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
-        })
-        .collect();
-    for r in requests {
-        assert_eq!(r.await.unwrap().unwrap(), 200);
+    let urls = vec![format!("{}/raas/v2/catalogs", proxy.url); 200];
+    for status in concurrent_gets(urls).await {
+        assert_eq!(status, 200);
     }
     let stats = mock.stats();
     // One nonce round trip at the token endpoint, one token.

@@ -123,14 +123,7 @@ async fn unreachable_upstream_is_502() {
         "{body}"
     );
 
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
     assert!(
         metrics.contains(r#"tango_proxy_upstream_errors_total{kind="connect"} 1"#),
         "{metrics}"

@@ -49,14 +49,7 @@ async fn orders_are_idempotent_by_external_ref_id() {
         .unwrap();
     assert_eq!(fetched.status(), 200);
 
-    let account: serde_json::Value = c
-        .get(format!("{}/raas/v2/accounts/{SEED_ACCOUNT}", proxy.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let account = get_json(&format!("{}/raas/v2/accounts/{SEED_ACCOUNT}", proxy.url)).await;
     assert_eq!(account["currentBalance"], 990.0);
 
     let stats = mock.stats();
@@ -101,14 +94,7 @@ async fn customers_and_validation_errors() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
-    let list: serde_json::Value = c
-        .get(format!("{}/raas/v2/customers", proxy.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(&format!("{}/raas/v2/customers", proxy.url)).await;
     assert!(list
         .as_array()
         .unwrap()

@@ -17,16 +17,9 @@ async fn cold_start_with_500_concurrent_requests_mints_exactly_one_token() {
     // The first token answer takes a while, so every request arrives while it is in flight.
     mock.fail_token_requests(FailMode::Slow(Duration::from_millis(700)), 1);
     let proxy = TestProxy::start(&oauth_toml(&url, "service_account", "")).await;
-    let c = client();
-    let requests: Vec<_> = (0..500)
-        .map(|_| {
-            let c = c.clone();
-            let url = format!("{}/raas/v2/catalogs", proxy.url);
-            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
-        })
-        .collect();
-    for r in requests {
-        assert_eq!(r.await.unwrap().unwrap(), 200);
+    let urls = vec![format!("{}/raas/v2/catalogs", proxy.url); 500];
+    for status in concurrent_gets(urls).await {
+        assert_eq!(status, 200);
     }
     let stats = mock.stats();
     assert_eq!(stats.total_token_requests(), 1, "{stats:?}");
@@ -181,14 +174,7 @@ async fn rate_limit_answer_backs_off_without_a_retry_storm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(saw_503, "the token never became unusable");
-    let status: serde_json::Value = c
-        .get(format!("http://{}/status", proc.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&format!("http://{}/status", proc.admin_addr)).await;
     let token = &status["profiles"]["default"]["token"];
     assert!(
         token["last_error"].as_str().unwrap().contains("rate limit"),
@@ -236,14 +222,7 @@ async fn a_revoked_token_is_replaced_once_and_the_request_replayed() {
     // Later requests use the new token directly.
     assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
     assert_eq!(mock.stats().total_token_requests(), 2);
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
     assert!(
         metrics.contains(r#"tango_proxy_upstream_401_total{profile="default"} 1"#),
         "{metrics}"

@@ -3,25 +3,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use tango_auth_proxy::metrics::Metrics;
-use tango_auth_proxy::secret::Secret;
 use tango_auth_proxy::token::store::TokenStore;
-use tango_auth_proxy::token::{RedisOptions, RedisStore, Sealer, Token};
+use tango_auth_proxy::token::{RedisOptions, RedisStore, Sealer};
 
+use crate::store::token;
 use crate::support::*;
-
-fn token(value: &str, secs: u64) -> Token {
-    Token::new(
-        Secret::new(value),
-        SystemTime::now() + Duration::from_secs(secs),
-        Duration::from_secs(secs),
-        false,
-    )
-    .unwrap()
-}
 
 fn key_file(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("cache-key");
@@ -33,15 +23,23 @@ fn key_file(dir: &Path) -> std::path::PathBuf {
     p
 }
 
-/// A proxy config using `redis` as its cache, with encryption.
-fn fleet_toml(mock_url: &str, redis: &RedisServer, key: &Path) -> String {
-    oauth_toml(mock_url, "service_account", "").replace(
+/// `toml` with a `[cache]` section for Redis at `redis_url`, sealed with `key`.
+fn with_redis_cache(toml: &str, redis_url: &str, key: &Path) -> String {
+    toml.replace(
         "[profiles.default]",
         &format!(
-            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
-            redis.url(),
+            "[cache]\nbackend = \"redis\"\nredis_url = \"{redis_url}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
             key.display()
         ),
+    )
+}
+
+/// A service-account proxy config using `redis` as its cache, with encryption.
+fn fleet_toml(mock_url: &str, redis: &RedisServer, key: &Path) -> String {
+    with_redis_cache(
+        &oauth_toml(mock_url, "service_account", ""),
+        &redis.url(),
+        key,
     )
 }
 
@@ -176,16 +174,11 @@ async fn a_fleet_of_eight_mints_one_token_and_restarts_mint_none() {
         let fleet: Vec<ProxyProcess> = (0..8)
             .map(|_| ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]))
             .collect();
-        let c = client();
-        let requests: Vec<_> = (0..400)
-            .map(|i| {
-                let c = c.clone();
-                let url = format!("{}/raas/v2/catalogs", fleet[i % 8].url());
-                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
-            })
+        let urls = (0..400)
+            .map(|i| format!("{}/raas/v2/catalogs", fleet[i % 8].url()))
             .collect();
-        for r in requests {
-            assert_eq!(r.await.unwrap().unwrap(), 200, "round {round}");
+        for status in concurrent_gets(urls).await {
+            assert_eq!(status, 200, "round {round}");
         }
         let stats = mock.stats();
         assert_eq!(stats.total_token_requests(), 1, "round {round}: {stats:?}");
@@ -193,14 +186,7 @@ async fn a_fleet_of_eight_mints_one_token_and_restarts_mint_none() {
             // Processes that started while the first mint ran waited on its lease.
             let mut waits = 0;
             for p in &fleet {
-                let text = c
-                    .get(format!("http://{}/metrics", p.admin_addr))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                let text = get_text(&format!("http://{}/metrics", p.admin_addr)).await;
                 waits += text
                     .lines()
                     .find(|l| l.starts_with("tango_proxy_lease_waits_total"))
@@ -262,13 +248,7 @@ async fn redis_down_at_start_then_back_gets_the_token_written_back() {
     let key = key_file(dir.path());
     // Redis is not running yet: the proxy mints in-process and serves.
     let placeholder = format!("redis://127.0.0.1:{port}/0");
-    let toml = oauth_toml(&url, "service_account", "").replace(
-        "[profiles.default]",
-        &format!(
-            "[cache]\nbackend = \"redis\"\nredis_url = \"{placeholder}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
-            key.display()
-        ),
-    );
+    let toml = with_redis_cache(&oauth_toml(&url, "service_account", ""), &placeholder, &key);
     let first = TestProxy::start(&toml).await;
     first.wait_ready().await;
     for _ in 0..20 {
@@ -407,18 +387,14 @@ async fn a_rate_limited_fleet_asks_once_and_backs_off_together() {
     let (mock, url) = start_mock(mock_config(6.0 / 300.0)).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("proxy.toml");
-    let toml = oauth_toml(
-        &url,
-        "client_credentials",
-        &format!("audience = \"{FIVE_MINUTE_AUDIENCE}\"\ntoken_timeout = \"2s\""),
-    )
-    .replace(
-        "[profiles.default]",
-        &format!(
-            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
-            redis.url(),
-            key_file(dir.path()).display()
+    let toml = with_redis_cache(
+        &oauth_toml(
+            &url,
+            "client_credentials",
+            &format!("audience = \"{FIVE_MINUTE_AUDIENCE}\"\ntoken_timeout = \"2s\""),
         ),
+        &redis.url(),
+        &key_file(dir.path()),
     );
     std::fs::write(&cfg, toml).unwrap();
     let fleet: Vec<ProxyProcess> = (0..4)
@@ -447,14 +423,7 @@ async fn a_rate_limited_fleet_asks_once_and_backs_off_together() {
     let stats = mock.stats();
     assert_eq!(stats.token_requests["client_credentials"], 2, "{stats:?}");
     for p in &fleet {
-        let status: serde_json::Value = c
-            .get(format!("http://{}/status", p.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = get_json(&format!("http://{}/status", p.admin_addr)).await;
         let token = &status["profiles"]["default"]["token"];
         assert!(
             token["last_error"]
@@ -493,29 +462,21 @@ async fn on_a_three_master_cluster_the_fleet_mints_once_and_restarts_mint_none()
     );
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("proxy.toml");
-    let toml = oauth_toml(&url, "service_account", "").replace(
-        "[profiles.default]",
-        &format!(
-            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
-            cluster.url(),
-            key_file(dir.path()).display()
-        ),
+    let toml = with_redis_cache(
+        &oauth_toml(&url, "service_account", ""),
+        &cluster.url(),
+        &key_file(dir.path()),
     );
     std::fs::write(&cfg, toml).unwrap();
     for round in 0..2 {
         let fleet: Vec<ProxyProcess> = (0..3)
             .map(|_| ProxyProcess::start(&cfg, &[("RUST_LOG", "info")]))
             .collect();
-        let c = client();
-        let requests: Vec<_> = (0..150)
-            .map(|i| {
-                let c = c.clone();
-                let url = format!("{}/raas/v2/catalogs", fleet[i % 3].url());
-                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
-            })
+        let urls = (0..150)
+            .map(|i| format!("{}/raas/v2/catalogs", fleet[i % 3].url()))
             .collect();
-        for r in requests {
-            assert_eq!(r.await.unwrap().unwrap(), 200, "round {round}");
+        for status in concurrent_gets(urls).await {
+            assert_eq!(status, 200, "round {round}");
         }
         assert_eq!(mock.stats().total_token_requests(), 1, "round {round}");
         for p in fleet {
@@ -591,13 +552,10 @@ async fn through_sentinel_the_store_reaches_the_primary_and_a_fleet_shares_it() 
 
     let (mock, url) = start_mock(mock_config(1.0)).await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = oauth_toml(&url, "service_account", "").replace(
-        "[profiles.default]",
-        &format!(
-            "[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n[profiles.default]",
-            sentinel.url(),
-            key_file(dir.path()).display()
-        ),
+    let toml = with_redis_cache(
+        &oauth_toml(&url, "service_account", ""),
+        &sentinel.url(),
+        &key_file(dir.path()),
     );
     let first = TestProxy::start(&toml).await;
     first.wait_ready().await;

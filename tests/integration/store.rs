@@ -12,7 +12,7 @@ use tango_auth_proxy::token::{Sealer, Token};
 
 use crate::support::*;
 
-fn token(value: &str, secs: u64) -> Token {
+pub fn token(value: &str, secs: u64) -> Token {
     Token::new(
         Secret::new(value),
         SystemTime::now() + Duration::from_secs(secs),

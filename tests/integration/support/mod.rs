@@ -179,14 +179,7 @@ impl TestProxy {
 
     /// The admin `/status` JSON.
     pub async fn status(&self) -> serde_json::Value {
-        client()
-            .get(format!("{}/status", self.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&format!("{}/status", self.admin_url)).await
     }
 
     /// Waits until `/readyz` answers 200.
@@ -222,6 +215,47 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
+        .unwrap()
+}
+
+/// Sends every GET at once; returns the statuses in order.
+pub async fn concurrent_gets(urls: Vec<String>) -> Vec<u16> {
+    let c = client();
+    let requests: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let c = c.clone();
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.unwrap().unwrap());
+    }
+    statuses
+}
+
+/// GET `url` and parse its JSON body.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// GET `url` and return its body.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
         .unwrap()
 }
 
