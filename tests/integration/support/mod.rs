@@ -25,7 +25,7 @@ pub use redis_server::{RedisCluster, RedisSentinel, RedisServer};
 pub use upstream::FakeUpstream;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 pub const PLATFORM: &str = "test-platform";
 pub const API_KEY: &str = "k3y-Th4t-Must-N0t-L3ak";
@@ -325,29 +325,22 @@ pub fn assert_json_error_shape(body: &serde_json::Value, status: u16, cause: &st
     }
 }
 
-/// A private CA and a server config for 127.0.0.1 signed by it; returns (CA PEM, config).
+/// A private CA and a rustls server config for 127.0.0.1 signed by it; returns (CA PEM, config).
 pub fn private_ca_server() -> (String, rustls::ServerConfig) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let (ca_pem, cert_pem, key_pem) = private_ca_cert_and_key();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
         )
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (ca.pem(), config)
+    (ca_pem, config)
 }
 
 /// A private CA and a server certificate for 127.0.0.1 signed by it, as PEM:
