@@ -14,6 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
+# With two or more cores, the server under test (nginx or the proxy) gets core 0 to itself and
+# wrk plus the upstream share the rest, so both servers meet the same, steadier conditions.
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+  SUT="taskset -c 0"; LOAD="taskset -c 1-$(( $(nproc) - 1 ))"
+else
+  SUT=""; LOAD=""
+fi
 CONNECTIONS=${CONNECTIONS:-50}
 WARMUP=${WARMUP:-2s}
 
@@ -62,7 +69,7 @@ wait_port() {
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
 UP_PORT=$(free_port)
-"$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!); UP_PID=$!
+$LOAD "$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!); UP_PID=$!
 wait_port "$UP_PORT"
 
 # nginx: one process, keep-alive pool to the upstream, static Authorization header.
@@ -95,12 +102,12 @@ http {
   }
 }
 NGINX
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); NG_PID=$!
+$SUT nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); NG_PID=$!
 wait_port "$NG_PORT"
 
 # The mock Tango as token endpoint for the OAuth rows, and a DPoP key.
 IDP_PORT=$(free_port)
-"$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
+$LOAD "$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
 wait_port "$IDP_PORT"
 "$BIN" keygen --out "$work/dpop.pem" >/dev/null 2>&1
 
@@ -129,7 +136,7 @@ allow_http = true
 [profiles.default]
 $(profile_toml "$2")
 TOML
-  RUST_LOG=$1 "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
+  RUST_LOG=$1 $SUT "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
   PROXY_PID=$!; pids+=($PROXY_PID); PROXY_PORT=$port
   wait_port "$port"
   # Ready means a token is in hand for the OAuth modes.
@@ -147,8 +154,8 @@ TOML
 results=()
 measure() {
   local name=$1 url=$2 pid=$3 out rps p50 p99
-  wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
-  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+  $LOAD wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+  out=$($LOAD wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
   if ! grep -q 'Requests/sec' <<<"$out"; then echo "$out" >&2; exit 1; fi
   if grep -q 'Non-2xx' <<<"$out"; then echo "bench.sh: $name answered errors:" >&2; echo "$out" >&2; exit 1; fi
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -172,7 +179,7 @@ start_proxy info basic
 measure "tango-auth-proxy basic, access log on" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
 
 echo
-echo "wrk -t1 -c$CONNECTIONS -d$DURATION, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo "wrk -t1 -c$CONNECTIONS -d$DURATION, $(nproc) cores, $(date -u +%Y-%m-%d)${SUT:+, server under test pinned to core 0}"
 echo
 printf '| %-40s | %12s | %9s | %9s | %8s |\n' "target" "requests/s" "p50" "p99" "peak RSS"
 printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..42})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..10})"

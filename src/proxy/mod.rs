@@ -194,11 +194,21 @@ impl Proxy {
 
         // Small bodies of profiles that can replay are read first, so a 401 can be retried once.
         if !(authorizer.replays() && fits(&parts.headers, inner.replay_max_body)) {
-            let exceeded = Arc::new(AtomicBool::new(false));
-            let body = OutboundBody::streaming(body, inner.max_body, exceeded.clone());
+            // Most calls (GETs) have no body: skip the limit wrapper and its flag.
+            let (body, exceeded) = if http_body::Body::is_end_stream(&body) {
+                (OutboundBody::buffered(Bytes::new()), None)
+            } else {
+                let flag = Arc::new(AtomicBool::new(false));
+                let streamed = OutboundBody::streaming(body, inner.max_body, flag.clone());
+                (streamed, Some(flag))
+            };
             let sent_to = parts.uri.clone();
             let response = self
-                .send(with_credential(parts, &credential), body, Some(&exceeded))
+                .send(
+                    with_credential(parts, &credential),
+                    body,
+                    exceeded.as_deref(),
+                )
                 .await?;
             authorizer.observe(&sent_to, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED {
