@@ -322,8 +322,9 @@ dpop_key_file = "{key_file}"
             r#"
 tango-auth-proxy demo: a mock Tango on http://{mock_addr}, the proxy on http://{p}.
 The proxy signs in to the mock as service account "{username}" (OAuth 2.0, grant_type=password)
-with a DPoP-bound token (key thumbprint {jkt}, server nonces on), keeps the token fresh, and
-adds it with a freshly signed DPoP proof to your requests, which carry no credentials.
+with a DPoP-bound token (server nonces on), keeps the token fresh, and adds it with a freshly
+signed DPoP proof to your requests, which carry no credentials.
+DPoP key thumbprint for this run: {jkt}
 Try, from another terminal:
 
   curl -s http://{p}/raas/v2/catalogs
