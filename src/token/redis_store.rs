@@ -299,6 +299,14 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds from now until `t`, at least 1 (a Redis `PX` of 0 is an error).
+fn ms_until(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .as_millis()
+        .max(1) as u64
+}
+
 impl RedisStore {
     /// Prepares the store; no connection is made until the first call.
     pub fn new(
@@ -412,6 +420,26 @@ impl RedisStore {
         }));
     }
 
+    /// `GET name`.
+    async fn get<T: redis::FromRedisValue>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        self.call(|mut c| async move { redis::cmd("GET").arg(name).query_async(&mut c).await })
+            .await
+    }
+
+    /// `SET name value PX ttl_ms`.
+    async fn set_px(&self, name: &str, value: &str, ttl_ms: u64) -> Result<(), StoreError> {
+        self.call(|mut c| async move {
+            redis::cmd("SET")
+                .arg(name)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     fn prefix_of(token: &Token) -> String {
         format!("{}.{}.", unix_ms(token.expires_at), token.ath())
     }
@@ -466,11 +494,7 @@ impl TokenStore for RedisStore {
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
         Box::pin(async move {
             let name = self.name(key, "token");
-            let k = name.clone();
-            let value: Option<String> = self
-                .call(|mut c| async move { redis::cmd("GET").arg(&k).query_async(&mut c).await })
-                .await?;
-            let Some(value) = value else {
+            let Some(value) = self.get::<String>(&name).await? else {
                 return Ok(None);
             };
             let mut parts = value.splitn(3, '.');
@@ -500,12 +524,7 @@ impl TokenStore for RedisStore {
                 .seal(&name, token)
                 .ok_or_else(|| StoreError::Unavailable("cannot seal the token record".into()))?;
             let value = zeroize::Zeroizing::new(format!("{}{sealed}", Self::prefix_of(token)));
-            let ttl = token
-                .expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .as_millis()
-                .max(1) as u64;
+            let ttl = ms_until(token.expires_at);
             let exp = unix_ms(token.expires_at);
             let script = &self.save_later;
             let _: i64 = self
@@ -599,20 +618,14 @@ impl TokenStore for RedisStore {
 
     fn last_mint<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SystemTime>> {
         Box::pin(async move {
-            let name = self.name(key, "minted");
-            let v: Option<u64> = self
-                .call(|mut c| async move { redis::cmd("GET").arg(&name).query_async(&mut c).await })
-                .await?;
+            let v: Option<u64> = self.get(&self.name(key, "minted")).await?;
             Ok(v.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
         })
     }
 
     fn fleet_backoff<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {
         Box::pin(async move {
-            let name = self.name(key, "backoff");
-            let v: Option<String> = self
-                .call(|mut c| async move { redis::cmd("GET").arg(&name).query_async(&mut c).await })
-                .await?;
+            let v: Option<String> = self.get(&self.name(key, "backoff")).await?;
             Ok(v.and_then(|v| {
                 let (ms, reason) = v.split_once('|')?;
                 let until = UNIX_EPOCH + Duration::from_millis(ms.parse().ok()?);
@@ -628,45 +641,17 @@ impl TokenStore for RedisStore {
         reason: &'a str,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let name = self.name(key, "backoff");
-            let ttl = until
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .as_millis()
-                .max(1) as u64;
             let value = format!("{}|{reason}", unix_ms(until));
-            let _: () = self
-                .call(|mut c| async move {
-                    redis::cmd("SET")
-                        .arg(&name)
-                        .arg(value)
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            Ok(())
+            self.set_px(&self.name(key, "backoff"), &value, ms_until(until))
+                .await
         })
     }
 
     fn record_mint<'a>(&'a self, key: &'a str, at: SystemTime) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let name = self.name(key, "minted");
-            let ms = unix_ms(at);
+            let ms = unix_ms(at).to_string();
             let ttl = LEDGER_TTL.as_millis() as u64;
-            let _: () = self
-                .call(|mut c| async move {
-                    redis::cmd("SET")
-                        .arg(&name)
-                        .arg(ms)
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            Ok(())
+            self.set_px(&self.name(key, "minted"), &ms, ttl).await
         })
     }
 }
