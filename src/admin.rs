@@ -79,11 +79,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn status(State(state): State<AdminState>) -> Response {
     let s = &state.0;
+    let mut cache_healthy = true;
     let profiles: serde_json::Map<String, serde_json::Value> = s
         .profiles
         .iter()
         .map(|p| {
             let status = p.authorizer.status();
+            cache_healthy &= status.cache_healthy;
             (
                 p.name.clone(),
                 serde_json::to_value(status).unwrap_or_default(),
@@ -94,7 +96,7 @@ async fn status(State(state): State<AdminState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started.elapsed().as_secs(),
         "upstream": s.upstream,
-        "cache": { "backend": s.cache_backend, "healthy": true },
+        "cache": { "backend": s.cache_backend, "healthy": cache_healthy },
         "profiles": profiles,
     }))
     .into_response()

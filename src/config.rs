@@ -1322,8 +1322,10 @@ fn validate_oauth(
         p,
         Duration::from_secs(4 * 3600),
     );
+    // Tango allows one client-credentials token per 20 h; the extra 15 minutes keep a replica
+    // whose clock runs a little ahead from asking early and being refused.
     let default_interval = if method == AuthMethod::ClientCredentials {
-        "20h"
+        "20h 15m"
     } else {
         "0s"
     };
@@ -1448,7 +1450,10 @@ mod tests {
         assert_eq!(o.audience, DEFAULT_AUDIENCE);
         assert_eq!(o.scope, "raas.all");
         assert_eq!(o.refresh_window, Duration::from_secs(4 * 3600));
-        assert_eq!(o.min_token_interval, Some(Duration::from_secs(20 * 3600)));
+        assert_eq!(
+            o.min_token_interval,
+            Some(Duration::from_secs(20 * 3600 + 15 * 60))
+        );
         assert_eq!(o.token_timeout, Duration::from_secs(10));
         let c = Config::from_toml(
             "[profiles.default]\nauth = \"service_account\"\nclient_id = \"c\"\nclient_secret = \"s\"\nusername = \"u\"\npassword = \"p\"\n",

@@ -65,6 +65,15 @@ pub struct Metrics {
     /// memory hit, memory miss, store hit, store miss.
     lookups: [Counter; 4],
     cache_degraded: Family<ProfileLabel, Gauge>,
+    lifetime_ignored: Family<HintLabel, Counter>,
+    task_restarts: Family<ProfileLabel, Counter>,
+    dpop_proof_rejected: Family<ProfileLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HintLabel {
+    profile: String,
+    hint: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -197,6 +206,24 @@ impl Metrics {
             "1 while the shared token cache is unreachable and the profile coordinates in-process",
             cache_degraded.clone(),
         );
+        let lifetime_ignored = Family::<HintLabel, Counter>::default();
+        registry.register(
+            "token_lifetime_ignored",
+            "Token answers whose expires_in or JWT exp claimed more than 400 days and was ignored",
+            lifetime_ignored.clone(),
+        );
+        let task_restarts = Family::<ProfileLabel, Counter>::default();
+        registry.register(
+            "token_task_restarts",
+            "Times a profile's token task died and was restarted",
+            task_restarts.clone(),
+        );
+        let dpop_proof_rejected = Family::<ProfileLabel, Counter>::default();
+        registry.register(
+            "dpop_proof_rejected",
+            "401 invalid_dpop_proof answers from Tango (often clock skew); replayed with a new proof",
+            dpop_proof_rejected.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -214,7 +241,38 @@ impl Metrics {
             lease_wait_seconds,
             lookups,
             cache_degraded,
+            lifetime_ignored,
+            task_restarts,
+            dpop_proof_rejected,
         }
+    }
+
+    /// Records a lifetime hint that was ignored as absurd.
+    pub fn lifetime_ignored(&self, profile: &str, hint: &'static str) {
+        self.lifetime_ignored
+            .get_or_create(&HintLabel {
+                profile: profile.to_string(),
+                hint,
+            })
+            .inc();
+    }
+
+    /// Records a restart of a profile's token task.
+    pub fn token_task_restart(&self, profile: &str) {
+        self.profile_counter(&self.task_restarts, profile);
+    }
+
+    /// Records a 401 `invalid_dpop_proof`.
+    pub fn dpop_proof_rejected(&self, profile: &str) {
+        self.profile_counter(&self.dpop_proof_rejected, profile);
+    }
+
+    fn profile_counter(&self, family: &Family<ProfileLabel, Counter>, profile: &str) {
+        family
+            .get_or_create(&ProfileLabel {
+                profile: profile.to_string(),
+            })
+            .inc();
     }
 
     /// Records whether a profile's shared cache is reachable.

@@ -62,6 +62,7 @@ impl Authorizer for BasicAuth {
             auth: "basic",
             ready: true,
             identity: self.platform_name.clone(),
+            cache_healthy: true,
             token: None,
         }
     }

@@ -285,13 +285,8 @@ pub fn jwk_thumbprint(members: &[(&str, &str)]) -> String {
     thumbprint_of_json(&canonical_jwk(members))
 }
 
-/// `ath`: base64url(SHA-256(access token)).
-pub fn ath(access_token: &str) -> String {
-    B64.encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        access_token.as_bytes(),
-    ))
-}
+/// `ath`: base64url(SHA-256(access token)); tokens carry theirs precomputed.
+pub use crate::token::ath;
 
 /// The `htu` for a request URL: lower-case scheme and host, no default port, the path as sent,
 /// no query or fragment.

@@ -23,7 +23,7 @@ pub use basic::BasicAuth;
 use crate::config::{AuthConfig, AuthMethod, ProfileConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::token::store::TokenStore;
-use crate::token::TokenManager;
+use crate::token::{SystemClock, TokenManager, Tuning};
 
 /// The headers that authorize one outbound request.
 #[derive(Clone)]
@@ -90,6 +90,9 @@ impl Authorization<'_> {
     }
 }
 
+/// The credential to replay a rejected request with once, or `None` to pass the 401 on.
+pub type Replay<'a> = Pin<Box<dyn Future<Output = Option<Credential>> + Send + 'a>>;
+
 /// The request a credential is for; DPoP proofs sign the method and target URL.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
@@ -108,6 +111,9 @@ pub struct ProfileStatus {
     pub ready: bool,
     /// The non-secret identity (platform name, client id).
     pub identity: String,
+    /// False while the profile's shared token cache is failing.
+    #[serde(skip)]
+    pub cache_healthy: bool,
     /// Token details for OAuth profiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<serde_json::Value>,
@@ -125,11 +131,17 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn replays(&self) -> bool {
         false
     }
-    /// Tango answered 401 to a request sent with `used` (`challenge` is its `WWW-Authenticate`).
-    /// Returns true when a fresh credential is on its way, so a buffered request may be replayed
-    /// once with whatever [`Authorizer::authorize`] gives next.
-    fn rejected(&self, _used: &Credential, _challenge: Option<&HeaderValue>) -> bool {
-        false
+    /// Tango answered 401 (`response` holds its headers) to a request to `target` sent with
+    /// `used`. Acts at once (a rejected token is evicted before the future is polled) and
+    /// returns the credential to replay with once, or `None` to pass the 401 on. Dropping the
+    /// future (a request that cannot be replayed) is fine.
+    fn rejected<'a>(
+        &'a self,
+        _used: &Credential,
+        _response: &http::HeaderMap,
+        _target: Target<'a>,
+    ) -> Replay<'a> {
+        Box::pin(async { None })
     }
     /// Sees every upstream response to a request sent to `uri` (DPoP reads `DPoP-Nonce` here).
     fn observe(&self, _uri: &http::Uri, _headers: &http::HeaderMap) {}
@@ -170,13 +182,22 @@ impl Profile {
                 });
                 let client = oauth::TokenClient::new(oauth, upstream, dpop.clone())
                     .map_err(AuthBuildError::TokenClient)?;
-                Arc::new(TokenManager::start(
+                let manager = TokenManager::start(
+                    &config.name,
+                    oauth,
+                    Arc::new(client),
+                    dpop.as_ref().map(|d| d.key.thumbprint()),
+                    store,
+                    metrics.clone(),
+                    Arc::new(SystemClock),
+                    Tuning::default(),
+                );
+                Arc::new(oauth::OAuthAuthorizer::new(
                     &config.name,
                     config.auth.method(),
                     oauth,
-                    client,
+                    manager,
                     dpop,
-                    store,
                     metrics,
                 ))
             }

@@ -1,87 +1,29 @@
-//! The OAuth 2.0 token endpoint client: one form POST per mint, parsed defensively.
+//! OAuth 2.0 profiles: the token endpoint client and the [`OAuthAuthorizer`].
+//!
+//! [`TokenClient`] is the profile's [`TokenSource`]: one form POST per mint, parsed
+//! defensively. [`OAuthAuthorizer`] turns the token the profile's [`TokenManager`] holds into
+//! the headers of each request (a fresh DPoP proof per send for DPoP profiles) and decides
+//! what a 401 from Tango means (see [`Challenge`]).
 //!
 //! Tango's answers vary: `expires_in` arrives as a number, a numeric string, `0` or not at all;
 //! `token_type` in any case; errors as JSON (`error`, `error_description`) or plain text. The
 //! rate-limit answer is a 400 whose text says "exceeded the daily rate limit". Nothing secret is
 //! ever put into an error: bodies are quoted only after the access token field is known absent.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::{header, HeaderMap, HeaderValue};
 use serde::Deserialize;
 
-use std::sync::Arc;
-
-use super::dpop::{htu, origin, Dpop};
-use crate::config::{OAuthConfig, UpstreamConfig};
+use super::dpop::{self, htu, origin, Dpop};
+use super::{AuthError, Authorization, Authorizer, Credential, ProfileStatus, Replay, Target};
+use crate::config::{AuthMethod, OAuthConfig, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::proxy::describe;
 use crate::secret::Secret;
-
-/// What a successful token response carried.
-#[derive(Debug)]
-pub struct TokenResponse {
-    /// The access token.
-    pub access_token: Secret,
-    /// `token_type`, lower-cased.
-    pub token_type: String,
-    /// `expires_in` in seconds when present and parseable.
-    pub expires_in: Option<u64>,
-}
-
-/// Why a token request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenError {
-    /// Tango's daily mint limit was hit.
-    #[error("token endpoint rate limit: {0}")]
-    RateLimited(String),
-    /// The endpoint refused the request (bad credentials, bad audience).
-    #[error("token endpoint answered {status}: {message}")]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// `error`/`error_description` or a short excerpt of the body.
-        message: String,
-    },
-    /// The endpoint failed (5xx).
-    #[error("token endpoint failed with {status}: {message}")]
-    ServerError {
-        /// HTTP status.
-        status: u16,
-        /// A short excerpt of the body.
-        message: String,
-    },
-    /// No answer within `token_timeout`.
-    #[error("token endpoint did not answer within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
-    /// Connection or TLS failure.
-    #[error("token endpoint unreachable: {0}")]
-    Transport(String),
-    /// A 2xx answer the proxy cannot use.
-    #[error("token endpoint answer unusable: {0}")]
-    InvalidResponse(String),
-    /// No DPoP proof could be made.
-    #[error("{0}")]
-    Dpop(String),
-    /// Another replica is minting; this one did not get a token in time.
-    #[error("{0}")]
-    Coordination(String),
-}
-
-impl TokenError {
-    /// The metric outcome label.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            TokenError::RateLimited(_) => "rate_limited",
-            TokenError::Rejected { .. } => "rejected",
-            TokenError::ServerError { .. } => "server_error",
-            TokenError::Timeout(_) => "timeout",
-            TokenError::Transport(_) => "unreachable",
-            TokenError::InvalidResponse(_) => "invalid_response",
-            TokenError::Dpop(_) => "dpop_error",
-            TokenError::Coordination(_) => "lease_busy",
-        }
-    }
-}
+use crate::token::{MintError, MintFuture, Minted, Need, Token, TokenManager, TokenSource};
 
 /// Posts token requests for one profile.
 #[derive(Debug, Clone)]
@@ -152,16 +94,8 @@ impl TokenClient {
         })
     }
 
-    /// The grant this client uses, as sent.
-    pub fn grant(&self) -> &str {
-        match self.form.first() {
-            Some((_, FormValue::Plain(g))) => g,
-            _ => "",
-        }
-    }
-
     /// Requests one token. With DPoP, a `use_dpop_nonce` answer is retried once with the nonce.
-    pub async fn fetch(&self) -> Result<TokenResponse, TokenError> {
+    async fn request(&self) -> Result<Minted, MintError> {
         let body = zeroize::Zeroizing::new(self.encoded_form());
         let mut retried = false;
         loop {
@@ -176,13 +110,13 @@ impl TokenClient {
                 let proof = dpop
                     .key
                     .proof("POST", &self.htu, None, nonce.as_deref())
-                    .map_err(|e| TokenError::Dpop(e.to_string()))?;
+                    .map_err(|e| MintError::Dpop(e.to_string()))?;
                 request = request.header("DPoP", proof);
             }
             let response = match request.send().await {
                 Ok(r) => r,
-                Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
-                Err(e) => return Err(TokenError::Transport(describe(&e))),
+                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
+                Err(e) => return Err(MintError::Transport(describe(&e))),
             };
             let mut new_nonce = false;
             if let (Some(dpop), Some(n)) = (
@@ -197,8 +131,8 @@ impl TokenClient {
             let status = response.status().as_u16();
             let bytes = match response.bytes().await {
                 Ok(b) => b,
-                Err(e) if e.is_timeout() => return Err(TokenError::Timeout(self.timeout)),
-                Err(e) => return Err(TokenError::Transport(describe(&e))),
+                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
+                Err(e) => return Err(MintError::Transport(describe(&e))),
             };
             if status == 400
                 && new_nonce
@@ -227,6 +161,19 @@ impl TokenClient {
             out.extend(form_urlencoded_byte_serialize(v));
         }
         out
+    }
+}
+
+impl TokenSource for TokenClient {
+    fn fetch(&self) -> MintFuture<'_> {
+        Box::pin(self.request())
+    }
+
+    fn grant(&self) -> &str {
+        match self.form.first() {
+            Some((_, FormValue::Plain(g))) => g,
+            _ => "",
+        }
     }
 }
 
@@ -265,14 +212,14 @@ struct RawError {
 }
 
 /// Interprets a token endpoint answer.
-pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenError> {
+pub fn parse_response(status: u16, body: &[u8]) -> Result<Minted, MintError> {
     if (200..300).contains(&status) {
         let raw: RawSuccess = serde_json::from_slice(body)
-            .map_err(|e| TokenError::InvalidResponse(format!("not JSON ({e})")))?;
+            .map_err(|e| MintError::InvalidResponse(format!("not JSON ({e})")))?;
         let access_token = raw
             .access_token
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| TokenError::InvalidResponse("no access_token".into()))?;
+            .ok_or_else(|| MintError::InvalidResponse("no access_token".into()))?;
         let token_type = raw
             .token_type
             .unwrap_or_else(|| "bearer".into())
@@ -284,7 +231,7 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenEr
             Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
             _ => None,
         };
-        return Ok(TokenResponse {
+        return Ok(Minted {
             access_token,
             token_type,
             expires_in,
@@ -292,12 +239,12 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenEr
     }
     let message = error_message(body);
     if message.contains("exceeded the daily rate limit") {
-        return Err(TokenError::RateLimited(message));
+        return Err(MintError::RateLimited(message));
     }
     if status >= 500 {
-        Err(TokenError::ServerError { status, message })
+        Err(MintError::ServerError { status, message })
     } else {
-        Err(TokenError::Rejected { status, message })
+        Err(MintError::Rejected { status, message })
     }
 }
 
@@ -338,6 +285,256 @@ fn truncate(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// What a 401 from Tango means, from its `WWW-Authenticate` parameters.
+///
+/// | answer | class | the proxy |
+/// | --- | --- | --- |
+/// | `DPoP error="use_dpop_nonce"` | [`Challenge::Nonce`] | replays once with a proof carrying the new nonce; keeps the token |
+/// | `DPoP error="invalid_dpop_proof"` | [`Challenge::Proof`] | replays once with a fresh proof; keeps the token; warns once about clock skew |
+/// | `error="invalid_token"`, any Bearer 401, no header, another scheme | [`Challenge::Token`] | evicts the token (compare-and-delete), mints once, replays once |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// The server wants a (new) DPoP nonce.
+    Nonce,
+    /// The DPoP proof was refused (often: `iat` outside the server's window).
+    Proof,
+    /// The token itself was refused.
+    Token,
+}
+
+impl Challenge {
+    /// Classifies a 401 by every `WWW-Authenticate` header it carries.
+    pub fn of(headers: &HeaderMap) -> Challenge {
+        let mut class = Challenge::Token;
+        for value in headers.get_all(header::WWW_AUTHENTICATE) {
+            let Ok(text) = value.to_str() else { continue };
+            for code in error_codes(text) {
+                match code {
+                    "use_dpop_nonce" => return Challenge::Nonce,
+                    "invalid_dpop_proof" => class = Challenge::Proof,
+                    _ => {}
+                }
+            }
+        }
+        class
+    }
+}
+
+/// The values of every `error` auth-param in a `WWW-Authenticate` value (not `error_description`
+/// or `error_uri`), quoted or not.
+fn error_codes(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while let Some(found) = text[at..].to_ascii_lowercase().find("error") {
+            let start = at + found;
+            let mut i = start + "error".len();
+            at = i;
+            let boundary = start == 0 || matches!(bytes[start - 1], b' ' | b',' | b'\t');
+            while i < bytes.len() && bytes[i] == b' ' {
+                i += 1;
+            }
+            if !boundary || bytes.get(i) != Some(&b'=') {
+                continue;
+            }
+            i += 1;
+            while i < bytes.len() && bytes[i] == b' ' {
+                i += 1;
+            }
+            let rest = &text[i..];
+            let value = match rest.strip_prefix('"') {
+                Some(q) => q.split('"').next().unwrap_or_default(),
+                None => rest.split([',', ' ']).next().unwrap_or_default(),
+            };
+            at = i;
+            return Some(value);
+        }
+        None
+    })
+}
+
+/// Authorizes requests for an OAuth profile from the token its [`TokenManager`] holds.
+#[derive(Debug)]
+pub struct OAuthAuthorizer {
+    profile: String,
+    method: AuthMethod,
+    identity: String,
+    manager: TokenManager,
+    dpop: Option<Arc<Dpop>>,
+    metrics: Arc<Metrics>,
+    skew_warned: AtomicBool,
+}
+
+impl OAuthAuthorizer {
+    /// Wraps a running token manager.
+    pub fn new(
+        profile: &str,
+        method: AuthMethod,
+        config: &OAuthConfig,
+        manager: TokenManager,
+        dpop: Option<Arc<Dpop>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let identity = match &config.username {
+            Some(u) => format!("{} / {u}", config.client_id),
+            None => config.client_id.clone(),
+        };
+        Self {
+            profile: profile.to_string(),
+            method,
+            identity,
+            manager,
+            dpop,
+            metrics,
+            skew_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// The headers for one send: the token, plus a proof signed now for DPoP tokens.
+    fn credential(&self, token: &Token, target: Target<'_>) -> Result<Credential, AuthError> {
+        let proof = match &self.dpop {
+            Some(d) if token.dpop => {
+                let nonce = d.nonces.get(&dpop::origin(target.uri));
+                let proof = d
+                    .key
+                    .proof(
+                        target.method.as_str(),
+                        &dpop::htu(target.uri),
+                        Some(token.ath()),
+                        nonce.as_deref(),
+                    )
+                    .map_err(|e| AuthError::Unavailable {
+                        profile: self.profile.clone(),
+                        reason: e.to_string(),
+                        retry_after: Duration::from_secs(1),
+                    })?;
+                HeaderValue::from_str(&proof).ok()
+            }
+            _ => None,
+        };
+        Ok(Credential {
+            authorization: token.authorization(),
+            dpop: proof,
+        })
+    }
+
+    fn unavailable(&self, u: crate::token::Unavailable) -> AuthError {
+        AuthError::Unavailable {
+            profile: self.profile.clone(),
+            reason: u.reason,
+            retry_after: u.retry_after,
+        }
+    }
+
+    /// Warns once per process that proofs are being refused, with both clocks.
+    fn warn_proof_refused(&self, response: &HeaderMap) {
+        self.metrics.dpop_proof_rejected(&self.profile);
+        if self.skew_warned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let server = response
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .unwrap_or("(no Date header)");
+        let ours = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        tracing::warn!(
+            profile = %self.profile,
+            server_date = server,
+            local_time = %ours,
+            "Tango refused a DPoP proof (invalid_dpop_proof); replaying with a fresh proof and keeping the token. A clock skew is the usual cause: check NTP on this host"
+        );
+    }
+}
+
+impl Authorizer for OAuthAuthorizer {
+    fn authorize<'a>(&'a self, target: Target<'a>) -> Authorization<'a> {
+        if let Some(token) = self.manager.current() {
+            self.metrics.lookup(false, true);
+            return Authorization::Ready(self.credential(&token, target));
+        }
+        self.metrics.lookup(false, false);
+        Authorization::Pending(Box::pin(async move {
+            let token = self
+                .manager
+                .usable()
+                .await
+                .map_err(|u| self.unavailable(u))?;
+            self.credential(&token, target)
+        }))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.manager.is_ready()
+    }
+
+    fn replays(&self) -> bool {
+        true
+    }
+
+    fn observe(&self, uri: &http::Uri, headers: &HeaderMap) {
+        if let (Some(d), Some(nonce)) = (
+            &self.dpop,
+            headers.get("dpop-nonce").and_then(|v| v.to_str().ok()),
+        ) {
+            d.nonces.update(&dpop::origin(uri), nonce);
+        }
+    }
+
+    fn rejected<'a>(
+        &'a self,
+        used: &Credential,
+        response: &HeaderMap,
+        target: Target<'a>,
+    ) -> Replay<'a> {
+        let class = Challenge::of(response);
+        if class != Challenge::Token {
+            if self.dpop.is_none() {
+                // A DPoP challenge to a Bearer profile: nothing a new proof could fix.
+                return Box::pin(async { None });
+            }
+            if class == Challenge::Proof {
+                self.warn_proof_refused(response);
+            }
+            // Same token, fresh proof (with the nonce `observe` recorded).
+            return Box::pin(async move {
+                let token = self.manager.current()?;
+                self.credential(&token, target).ok()
+            });
+        }
+        self.metrics.upstream_401(&self.profile);
+        let current = self.manager.current();
+        match current {
+            Some(t) if t.authorization() == used.authorization => {
+                let ticket = self.manager.reject(t.ath());
+                Box::pin(async move {
+                    match self.manager.replacement(&t, ticket).await {
+                        Need::Replaced(fresh) => self.credential(&fresh, target).ok(),
+                        Need::Declined | Need::Unavailable(_) => None,
+                    }
+                })
+            }
+            // Another request already had it replaced.
+            Some(t) => Box::pin(async move { self.credential(&t, target).ok() }),
+            None => Box::pin(async move {
+                let t = self.manager.usable().await.ok()?;
+                self.credential(&t, target).ok()
+            }),
+        }
+    }
+
+    fn status(&self) -> ProfileStatus {
+        let mut details = self.manager.status();
+        details.dpop_jkt = self.dpop.as_ref().map(|d| d.key.thumbprint().to_string());
+        ProfileStatus {
+            auth: self.method.as_str(),
+            ready: self.manager.is_ready(),
+            identity: self.identity.clone(),
+            cache_healthy: self.manager.cache_healthy(),
+            token: serde_json::to_value(details).ok(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,7 +568,7 @@ mod tests {
         );
         assert!(matches!(
             parse_response(200, b"{}"),
-            Err(TokenError::InvalidResponse(_))
+            Err(MintError::InvalidResponse(_))
         ));
     }
 
@@ -381,14 +578,14 @@ mod tests {
             400,
             br#"{"error":"access_denied","error_description":"Client Acme abc123 has exceeded the daily rate limit"}"#,
         );
-        assert!(matches!(rl, Err(TokenError::RateLimited(_))));
+        assert!(matches!(rl, Err(MintError::RateLimited(_))));
         let rl_text = parse_response(400, b"Client Acme abc123 has exceeded the daily rate limit");
-        assert!(matches!(rl_text, Err(TokenError::RateLimited(_))));
+        assert!(matches!(rl_text, Err(MintError::RateLimited(_))));
         match parse_response(
             401,
             br#"{"error":"invalid_client","error_description":"Unauthorized"}"#,
         ) {
-            Err(TokenError::Rejected {
+            Err(MintError::Rejected {
                 status: 401,
                 message,
             }) => {
@@ -398,8 +595,43 @@ mod tests {
         }
         assert!(matches!(
             parse_response(503, b"down"),
-            Err(TokenError::ServerError { status: 503, .. })
+            Err(MintError::ServerError { status: 503, .. })
         ));
+    }
+
+    #[test]
+    fn challenges_are_classified_by_their_error_parameter() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
+            }
+            Challenge::of(&h)
+        };
+        assert_eq!(
+            of(&[r#"DPoP error="use_dpop_nonce", error_description="x""#]),
+            Challenge::Nonce
+        );
+        assert_eq!(
+            of(&[r#"DPoP algs="ES256", error="invalid_dpop_proof""#]),
+            Challenge::Proof
+        );
+        assert_eq!(of(&[r#"DPoP error=invalid_dpop_proof"#]), Challenge::Proof);
+        assert_eq!(of(&[r#"Bearer error="invalid_token""#]), Challenge::Token);
+        assert_eq!(of(&[r#"DPoP error="invalid_token""#]), Challenge::Token);
+        assert_eq!(of(&["Bearer"]), Challenge::Token);
+        assert_eq!(of(&[]), Challenge::Token);
+        assert_eq!(of(&["Basic realm=\"tango\""]), Challenge::Token);
+        // A description mentioning a code is not the code.
+        assert_eq!(
+            of(&[r#"Bearer error="invalid_token", error_description="not use_dpop_nonce""#]),
+            Challenge::Token
+        );
+        // Several challenges: a nonce request anywhere wins.
+        assert_eq!(
+            of(&[r#"Bearer realm="x""#, r#"DPoP error="use_dpop_nonce""#]),
+            Challenge::Nonce
+        );
     }
 
     #[test]

@@ -203,6 +203,7 @@ impl Proxy {
                 (streamed, Some(flag))
             };
             let sent_to = parts.uri.clone();
+            let parts_method = parts.method.clone();
             let response = self
                 .send(
                     with_credential(parts, &credential),
@@ -212,11 +213,13 @@ impl Proxy {
                 .await?;
             authorizer.observe(&sent_to, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED {
-                // Not replayable, but the next request should not reuse a rejected token.
-                authorizer.rejected(
-                    &credential,
-                    response.headers().get(header::WWW_AUTHENTICATE),
-                );
+                // Not replayable, but the next request should not reuse a rejected token (the
+                // eviction happens in `rejected` itself; the replay credential is not needed).
+                let target = Target {
+                    method: &parts_method,
+                    uri: &sent_to,
+                };
+                drop(authorizer.rejected(&credential, response.headers(), target));
             }
             return Ok(self.finish(response, request_id));
         }
@@ -235,21 +238,19 @@ impl Proxy {
             )
             .await?;
         authorizer.observe(&template.uri, response.headers());
-        if response.status() == StatusCode::UNAUTHORIZED
-            && authorizer.rejected(
-                &credential,
-                response.headers().get(header::WWW_AUTHENTICATE),
-            )
-        {
+        if response.status() == StatusCode::UNAUTHORIZED {
             let fresh = authorizer
-                .authorize(Target {
-                    method: &template.method,
-                    uri: &template.uri,
-                })
-                .resolve()
+                .rejected(
+                    &credential,
+                    response.headers(),
+                    Target {
+                        method: &template.method,
+                        uri: &template.uri,
+                    },
+                )
                 .await;
             // Only a different credential (new token, or new DPoP proof) is worth a replay.
-            if let Some(fresh) = fresh.ok().filter(|f| {
+            if let Some(fresh) = fresh.filter(|f| {
                 f.authorization != credential.authorization || f.dpop != credential.dpop
             }) {
                 tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");

@@ -1,93 +1,117 @@
-//! The per-profile token manager.
+//! The owner of one profile's token, and the handle requests use.
 //!
-//! * **Hot path**: a usable token in memory answers [`Authorizer::authorize`] without waiting or
-//!   allocating beyond a header clone. Inside the refresh window it also nudges the refresher.
-//! * **Single-flight**: one refresh task at a time per profile. Requests with no usable token
-//!   subscribe to a generation counter and wait (at most the token timeout plus a second) for that
-//!   task, so any number of concurrent requests cause one token request and share its outcome.
-//! * **Failures**: after a failed token request, requests that find no usable token get
-//!   `token_unavailable` at once (with `Retry-After`) instead of waiting; only the background
-//!   refresher retries, with capped exponential backoff and jitter (longer after Tango's
-//!   rate-limit answer). While a usable token exists, requests keep flowing.
-//! * **Refresher**: a background task mints at start, inside the refresh window (jittered), and when
-//!   the token becomes unusable; it honours `min_token_interval` except for unusable or rejected
-//!   tokens.
-//! * **401**: [`Authorizer::rejected`] evicts the token only if it is still the current one, and
-//!   starts one mint; the forwarder then replays a buffered request once.
+//! * **One owner**: a single task holds the [`Machine`], does every store, lease and mint call the
+//!   machine asks for (one at a time; bookkeeping writes go to background tasks) and publishes a
+//!   [`Snapshot`] through a `watch` channel after each event.
+//! * **Requests** read the snapshot: a usable token answers at once without touching the owner.
+//!   Without one, a request nudges the owner (a coalescing `Notify`, so 500 cold requests are one
+//!   wake-up) and waits for the outcome of the refresh it is waiting on — long enough for a lease
+//!   wait, a takeover mint and a DPoP nonce retry — or gets `token_unavailable` at once while
+//!   refreshes are failing. A 401 that costs the token is a message to the owner.
+//! * **Supervised**: if the owner task dies, the failure is logged at ERROR, shown in `/status`,
+//!   `/readyz` fails while it is down, and a new owner starts from the last published token,
+//!   so a restart costs no mint. Repeated deaths back off.
+//! * **Clocks**: every in-process time is a `tokio::time::Instant`; the wall clock ([`Clock`],
+//!   injectable) is read only to turn stored records into deadlines and to show times.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::machine::{Effect, Event, Failing, Machine, Phase, Policy, Reason, StoreOp};
 use super::store::TokenStore;
-use super::{expiry, Token};
-use crate::auth::dpop::{self, Dpop};
-use crate::auth::oauth::{TokenClient, TokenError};
-use crate::auth::{AuthError, Authorization, Authorizer, Credential, ProfileStatus, Target};
-use crate::config::{AuthMethod, OAuthConfig};
+use super::{lifetime, MintError, Token, TokenSource};
+use crate::config::OAuthConfig;
 use crate::metrics::Metrics;
 
-/// First retry delay after a failed token request.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Longest retry delay after ordinary failures.
-const BACKOFF_CAP: Duration = Duration::from_secs(300);
-/// First retry delay after Tango's rate-limit answer.
-const RATE_LIMIT_BACKOFF_BASE: Duration = Duration::from_secs(60);
-/// Longest retry delay after rate-limit answers.
-const RATE_LIMIT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
-/// After a mint caused by a 401, another 401-caused mint waits this long: if Tango rejects fresh
-/// tokens too, minting more of them would only hammer the token endpoint.
-const REJECTED_MINT_INTERVAL: Duration = Duration::from_secs(10);
-/// How often a token that could not be written to the cache is retried.
-const WRITE_BACK_INTERVAL: Duration = Duration::from_secs(2);
-/// How often a process sharing a cache checks that the cache still holds its token (a Redis
-/// restarted empty, an eviction) and picks up a newer one a replica wrote: one read per replica
-/// per interval, never per request.
-const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// Longest the refresher sleeps without re-planning.
-const MAX_SLEEP: Duration = Duration::from_secs(3600);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    Cold,
-    Window,
-    Expired,
-    Rejected,
-    Retry,
+/// The wall clock, injectable so tests can step it.
+pub trait Clock: fmt::Debug + Send + Sync {
+    /// Now, by the wall clock.
+    fn wall(&self) -> SystemTime;
 }
 
-impl Reason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::Cold => "cold",
-            Reason::Window => "window",
-            Reason::Expired => "expired",
-            Reason::Rejected => "rejected",
-            Reason::Retry => "retry",
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// Intervals that production leaves at their defaults and tests shorten.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How often a replica compares the shared copy with its own (one read, never per request).
+    pub store_check: Duration,
+    /// How often a replica waiting on another's lease polls when no wake-up arrives.
+    pub fleet_poll: Duration,
+    /// The refresh lease's lifetime; `None`: twice the token timeout plus 2 s (a mint with its
+    /// DPoP nonce retry fits, and the holder extends it every third of it).
+    pub lease_ttl: Option<Duration>,
+    /// First retry delay after a failed token request.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// First retry delay after Tango's rate-limit answer.
+    pub rate_limit_base: Duration,
+    /// Longest retry delay after rate-limit answers.
+    pub rate_limit_cap: Duration,
+    /// A second 401 this soon after a 401-caused mint is passed on without minting.
+    pub rejected_mint_interval: Duration,
+    /// First delay before restarting a crashed owner task (doubles up to 30 s).
+    pub restart_delay: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            store_check: Duration::from_secs(5),
+            fleet_poll: Duration::from_millis(50),
+            lease_ttl: None,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(300),
+            rate_limit_base: Duration::from_secs(60),
+            rate_limit_cap: Duration::from_secs(3600),
+            rejected_mint_interval: Duration::from_secs(10),
+            restart_delay: Duration::from_millis(100),
         }
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
-    minting: bool,
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<String>,
-    last_error_at: Option<SystemTime>,
-    last_refresh: Option<SystemTime>,
-    last_mint: Option<SystemTime>,
-    mints: u64,
-    refresh_at: Option<SystemTime>,
-    last_rejected_mint: Option<Instant>,
-    cache_degraded: bool,
-    unsaved: bool,
+/// What requests and `/status` see of a profile's token state.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The token in use (check [`Token::usable_at`]).
+    pub token: Option<Arc<Token>>,
+    /// Set while refreshes fail.
+    pub failing: Option<Failing>,
+    /// True while a refresh is in flight.
+    pub refreshing: bool,
+    /// 401 rejections the owner has handled (lets a waiter see its own was declined).
+    pub rejections: u64,
+    /// Tokens minted by this process.
+    pub mints: u64,
+    /// Consecutive failed refreshes.
+    pub failures: u32,
+    /// The last error, kept after recovery.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<Instant>,
+    /// When the current token was obtained.
+    pub last_refresh: Option<Instant>,
+    /// True while the shared cache is failing.
+    pub cache_degraded: bool,
+    /// Set while the owner task is down after a crash.
+    pub crashed: Option<String>,
+    /// Owner restarts after crashes.
+    pub restarts: u64,
 }
 
 /// What `/status` shows about a token profile; no secret.
@@ -111,89 +135,74 @@ pub struct ManagerStatus {
     pub retry_in_seconds: Option<u64>,
     /// True while the token endpoint is failing.
     pub degraded: bool,
+    /// True while a refresh is in flight.
+    pub refreshing: bool,
     /// True while the shared token cache is unreachable (the proxy coordinates in-process).
     pub cache_degraded: bool,
+    /// Times the token task crashed and was restarted.
+    pub task_restarts: u64,
     /// The DPoP key's thumbprint, for DPoP profiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dpop_jkt: Option<String>,
 }
 
+/// Why a request cannot have a token now.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// Safe to show an operator.
+    pub reason: String,
+    /// When a retry may succeed.
+    pub retry_after: Duration,
+}
+
+/// The outcome of waiting for a token to replace a rejected one.
 #[derive(Debug)]
-struct Shared {
+pub enum Need {
+    /// A different usable token.
+    Replaced(Arc<Token>),
+    /// The owner decided not to mint (a 401 again right after a 401-caused mint): pass the 401 on.
+    Declined,
+    /// No token could be had.
+    Unavailable(Unavailable),
+}
+
+/// Everything the owner needs besides the machine; shared with its I/O futures.
+#[derive(Debug)]
+struct Ctx {
     profile: String,
-    method: AuthMethod,
-    identity: String,
-    audience: String,
-    client: TokenClient,
-    dpop: Option<Arc<Dpop>>,
-    refresh_window: Duration,
-    min_interval: Option<Duration>,
-    wait: Duration,
-    store: Arc<dyn TokenStore>,
     key: String,
-    current: RwLock<Option<Arc<Token>>>,
-    /// `State::refresh_at` as Unix ms, readable without the lock on the request path.
-    refresh_at_ms: AtomicU64,
-    state: Mutex<State>,
-    generation: watch::Sender<u64>,
-    wake: Notify,
+    audience: String,
+    dpop: bool,
+    source: Arc<dyn TokenSource>,
+    store: Arc<dyn TokenStore>,
     metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    tuning: Tuning,
+    lease_ttl: Duration,
+    lease_owner: String,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// Keeps one profile's token fresh and hands it to requests.
 #[derive(Debug)]
 pub struct TokenManager {
-    shared: Arc<Shared>,
-    refresher: JoinHandle<()>,
+    profile: String,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    events: mpsc::UnboundedSender<Event>,
+    need: Arc<Notify>,
+    wait: Duration,
+    clock: Arc<dyn Clock>,
+    supervisor: JoinHandle<()>,
 }
 
 impl Drop for TokenManager {
     fn drop(&mut self) {
-        self.refresher.abort();
-    }
-}
-
-impl TokenManager {
-    /// Builds the manager and starts its refresher (which mints at once). Needs a Tokio runtime.
-    pub fn start(
-        profile: &str,
-        method: AuthMethod,
-        config: &OAuthConfig,
-        client: TokenClient,
-        dpop: Option<Arc<Dpop>>,
-        store: Arc<dyn TokenStore>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let identity = match &config.username {
-            Some(u) => format!("{} / {u}", config.client_id),
-            None => config.client_id.clone(),
-        };
-        let shared = Arc::new(Shared {
-            profile: profile.to_string(),
-            method,
-            identity,
-            audience: config.audience.clone(),
-            key: fingerprint(config, client.grant(), dpop.as_deref()),
-            client,
-            dpop,
-            refresh_window: config.refresh_window,
-            min_interval: config.min_token_interval,
-            wait: config.token_timeout + Duration::from_secs(1),
-            store,
-            current: RwLock::new(None),
-            refresh_at_ms: AtomicU64::new(0),
-            state: Mutex::new(State::default()),
-            generation: watch::channel(0).0,
-            wake: Notify::new(),
-            metrics,
-        });
-        let refresher = tokio::spawn(refresher(Arc::downgrade(&shared)));
-        Self { shared, refresher }
+        self.supervisor.abort();
     }
 }
 
 /// A stable, non-secret key for what makes a token different.
-fn fingerprint(config: &OAuthConfig, grant: &str, dpop: Option<&Dpop>) -> String {
+pub(crate) fn fingerprint(config: &OAuthConfig, grant: &str, jkt: Option<&str>) -> String {
     let material = [
         config.token_url.as_str(),
         grant,
@@ -201,7 +210,7 @@ fn fingerprint(config: &OAuthConfig, grant: &str, dpop: Option<&Dpop>) -> String
         config.username.as_deref().unwrap_or(""),
         config.audience.as_str(),
         config.scope.as_str(),
-        dpop.map_or("", |d| d.key.thumbprint()),
+        jkt.unwrap_or(""),
     ]
     .join("\n");
     let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
@@ -211,682 +220,532 @@ fn fingerprint(config: &OAuthConfig, grant: &str, dpop: Option<&Dpop>) -> String
         .collect()
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// A random fraction in [0, 1).
-fn random_unit() -> f64 {
-    let mut b = [0u8; 4];
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+    u64::from_le_bytes(b)
 }
 
-impl Shared {
-    /// The headers for one request: the token, plus a fresh proof for DPoP tokens.
-    fn credential(&self, token: &Token, target: Target<'_>) -> Result<Credential, AuthError> {
-        let proof = match &self.dpop {
-            Some(d) if token.dpop => {
-                let nonce = d.nonces.get(&dpop::origin(target.uri));
-                let proof = d
-                    .key
-                    .proof(
-                        target.method.as_str(),
-                        &dpop::htu(target.uri),
-                        Some(token.ath()),
-                        nonce.as_deref(),
-                    )
-                    .map_err(|e| AuthError::Unavailable {
-                        profile: self.profile.clone(),
-                        reason: e.to_string(),
-                        retry_after: Duration::from_secs(1),
-                    })?;
-                HeaderValue::from_str(&proof).ok()
-            }
-            _ => None,
+impl TokenManager {
+    /// Starts the owner task (which looks for or mints a token at once). `jkt` is the DPoP
+    /// key's thumbprint for DPoP profiles. Needs a Tokio runtime.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        profile: &str,
+        config: &OAuthConfig,
+        source: Arc<dyn TokenSource>,
+        jkt: Option<&str>,
+        store: Arc<dyn TokenStore>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        tuning: Tuning,
+    ) -> Self {
+        let lease_ttl = tuning
+            .lease_ttl
+            .unwrap_or(config.token_timeout * 2 + Duration::from_secs(2));
+        let policy = Policy {
+            refresh_window: config.refresh_window,
+            min_interval: config.min_token_interval,
+            shared: store.shared(),
+            lease_ttl,
+            store_check: tuning.store_check,
+            backoff_base: tuning.backoff_base,
+            backoff_cap: tuning.backoff_cap,
+            rate_limit_base: tuning.rate_limit_base,
+            rate_limit_cap: tuning.rate_limit_cap,
+            rejected_mint_interval: tuning.rejected_mint_interval,
         };
-        Ok(Credential {
-            authorization: token.authorization(),
-            dpop: proof,
-        })
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn current(&self) -> Option<Arc<Token>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_current(&self, token: Option<Arc<Token>>) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = token;
-    }
-
-    fn usable(&self, now: SystemTime) -> Option<Arc<Token>> {
-        self.current().filter(|t| t.usable_at(now))
-    }
-
-    fn unavailable(&self, st: &State) -> AuthError {
-        let retry_after = st
-            .retry_at
-            .map(|r| r.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_secs(1));
-        let reason = match &st.last_error {
-            Some(e) if st.failures > 0 => format!("token request failing: {e}"),
-            _ => "no token yet".to_string(),
-        };
-        AuthError::Unavailable {
-            profile: self.profile.clone(),
-            reason,
-            retry_after,
+        // A waiter covers what the refresh it waits on can take: store reads (1 s each at
+        // most), a lease wait, a takeover mint and a nonce retry.
+        let wait = lease_ttl + config.token_timeout * 2 + Duration::from_secs(3);
+        let (events, rx) = mpsc::unbounded_channel();
+        let (publish, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        let need = Arc::new(Notify::new());
+        let ctx = Arc::new(Ctx {
+            profile: profile.to_string(),
+            key: fingerprint(config, source.grant(), jkt),
+            audience: config.audience.clone(),
+            dpop: jkt.is_some(),
+            source,
+            store,
+            metrics,
+            clock: clock.clone(),
+            tuning,
+            lease_ttl,
+            lease_owner: crate::random_hex(16),
+            events: events.clone(),
+        });
+        let supervisor = tokio::spawn(supervise(
+            ctx,
+            policy,
+            Arc::new(Mutex::new(rx)),
+            need.clone(),
+            publish,
+        ));
+        Self {
+            profile: profile.to_string(),
+            snapshot,
+            events,
+            need,
+            wait,
+            clock,
+            supervisor,
         }
     }
 
-    /// Starts a refresh task unless one is running. Returns whether one is running now.
-    fn start_refresh(self: &Arc<Self>, reason: Reason) -> bool {
-        {
-            let mut st = self.state();
-            if st.minting {
-                return true;
-            }
-            st.minting = true;
-        }
-        let me = self.clone();
-        tokio::spawn(async move { me.refresh(reason).await });
-        true
+    /// The token to use now, if there is a usable one. The request hot path: no lock held
+    /// beyond the snapshot read, no message, no allocation.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let snap = self.snapshot.borrow();
+        snap.token
+            .as_ref()
+            .filter(|t| t.usable_at(Instant::now()))
+            .cloned()
     }
 
-    async fn refresh(self: Arc<Self>, reason: Reason) {
-        if reason != Reason::Rejected && self.adopt_stored().await {
-            self.finish();
-            return;
-        }
-        if reason == Reason::Window && self.fleet_minted_recently().await {
-            self.finish();
-            return;
-        }
-        if !self.store.shared() {
-            self.mint(reason).await;
-            self.finish();
-            return;
-        }
-        // Fleet single-flight: one process mints, the others wait for its token.
-        let owner = crate::random_hex(16);
-        let ttl = self.lease_ttl();
-        match self.store.try_lease(&self.key, &owner, ttl).await {
-            Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
-            Ok(false) => {
-                self.metrics.lease_wait();
-                let started = Instant::now();
-                let done = self.await_fleet_token(ttl).await;
-                self.metrics.lease_waited(started.elapsed());
-                if !done {
-                    // The holder produced no token (it died or its mint failed): take over once.
-                    match self.store.try_lease(&self.key, &owner, ttl).await {
-                        Ok(true) => self.mint_holding_lease(reason, &owner, ttl).await,
-                        Ok(false) => self.fail(
-                            &TokenError::Coordination(
-                                "another replica holds the refresh lease and has not produced a token yet".into(),
-                            ),
-                            reason,
-                        ),
-                        Err(e) => {
-                            self.cache_error(&e);
-                            self.mint(reason).await;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                self.cache_error(&e);
-                self.mint(reason).await;
-            }
-        }
-        self.finish();
+    /// True when a request can be authorized right now (and the owner task is alive).
+    pub fn is_ready(&self) -> bool {
+        let snap = self.snapshot.borrow();
+        snap.crashed.is_none()
+            && snap
+                .token
+                .as_ref()
+                .is_some_and(|t| t.usable_at(Instant::now()))
     }
 
-    /// How long a refresh lease lives without being extended.
-    fn lease_ttl(&self) -> Duration {
-        self.wait + Duration::from_secs(1)
-    }
-
-    /// With `min_token_interval`, a window refresh waits while any process minted recently.
-    async fn fleet_minted_recently(&self) -> bool {
-        let Some(interval) = self.min_interval else {
-            return false;
-        };
-        match self.store.last_mint(&self.key).await {
-            Ok(Some(at)) if at + interval > SystemTime::now() => {
-                let mut st = self.state();
-                if st.last_mint.is_none_or(|m| m < at) {
-                    st.last_mint = Some(at);
-                }
-                tracing::debug!(profile = %self.profile, "a replica minted recently; renewal waits for the mint budget");
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                self.cache_error(&e);
-                false
-            }
-        }
-    }
-
-    async fn mint_holding_lease(&self, reason: Reason, owner: &str, ttl: Duration) {
-        let keep_alive = async {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                if let Err(e) = self.store.extend_lease(&self.key, owner, ttl).await {
-                    self.cache_error(&e);
-                }
-            }
-        };
-        tokio::select! {
-            () = self.mint(reason) => {}
-            () = keep_alive => {}
-        }
-        if let Err(e) = self.store.release_lease(&self.key, owner).await {
-            self.cache_error(&e);
-        }
-    }
-
-    /// Polls the shared store until another process's token appears (or the fleet is told to
-    /// back off), at most `ttl`. True when nothing is left to do.
-    async fn await_fleet_token(&self, ttl: Duration) -> bool {
-        let deadline = Instant::now() + ttl;
-        while Instant::now() < deadline {
-            // Returns early when the holder announces its token; else a 50 ms poll.
-            if let Err(e) = self
-                .store
-                .wait_for_change(&self.key, Duration::from_millis(50))
-                .await
+    /// Waits for a usable token: at once if there is one; `Unavailable` at once while
+    /// refreshes fail; otherwise until the refresh in flight ends.
+    pub async fn usable(&self) -> Result<Arc<Token>, Unavailable> {
+        let deadline = Instant::now() + self.wait;
+        let mut rx = self.snapshot.clone();
+        loop {
             {
-                self.cache_error(&e);
-            }
-            if self.adopt_stored().await || self.honour_fleet_backoff().await {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Applies a fleet-wide backoff another replica recorded; true when one is in force.
-    async fn honour_fleet_backoff(&self) -> bool {
-        let (until, why) = match self.store.fleet_backoff(&self.key).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return false,
-            Err(e) => {
-                self.cache_error(&e);
-                return false;
-            }
-        };
-        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
-        let mut st = self.state();
-        st.failures = st.failures.max(1);
-        st.retry_at = Some(Instant::now() + left);
-        st.last_error = Some(format!("{why} (answer given to another replica)"));
-        st.last_error_at = Some(SystemTime::now());
-        tracing::warn!(
-            profile = %self.profile,
-            retry_in_s = left.as_secs(),
-            "not asking Tango for a token: the fleet is backing off ({why})"
-        );
-        true
-    }
-
-    fn cache_error(&self, e: &super::store::StoreError) {
-        let mut st = self.state();
-        if !st.cache_degraded {
-            tracing::warn!(profile = %self.profile, "token cache degraded, coordinating inside this process only: {e}");
-            self.metrics.set_cache_degraded(&self.profile, true);
-        }
-        st.cache_degraded = true;
-    }
-
-    fn cache_ok(&self) {
-        let mut st = self.state();
-        if st.cache_degraded {
-            tracing::info!(profile = %self.profile, "token cache reachable again");
-            self.metrics.set_cache_degraded(&self.profile, false);
-        }
-        st.cache_degraded = false;
-    }
-
-    /// Compares the shared copy with ours: writes ours back when the cache lost it, adopts a
-    /// newer one a replica stored.
-    async fn check_shared_copy(&self) {
-        if self.state().minting {
-            return;
-        }
-        let Some(ours) = self.usable(SystemTime::now()) else {
-            return;
-        };
-        match self.store.load(&self.key).await {
-            Err(e) => {
-                self.cache_error(&e);
-                self.state().unsaved = true;
-            }
-            Ok(Some(theirs)) if theirs.expires_at > ours.expires_at => {
-                self.cache_ok();
-                self.adopt(Arc::new(theirs), false);
-            }
-            Ok(Some(theirs)) if theirs.expires_at == ours.expires_at => self.cache_ok(),
-            Ok(_) => {
-                tracing::info!(profile = %self.profile, "the token cache lost the token; writing it back");
-                self.state().unsaved = true;
-                self.write_back().await;
-            }
-        }
-    }
-
-    /// Writes the current token back after the store was unreachable.
-    async fn write_back(&self) {
-        let Some(token) = self.usable(SystemTime::now()) else {
-            self.state().unsaved = false;
-            return;
-        };
-        match self.store.save(&self.key, &token).await {
-            Ok(()) => {
-                self.state().unsaved = false;
-                self.cache_ok();
-                tracing::info!(profile = %self.profile, "wrote the token back to the cache");
-            }
-            Err(e) => self.cache_error(&e),
-        }
-    }
-
-    async fn mint(&self, reason: Reason) {
-        if self.honour_fleet_backoff().await {
-            return;
-        }
-        let dpop = self.dpop.is_some();
-        match self.client.fetch().await.and_then(|r| {
-            let expected = if dpop { "dpop" } else { "bearer" };
-            if r.token_type != expected {
-                return Err(TokenError::InvalidResponse(format!(
-                    "token_type {:?}; this profile needs {expected} tokens",
-                    r.token_type
-                )));
-            }
-            let (expires_at, lifetime) = expiry(
-                r.expires_in,
-                r.access_token.expose(),
-                &self.audience,
-                SystemTime::now(),
-            );
-            Token::new(r.access_token, expires_at, lifetime, dpop).ok_or_else(|| {
-                TokenError::InvalidResponse("access_token is not valid in an HTTP header".into())
-            })
-        }) {
-            Ok(token) => {
-                self.metrics.token_request(&self.profile, "success");
-                self.metrics.mint(&self.profile, reason.as_str());
-                tracing::info!(
-                    profile = %self.profile,
-                    reason = reason.as_str(),
-                    lifetime_s = token.lifetime.as_secs(),
-                    "obtained a new token"
-                );
-                let saved = self.store.save(&self.key, &token).await;
-                let recorded = self.store.record_mint(&self.key, SystemTime::now()).await;
-                let announced = self.store.announce(&self.key).await;
-                match saved.and(recorded).and(announced) {
-                    Ok(()) => self.cache_ok(),
-                    Err(e) => {
-                        self.cache_error(&e);
-                        self.state().unsaved = true;
-                    }
+                let snap = rx.borrow_and_update();
+                let now = Instant::now();
+                if let Some(t) = snap.token.as_ref().filter(|t| t.usable_at(now)) {
+                    return Ok(t.clone());
                 }
-                self.adopt(Arc::new(token), true);
+                if let Some(f) = &snap.failing {
+                    return Err(unavailable(Some(f), now));
+                }
             }
-            Err(e) => {
-                self.fail(&e, reason);
-                if let TokenError::RateLimited(_) = &e {
-                    let until = self
-                        .state()
-                        .retry_at
-                        .map(|r| SystemTime::now() + r.saturating_duration_since(Instant::now()));
-                    if let Some(until) = until {
-                        if let Err(err) = self
-                            .store
-                            .set_fleet_backoff(&self.key, until, &e.to_string())
-                            .await
-                        {
-                            self.cache_error(&err);
+            self.need.notify_one();
+            if !matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return Err(self.timed_out());
+            }
+        }
+    }
+
+    /// Tango rejected the token whose `ath` is given (a 401 that costs it): tells the owner.
+    /// Returns a ticket for [`TokenManager::replacement`].
+    pub fn reject(&self, ath: &str) -> u64 {
+        let seen = self.snapshot.borrow().rejections;
+        let _ = self.events.send(Event::Rejected(ath.to_string()));
+        seen
+    }
+
+    /// Waits for a usable token other than `rejected`, or for the owner's decision not to mint
+    /// (it counts the rejection without replacing the token).
+    pub async fn replacement(&self, rejected: &Token, ticket: u64) -> Need {
+        let deadline = Instant::now() + self.wait;
+        let mut rx = self.snapshot.clone();
+        loop {
+            {
+                let snap = rx.borrow_and_update();
+                let now = Instant::now();
+                let token = snap.token.as_ref().filter(|t| t.usable_at(now));
+                match token {
+                    Some(t) if t.ath() != rejected.ath() => return Need::Replaced(t.clone()),
+                    Some(_) if snap.rejections > ticket => return Need::Declined,
+                    _ => {}
+                }
+                if let Some(f) = &snap.failing {
+                    return Need::Unavailable(unavailable(Some(f), now));
+                }
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return Need::Unavailable(self.timed_out());
+            }
+        }
+    }
+
+    fn timed_out(&self) -> Unavailable {
+        Unavailable {
+            reason: format!(
+                "no token for profile {} within {}",
+                self.profile,
+                humantime::format_duration(self.wait)
+            ),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> ManagerStatus {
+        let snap = self.snapshot.borrow().clone();
+        let now = Instant::now();
+        let wall = self.clock.wall();
+        // In-process instants shown as wall-clock times, relative to now.
+        let at = |i: Instant| rfc3339(wall.checked_sub(now.saturating_duration_since(i)));
+        let token = snap.token.as_ref();
+        let last_error = match (&snap.crashed, &snap.last_error) {
+            (Some(c), _) => Some(c.clone()),
+            (None, e) => e.clone(),
+        };
+        ManagerStatus {
+            expires_at: token.and_then(|t| rfc3339(Some(t.expires_at))),
+            seconds_left: token.map_or(0, |t| t.expires().saturating_duration_since(now).as_secs()),
+            last_refresh: snap.last_refresh.and_then(at),
+            mints: snap.mints,
+            consecutive_failures: snap.failures,
+            last_error,
+            last_error_at: snap.last_error_at.and_then(at),
+            retry_in_seconds: snap
+                .failing
+                .as_ref()
+                .map(|f| f.retry_at.saturating_duration_since(now).as_secs()),
+            degraded: snap.failures > 0,
+            refreshing: snap.refreshing,
+            cache_degraded: snap.cache_degraded,
+            task_restarts: snap.restarts,
+            dpop_jkt: None,
+        }
+    }
+
+    /// True while the shared cache answers (or the store needs no network).
+    pub fn cache_healthy(&self) -> bool {
+        !self.snapshot.borrow().cache_degraded
+    }
+}
+
+fn unavailable(failing: Option<&Failing>, now: Instant) -> Unavailable {
+    match failing {
+        Some(f) => Unavailable {
+            reason: f.reason.clone(),
+            retry_after: f
+                .retry_at
+                .saturating_duration_since(now)
+                .max(Duration::from_secs(1)),
+        },
+        None => Unavailable {
+            reason: "no token yet".into(),
+            retry_after: Duration::from_secs(1),
+        },
+    }
+}
+
+fn rfc3339(t: Option<SystemTime>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+/// Runs owners one after another: a dead owner is reported and replaced, starting from the last
+/// published token.
+async fn supervise(
+    ctx: Arc<Ctx>,
+    policy: Policy,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Event>>>,
+    need: Arc<Notify>,
+    publish: watch::Sender<Arc<Snapshot>>,
+) {
+    let publish = Arc::new(publish);
+    let mut delay = ctx.tuning.restart_delay;
+    loop {
+        let last = publish.borrow().clone();
+        let machine = Machine::resume(policy.clone(), seed(), last.token.clone(), Instant::now());
+        let owner = tokio::spawn(run(
+            ctx.clone(),
+            machine,
+            last,
+            rx.clone(),
+            need.clone(),
+            publish.clone(),
+        ));
+        let started = Instant::now();
+        let failure = match owner.await {
+            Ok(()) => return,
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => panic_message(e),
+        };
+        let restarts = publish.borrow().restarts + 1;
+        let message = format!("the token task crashed ({failure}); restarted {restarts} time(s)");
+        tracing::error!(
+            profile = %ctx.profile,
+            "{message}; restarting it with the token it held, without a new mint"
+        );
+        ctx.metrics.token_task_restart(&ctx.profile);
+        publish.send_modify(|s| {
+            let mut next = (**s).clone();
+            next.crashed = Some(message);
+            next.restarts = restarts;
+            *s = Arc::new(next);
+        });
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = ctx.tuning.restart_delay;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The owner loop: one event at a time into the machine, effects out, snapshot published.
+async fn run(
+    ctx: Arc<Ctx>,
+    mut machine: Machine,
+    last: Arc<Snapshot>,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Event>>>,
+    need: Arc<Notify>,
+    publish: Arc<watch::Sender<Arc<Snapshot>>>,
+) {
+    let mut rx = rx.lock().await;
+    let mut io: Option<futures_util::future::BoxFuture<'static, Event>> = None;
+    let mut keep_alive: Option<JoinHandle<()>> = None;
+    let mut waiting_since: Option<Instant> = None;
+    let mut rejections = last.rejections;
+    let restarts = last.restarts;
+    let mut degraded = false;
+    let mut event = Event::Tick;
+    loop {
+        if matches!(event, Event::Rejected(_)) {
+            rejections += 1;
+        }
+        if let Event::Loaded { stored: Ok(s), .. } = &event {
+            ctx.metrics.lookup(true, s.is_some());
+        }
+        let effects = machine.step(event, Instant::now());
+        for effect in effects {
+            match effect {
+                Effect::Load => io = Some(Box::pin(load(ctx.clone(), None))),
+                Effect::PollFleet => {
+                    io = Some(Box::pin(load(ctx.clone(), Some(ctx.tuning.fleet_poll))))
+                }
+                Effect::ReadLedger => {
+                    let c = ctx.clone();
+                    io = Some(Box::pin(async move {
+                        Event::Ledger(c.store.last_mint(&c.key).await)
+                    }));
+                }
+                Effect::TryLease => {
+                    let c = ctx.clone();
+                    io = Some(Box::pin(async move {
+                        Event::Lease(c.store.try_lease(&c.key, &c.lease_owner, c.lease_ttl).await)
+                    }));
+                }
+                Effect::HoldLease => {
+                    if let Some(k) = keep_alive.take() {
+                        k.abort();
+                    }
+                    keep_alive = Some(tokio::spawn(hold_lease(ctx.clone())));
+                }
+                Effect::Mint(reason) => io = Some(Box::pin(mint(ctx.clone(), reason))),
+                Effect::Background(ops) => {
+                    if ops.iter().any(|o| matches!(o, StoreOp::ReleaseLease)) {
+                        if let Some(k) = keep_alive.take() {
+                            k.abort();
                         }
                     }
+                    tokio::spawn(bookkeep(ctx.clone(), ops));
                 }
             }
         }
-    }
-
-    /// Uses a stored token if it is better than what this process holds.
-    async fn adopt_stored(&self) -> bool {
-        let now = SystemTime::now();
-        let stored = match self.store.load(&self.key).await {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                self.metrics.lookup(true, false);
-                return false;
+        // Lease-wait metrics.
+        match (machine.phase, waiting_since) {
+            (Phase::AwaitingFleet { .. }, None) => {
+                ctx.metrics.lease_wait();
+                waiting_since = Some(Instant::now());
             }
-            Err(e) => {
-                self.cache_error(&e);
-                return false;
+            (Phase::AwaitingFleet { .. }, Some(_)) => {}
+            (_, Some(since)) => {
+                ctx.metrics.lease_waited(since.elapsed());
+                waiting_since = None;
             }
-        };
-        self.metrics.lookup(true, true);
-        let newer = self
-            .current()
-            .is_none_or(|c| stored.expires_at > c.expires_at);
-        if stored.usable_at(now) && stored.refresh_from(self.refresh_window) > now && newer {
-            self.adopt(Arc::new(stored), false);
-            return true;
+            _ => {}
         }
-        false
-    }
-
-    fn adopt(&self, token: Arc<Token>, minted: bool) {
-        let now = SystemTime::now();
-        let window = self.refresh_window.min(token.lifetime / 4);
-        let jitter = (window / 10)
-            .min(Duration::from_secs(60))
-            .mul_f64(random_unit());
-        {
-            let mut st = self.state();
-            st.failures = 0;
-            st.retry_at = None;
-            st.last_refresh = Some(now);
-            if minted {
-                st.last_mint = Some(now);
-                st.mints += 1;
-            }
-            let at = token.refresh_from(self.refresh_window) + jitter;
-            st.refresh_at = Some(at);
-            self.refresh_at_ms.store(unix_ms(at), Ordering::Relaxed);
+        if machine.cache_degraded != degraded {
+            degraded = machine.cache_degraded;
+            ctx.metrics.set_cache_degraded(&ctx.profile, degraded);
         }
-        let expiry_unix = token
-            .expires_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        self.metrics.token_expiry(&self.profile, expiry_unix);
-        self.set_current(Some(token));
-    }
+        publish_snapshot(&publish, &machine, rejections, restarts, &ctx);
 
-    fn fail(&self, e: &TokenError, reason: Reason) {
-        self.metrics.token_request(&self.profile, e.outcome());
-        let mut st = self.state();
-        st.failures = st.failures.saturating_add(1);
-        let (base, cap) = match e {
-            TokenError::RateLimited(_) => (RATE_LIMIT_BACKOFF_BASE, RATE_LIMIT_BACKOFF_CAP),
-            _ => (BACKOFF_BASE, BACKOFF_CAP),
+        let wake = machine.next_wake(Instant::now());
+        event = tokio::select! {
+            Some(e) = rx.recv() => e,
+            e = async {
+                match io.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                io = None;
+                e
+            }
+            () = need.notified() => Event::Tick,
+            () = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Tick,
         };
-        let exp = base.saturating_mul(1u32 << st.failures.saturating_sub(1).min(16));
-        // ±20 % jitter so replicas and profiles do not retry in step.
-        let delay = exp.min(cap).mul_f64(0.8 + 0.4 * random_unit());
-        st.retry_at = Some(Instant::now() + delay);
-        st.last_error = Some(e.to_string());
-        st.last_error_at = Some(SystemTime::now());
-        let have_token = self.usable(SystemTime::now()).is_some();
-        if let TokenError::RateLimited(_) = e {
-            tracing::error!(
-                profile = %self.profile,
-                reason = reason.as_str(),
-                retry_in_s = delay.as_secs(),
-                usable_token = have_token,
-                "Tango refused a new token: daily rate limit exceeded ({e}); not asking again before the retry time"
-            );
-        } else {
+    }
+}
+
+/// Publishes the machine's visible state when it changed.
+fn publish_snapshot(
+    publish: &watch::Sender<Arc<Snapshot>>,
+    machine: &Machine,
+    rejections: u64,
+    restarts: u64,
+    ctx: &Ctx,
+) {
+    let next = Snapshot {
+        token: machine.token.clone(),
+        failing: machine.failing(),
+        refreshing: machine.refreshing(),
+        rejections,
+        mints: machine.mints,
+        failures: machine.failures,
+        last_error: machine.last_error.clone(),
+        last_error_at: machine.last_error_at,
+        last_refresh: machine.last_refresh,
+        cache_degraded: machine.cache_degraded,
+        crashed: None,
+        restarts,
+    };
+    publish.send_if_modified(|cur| {
+        let same_token = match (&cur.token, &next.token) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        let changed = !same_token
+            || cur.failing.as_ref().map(|f| f.retry_at)
+                != next.failing.as_ref().map(|f| f.retry_at)
+            || cur.refreshing != next.refreshing
+            || cur.rejections != next.rejections
+            || cur.mints != next.mints
+            || cur.failures != next.failures
+            || cur.last_error_at != next.last_error_at
+            || cur.cache_degraded != next.cache_degraded
+            || cur.crashed.is_some();
+        if changed {
+            if let (false, Some(t)) = (same_token, &next.token) {
+                let unix = i64::try_from(t.expires_ms() / 1000).unwrap_or(i64::MAX);
+                ctx.metrics.token_expiry(&ctx.profile, unix);
+            }
+            *cur = Arc::new(next);
+        }
+        changed
+    });
+}
+
+/// Reads the stored token and any fleet backoff, after waiting up to `poll` for a wake-up.
+async fn load(ctx: Arc<Ctx>, poll: Option<Duration>) -> Event {
+    if let Some(limit) = poll {
+        let _ = ctx.store.wait_for_change(&ctx.key, limit).await;
+    }
+    let (stored, backoff) = ctx.store.lookup(&ctx.key).await;
+    let now = Instant::now();
+    let wall = ctx.clock.wall();
+    let stored = stored.map(|r| r.and_then(|r| Token::from_record(r, now, wall).map(Arc::new)));
+    Event::Loaded { stored, backoff }
+}
+
+/// One token request, turned into a token with a trusted lifetime.
+async fn mint(ctx: Arc<Ctx>, reason: Reason) -> Event {
+    let answer = ctx.source.fetch().await;
+    let now = Instant::now();
+    let wall = ctx.clock.wall();
+    let result = answer.and_then(|m| {
+        let expected = if ctx.dpop { "dpop" } else { "bearer" };
+        if m.token_type != expected {
+            return Err(MintError::InvalidResponse(format!(
+                "token_type {:?}; this profile needs {expected} tokens",
+                m.token_type
+            )));
+        }
+        let life = lifetime(m.expires_in, m.access_token.expose(), &ctx.audience, wall);
+        for hint in &life.ignored {
+            ctx.metrics.lifetime_ignored(&ctx.profile, hint.as_str());
             tracing::warn!(
-                profile = %self.profile,
+                profile = %ctx.profile,
+                hint = hint.as_str(),
+                "the token answer claims a lifetime over 400 days; ignoring it and using the next source ({:?})",
+                life.source
+            );
+        }
+        Token::new(m.access_token, life.duration, life.duration, ctx.dpop, now, wall)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                MintError::InvalidResponse("access_token is not valid in an HTTP header".into())
+            })
+    });
+    match &result {
+        Ok(token) => {
+            ctx.metrics.token_request(&ctx.profile, "success");
+            ctx.metrics.mint(&ctx.profile, reason.as_str());
+            tracing::info!(
+                profile = %ctx.profile,
                 reason = reason.as_str(),
-                retry_in_ms = delay.as_millis() as u64,
-                usable_token = have_token,
-                "token request failed: {e}"
+                lifetime_s = token.lifetime.as_secs(),
+                "obtained a new token"
             );
         }
+        Err(e) => ctx.metrics.token_request(&ctx.profile, e.outcome()),
     }
-
-    fn finish(&self) {
-        self.state().minting = false;
-        self.generation.send_modify(|g| *g = g.wrapping_add(1));
-        self.wake.notify_one();
-    }
-
-    /// What the refresher should do now, and how long to sleep otherwise.
-    fn plan(&self, now: SystemTime) -> (Option<Reason>, Duration) {
-        let st = self.state();
-        if st.minting {
-            return (None, MAX_SLEEP);
-        }
-        if let Some(r) = st.retry_at {
-            let left = r.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                return (None, left);
-            }
-        }
-        let retrying = st.failures > 0;
-        let Some(token) = self.current() else {
-            return (
-                Some(if retrying {
-                    Reason::Retry
-                } else {
-                    Reason::Cold
-                }),
-                MAX_SLEEP,
-            );
-        };
-        if !token.usable_at(now) {
-            return (
-                Some(if retrying {
-                    Reason::Retry
-                } else {
-                    Reason::Expired
-                }),
-                MAX_SLEEP,
-            );
-        }
-        let window_at = st
-            .refresh_at
-            .unwrap_or_else(|| token.refresh_from(self.refresh_window));
-        let budget_at = match (self.min_interval, st.last_mint) {
-            (Some(i), Some(m)) => m + i,
-            _ => UNIX_EPOCH,
-        };
-        let at = window_at.max(budget_at);
-        let unusable_at = token.expires_at - token.skew();
-        if at >= unusable_at {
-            // The mint budget forbids renewing before the token becomes unusable.
-            return (None, unusable_at.duration_since(now).unwrap_or_default());
-        }
-        match at.duration_since(now) {
-            Ok(wait) if !wait.is_zero() => (None, wait),
-            _ => (
-                Some(if retrying {
-                    Reason::Retry
-                } else {
-                    Reason::Window
-                }),
-                MAX_SLEEP,
-            ),
-        }
-    }
-
-    async fn wait_for_token(self: Arc<Self>, target: Target<'_>) -> Result<Credential, AuthError> {
-        let mut generation = self.generation.subscribe();
-        let now = SystemTime::now();
-        // A refresh may have finished between the caller's check and the subscription; starting
-        // another one then would mint a second token.
-        if let Some(t) = self.usable(now) {
-            return self.credential(&t, target);
-        }
-        if self.state().failures > 0 {
-            return Err(self.unavailable(&self.state()));
-        }
-        let reason = if self.current().is_some() {
-            Reason::Expired
-        } else {
-            Reason::Cold
-        };
-        self.start_refresh(reason);
-        let _ = tokio::time::timeout(self.wait, generation.changed()).await;
-        match self.usable(SystemTime::now().max(now)) {
-            Some(t) => self.credential(&t, target),
-            None => Err(self.unavailable(&self.state())),
-        }
-    }
+    Event::Minted(result)
 }
 
-async fn refresher(shared: Weak<Shared>) {
-    let mut last_check = Instant::now();
+/// Extends the lease every third of its life while the mint runs (aborted when it ends).
+async fn hold_lease(ctx: Arc<Ctx>) {
     loop {
-        let Some(me) = shared.upgrade() else { return };
-        if me.store.shared() && last_check.elapsed() >= STORE_CHECK_INTERVAL {
-            last_check = Instant::now();
-            me.check_shared_copy().await;
-        }
-        let (due, mut sleep) = me.plan(SystemTime::now());
-        if let Some(reason) = due {
-            me.start_refresh(reason);
-        }
-        if me.state().unsaved {
-            me.write_back().await;
-            sleep = sleep.min(WRITE_BACK_INTERVAL);
-        }
-        if me.store.shared() {
-            sleep = sleep.min(STORE_CHECK_INTERVAL);
-        }
-        let sleep = sleep.clamp(Duration::from_millis(10), MAX_SLEEP);
-        let me_for_wait = me.clone();
-        drop(me);
-        tokio::select! {
-            () = tokio::time::sleep(sleep) => {}
-            () = me_for_wait.wake.notified() => {}
+        tokio::time::sleep(ctx.lease_ttl / 3).await;
+        if let Ok(false) | Err(_) = ctx
+            .store
+            .extend_lease(&ctx.key, &ctx.lease_owner, ctx.lease_ttl)
+            .await
+        {
+            tracing::debug!(profile = %ctx.profile, "could not extend the refresh lease");
         }
     }
 }
 
-impl Authorizer for TokenManager {
-    fn authorize<'a>(&'a self, target: Target<'a>) -> Authorization<'a> {
-        let shared = &self.shared;
-        let now = SystemTime::now();
-        if let Some(token) = shared.usable(now) {
-            shared.metrics.lookup(false, true);
-            // An atomic, not the state lock: this runs on every request.
-            let refresh_at = shared.refresh_at_ms.load(Ordering::Relaxed);
-            if refresh_at != 0 && unix_ms(now) >= refresh_at {
-                shared.wake.notify_one();
-            }
-            return Authorization::Ready(shared.credential(&token, target));
-        }
-        shared.metrics.lookup(false, false);
-        {
-            let st = shared.state();
-            if st.failures > 0 {
-                // The token endpoint is failing: answer now, let the refresher retry.
-                return Authorization::Ready(Err(shared.unavailable(&st)));
-            }
-        }
-        Authorization::Pending(Box::pin(shared.clone().wait_for_token(target)))
-    }
-
-    fn is_ready(&self) -> bool {
-        self.shared.usable(SystemTime::now()).is_some()
-    }
-
-    fn replays(&self) -> bool {
-        true
-    }
-
-    fn observe(&self, uri: &http::Uri, headers: &http::HeaderMap) {
-        if let (Some(d), Some(nonce)) = (
-            &self.shared.dpop,
-            headers.get("dpop-nonce").and_then(|v| v.to_str().ok()),
-        ) {
-            d.nonces.update(&dpop::origin(uri), nonce);
-        }
-    }
-
-    fn rejected(&self, used: &Credential, challenge: Option<&HeaderValue>) -> bool {
-        let shared = &self.shared;
-        if challenge
-            .and_then(|c| c.to_str().ok())
-            .is_some_and(|c| c.contains("use_dpop_nonce"))
-        {
-            // A nonce challenge is not a bad token: replay with a proof carrying the new nonce
-            // (already recorded by `observe`).
-            return shared.dpop.is_some();
-        }
-        shared.metrics.upstream_401(&shared.profile);
-        match shared.current() {
-            Some(t) if t.authorization() == used.authorization => {
-                {
-                    let mut st = shared.state();
-                    let recent = st
-                        .last_rejected_mint
-                        .is_some_and(|at| at.elapsed() < REJECTED_MINT_INTERVAL);
-                    if recent || st.failures > 0 {
-                        tracing::warn!(
-                            profile = %shared.profile,
-                            "Tango rejected a token again (401) soon after a replacement; passing the 401 on without minting"
-                        );
-                        return false;
-                    }
-                    st.last_rejected_mint = Some(Instant::now());
-                }
-                shared.set_current(None);
-                tracing::warn!(profile = %shared.profile, "Tango rejected the token (401); minting a new one");
-                let store = shared.store.clone();
-                let key = shared.key.clone();
-                let me = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = store.evict_if(&key, &t).await {
-                        tracing::warn!(profile = %me.profile, "cannot evict the rejected token: {e}");
-                    }
-                });
-                shared.start_refresh(Reason::Rejected)
-            }
-            Some(t) if t.usable_at(SystemTime::now()) => true,
-            _ => shared.state().minting,
-        }
-    }
-
-    fn status(&self) -> ProfileStatus {
-        let shared = &self.shared;
-        let now = SystemTime::now();
-        let token = shared.current();
-        let st = shared.state();
-        let details = ManagerStatus {
-            expires_at: token.as_ref().map(|t| rfc3339(t.expires_at)),
-            seconds_left: token.as_ref().map_or(0, |t| t.seconds_left(now)),
-            last_refresh: st.last_refresh.map(rfc3339),
-            mints: st.mints,
-            consecutive_failures: st.failures,
-            last_error: st.last_error.clone(),
-            last_error_at: st.last_error_at.map(rfc3339),
-            retry_in_seconds: st
-                .retry_at
-                .map(|r| r.saturating_duration_since(Instant::now()).as_secs()),
-            degraded: st.failures > 0,
-            cache_degraded: st.cache_degraded,
-            dpop_jkt: shared.dpop.as_ref().map(|d| d.key.thumbprint().to_string()),
+/// Store writes after the fact, in order; the first failure is reported to the owner.
+async fn bookkeep(ctx: Arc<Ctx>, ops: Vec<StoreOp>) {
+    let store = &ctx.store;
+    let key = ctx.key.as_str();
+    let mut outcome = Ok(());
+    for op in ops {
+        let result = match &op {
+            StoreOp::Save(token) => store.save(key, token).await,
+            StoreOp::RecordMint => store.record_mint(key).await,
+            StoreOp::ShareBackoff(left, why) => store.set_fleet_backoff(key, *left, why).await,
+            StoreOp::ReleaseLease => store.release_lease(key, &ctx.lease_owner).await,
+            StoreOp::Announce => store.announce(key).await,
+            StoreOp::Evict(ath) => store.evict_if(key, ath).await.map(|_| ()),
         };
-        ProfileStatus {
-            auth: shared.method.as_str(),
-            ready: token.is_some_and(|t| t.usable_at(now)),
-            identity: shared.identity.clone(),
-            token: serde_json::to_value(details).ok(),
+        if let Err(e) = result {
+            tracing::debug!(profile = %ctx.profile, "token cache write failed: {e}");
+            if outcome.is_ok() {
+                outcome = Err(e);
+            }
         }
     }
+    let _ = ctx.events.send(Event::Bookkept(outcome));
 }

@@ -1,19 +1,33 @@
-//! Tokens and their lifecycle: expiry rules, the [`TokenStore`] seam, and the per-profile
-//! [`TokenManager`] (usable / refresh window / mint budget, single-flight, backoff).
+//! Tokens and their lifecycle, with no HTTP in sight.
+//!
+//! * [`Token`]: an access token with its in-process deadline (a monotonic
+//!   [`tokio::time::Instant`]) and its wall-clock expiry, used only where a token is persisted or
+//!   shown. The pre-encoded `Authorization` value and the DPoP `ath` are computed once.
+//! * [`lifetime`]: how long a fresh token lives (DESIGN.md §4), with untrusted numbers capped.
+//! * [`TokenSource`]: how the lifecycle reaches a token endpoint; `auth::oauth` implements it.
+//! * [`machine`]: the pure per-profile state machine; [`manager`]: the task that owns it and does
+//!   its I/O, and the cheap handle requests read.
+//! * [`store`]: where tokens are kept between mints (memory, files, Redis).
 
+pub mod machine;
 mod manager;
 mod redis_store;
 mod seal;
 pub mod store;
 pub use redis_store::{check_options as check_redis_options, RedisOptions, RedisStore};
-pub use seal::{KeyError, Sealer};
+pub use seal::{KeyError, Record, Sealer};
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use http::HeaderValue;
+use tokio::time::Instant;
 
-pub use manager::{ManagerStatus, TokenManager};
+pub use manager::{
+    Clock, ManagerStatus, Need, Snapshot, SystemClock, TokenManager, Tuning, Unavailable,
+};
 
 use crate::secret::Secret;
 
@@ -21,49 +35,81 @@ use crate::secret::Secret;
 pub const DAY_LIFETIME: Duration = Duration::from_secs(86_400);
 /// Lifetime of the five-minute audience.
 pub const FIVE_MINUTE_LIFETIME: Duration = Duration::from_secs(300);
-/// Default margin before `expires_at` after which a token is no longer used.
+/// Default margin before expiry after which a token is no longer used.
 pub const DEFAULT_SKEW: Duration = Duration::from_secs(30);
+/// The longest lifetime believed from a token answer (`expires_in` or a JWT `exp`). Tango
+/// documents 30 days (2,592,000 s); anything past this is a broken or hostile answer and is
+/// ignored like a missing value.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(400 * 86_400);
 
 /// An access token and when it stops being valid.
 #[derive(Debug, Clone)]
 pub struct Token {
     /// The token itself.
     pub access_token: Secret,
-    /// When it expires.
+    /// When it expires by the wall clock, to the millisecond (what a stored record carries).
     pub expires_at: SystemTime,
     /// How long it was valid for when obtained.
     pub lifetime: Duration,
     /// True for a DPoP-bound token (`Authorization: DPoP ...`).
     pub dpop: bool,
+    /// When it expires by this process's monotonic clock.
+    expires: Instant,
     header: HeaderValue,
     ath: String,
 }
 
 impl Token {
-    /// A token expiring at `expires_at`, obtained `lifetime` before that; `dpop` picks the
-    /// `Authorization` scheme. `None` when the token cannot be carried in a header.
+    /// A token valid for `remaining` from `now` (monotonic) / `wall` (wall clock), obtained
+    /// `lifetime` before its expiry. `None` when the token cannot be carried in a header or the
+    /// times do not fit the clocks.
     pub fn new(
         access_token: Secret,
-        expires_at: SystemTime,
+        remaining: Duration,
         lifetime: Duration,
         dpop: bool,
+        now: Instant,
+        wall: SystemTime,
     ) -> Option<Self> {
+        let remaining = remaining.min(MAX_LIFETIME);
+        let expires_at = truncate_ms(wall.checked_add(remaining)?);
+        let expires = now.checked_add(remaining)?;
         let scheme = if dpop { "DPoP" } else { "Bearer" };
         let value = zeroize::Zeroizing::new(format!("{scheme} {}", access_token.expose()));
         let mut header = HeaderValue::from_str(&value).ok()?;
         header.set_sensitive(true);
-        let ath = crate::auth::dpop::ath(access_token.expose());
+        let ath = ath(access_token.expose());
         Some(Self {
             access_token,
             expires_at,
-            lifetime,
+            lifetime: lifetime.min(MAX_LIFETIME),
             dpop,
+            expires,
             header,
             ath,
         })
     }
 
-    /// `ath` for DPoP proofs: base64url(SHA-256(token)), computed once.
+    /// A token read back from a store: its remaining life is measured against this process's
+    /// wall clock once, then kept on the monotonic clock. `None` when it has expired, claims more
+    /// than [`MAX_LIFETIME`], or cannot be carried in a header.
+    pub fn from_record(record: Record, now: Instant, wall: SystemTime) -> Option<Self> {
+        let remaining = record.expires_at.duration_since(wall).ok()?;
+        if remaining.is_zero() || remaining > MAX_LIFETIME {
+            return None;
+        }
+        Self::new(
+            record.access_token,
+            remaining,
+            record.lifetime,
+            record.dpop,
+            now,
+            wall,
+        )
+    }
+
+    /// `ath` for DPoP proofs: base64url(SHA-256(token)), computed once. Also how tokens are
+    /// compared without exposing them.
     pub fn ath(&self) -> &str {
         &self.ath
     }
@@ -78,47 +124,150 @@ impl Token {
         DEFAULT_SKEW.min(self.lifetime / 10)
     }
 
-    /// Usable until `expires_at - skew`.
-    pub fn usable_at(&self, now: SystemTime) -> bool {
-        now + self.skew() < self.expires_at
+    /// When it stops being used: `expires - skew`.
+    pub fn usable_until(&self) -> Instant {
+        self.expires
+            .checked_sub(self.skew())
+            .unwrap_or(self.expires)
     }
 
-    /// Start of the refresh window: `expires_at - min(refresh_window, lifetime / 4)`.
-    pub fn refresh_from(&self, refresh_window: Duration) -> SystemTime {
-        self.expires_at - refresh_window.min(self.lifetime / 4)
+    /// True while `now` is before [`Token::usable_until`].
+    pub fn usable_at(&self, now: Instant) -> bool {
+        now < self.usable_until()
     }
 
-    /// Seconds until expiry (0 once expired).
-    pub fn seconds_left(&self, now: SystemTime) -> u64 {
-        self.expires_at
-            .duration_since(now)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+    /// Start of the refresh window: `expires - min(refresh_window, lifetime / 4)`.
+    pub fn refresh_from(&self, refresh_window: Duration) -> Instant {
+        self.expires
+            .checked_sub(refresh_window.min(self.lifetime / 4))
+            .unwrap_or(self.expires)
+    }
+
+    /// When it expires by the monotonic clock.
+    pub fn expires(&self) -> Instant {
+        self.expires
+    }
+
+    /// The wall-clock expiry in Unix milliseconds (records compare at this precision).
+    pub fn expires_ms(&self) -> u64 {
+        unix_ms(self.expires_at)
+    }
+
+    /// What a store keeps of this token.
+    pub fn record(&self) -> Record {
+        Record {
+            access_token: self.access_token.clone(),
+            expires_at: self.expires_at,
+            lifetime: self.lifetime,
+            dpop: self.dpop,
+        }
     }
 }
 
-/// The expiry DESIGN.md §4 prescribes: a positive `expires_in`; else the JWT `exp` if the token
-/// is a JWT with a future `exp`; else the audience's documented lifetime.
-pub fn expiry(
+/// base64url(SHA-256(token)), the DPoP `ath` claim.
+pub fn ath(access_token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, access_token.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+/// Unix milliseconds (0 before the epoch).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn truncate_ms(t: SystemTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(unix_ms(t))
+}
+
+/// Where a fresh token's lifetime came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeSource {
+    /// A positive `expires_in`.
+    ExpiresIn,
+    /// The JWT `exp` claim.
+    JwtExp,
+    /// The audience's documented lifetime.
+    Audience,
+}
+
+/// A lifetime hint from a token answer that was not believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoredHint {
+    /// `expires_in` was above [`MAX_LIFETIME`] (or overflowed while parsing).
+    ExpiresIn,
+    /// The JWT `exp` was further out than [`MAX_LIFETIME`].
+    JwtExp,
+}
+
+impl IgnoredHint {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoredHint::ExpiresIn => "expires_in",
+            IgnoredHint::JwtExp => "jwt_exp",
+        }
+    }
+}
+
+/// How long a fresh token lives, and what was ignored to decide it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifetime {
+    /// The lifetime.
+    pub duration: Duration,
+    /// Where it came from.
+    pub source: LifetimeSource,
+    /// Hints that were present but absurd.
+    pub ignored: Vec<IgnoredHint>,
+}
+
+/// The lifetime DESIGN.md §4 prescribes: a positive `expires_in`; else the JWT `exp` if the token
+/// is a JWT with a future `exp`; else the audience's documented lifetime. A hint above
+/// [`MAX_LIFETIME`] is ignored like a missing one (and reported), never trusted into clock
+/// arithmetic. `wall` is only used to turn a JWT `exp` into a duration.
+pub fn lifetime(
     expires_in: Option<u64>,
     access_token: &str,
     audience: &str,
-    now: SystemTime,
-) -> (SystemTime, Duration) {
+    wall: SystemTime,
+) -> Lifetime {
+    let mut ignored = Vec::new();
     if let Some(secs) = expires_in.filter(|s| *s > 0) {
-        let lifetime = Duration::from_secs(secs);
-        return (now + lifetime, lifetime);
-    }
-    if let Some(exp) = jwt_exp(access_token) {
-        let at = UNIX_EPOCH + Duration::from_secs(exp);
-        if let Ok(lifetime) = at.duration_since(now) {
-            if !lifetime.is_zero() {
-                return (at, lifetime);
+        match Duration::from_secs(secs) {
+            d if d <= MAX_LIFETIME => {
+                return Lifetime {
+                    duration: d,
+                    source: LifetimeSource::ExpiresIn,
+                    ignored,
+                }
             }
+            _ => ignored.push(IgnoredHint::ExpiresIn),
         }
     }
-    let lifetime = audience_lifetime(audience);
-    (now + lifetime, lifetime)
+    if let Some(exp) = jwt_exp(access_token) {
+        let left = UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
+            .and_then(|at| at.duration_since(wall).ok());
+        match left {
+            Some(d) if d > MAX_LIFETIME => ignored.push(IgnoredHint::JwtExp),
+            Some(d) if !d.is_zero() => {
+                return Lifetime {
+                    duration: d,
+                    source: LifetimeSource::JwtExp,
+                    ignored,
+                }
+            }
+            // Already expired, or too far out for the clock: no hint.
+            None if exp > unix_ms(wall) / 1000 => ignored.push(IgnoredHint::JwtExp),
+            _ => {}
+        }
+    }
+    Lifetime {
+        duration: audience_lifetime(audience),
+        source: LifetimeSource::Audience,
+        ignored,
+    }
 }
 
 /// Tango's documented lifetime for an audience: five minutes for the "fiveminute" audiences,
@@ -132,6 +281,7 @@ pub fn audience_lifetime(audience: &str) -> Duration {
 }
 
 /// The `exp` claim of a JWT, read without verifying it (the proxy only needs a lifetime hint).
+/// Fractional and huge values saturate; negative ones are no hint.
 fn jwt_exp(token: &str) -> Option<u64> {
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
@@ -139,90 +289,98 @@ fn jwt_exp(token: &str) -> Option<u64> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("exp")?.as_f64().map(|f| f as u64)
+    let exp = claims.get("exp")?;
+    exp.as_u64()
+        .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a token endpoint gave.
+#[derive(Debug)]
+pub struct Minted {
+    /// The access token.
+    pub access_token: Secret,
+    /// `token_type`, lower-cased.
+    pub token_type: String,
+    /// `expires_in` in seconds when present and parseable (saturating).
+    pub expires_in: Option<u64>,
+}
 
-    fn jwt(exp: u64) -> String {
-        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-        format!(
-            "{}.{}.sig",
-            enc(r#"{"alg":"RS256","typ":"JWT"}"#),
-            enc(&format!(r#"{{"sub":"x","exp":{exp}}}"#))
-        )
+/// Why a token request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum MintError {
+    /// Tango's daily mint limit was hit.
+    #[error("token endpoint rate limit: {0}")]
+    RateLimited(String),
+    /// The endpoint refused the request (bad credentials, bad audience).
+    #[error("token endpoint answered {status}: {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// `error`/`error_description` or a short excerpt of the body.
+        message: String,
+    },
+    /// The endpoint failed (5xx).
+    #[error("token endpoint failed with {status}: {message}")]
+    ServerError {
+        /// HTTP status.
+        status: u16,
+        /// A short excerpt of the body.
+        message: String,
+    },
+    /// No answer within `token_timeout`.
+    #[error("token endpoint did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// Connection, DNS or TLS failure.
+    #[error("token endpoint unreachable: {0}")]
+    Transport(String),
+    /// A 2xx answer the proxy cannot use.
+    #[error("token endpoint answer unusable: {0}")]
+    InvalidResponse(String),
+    /// No DPoP proof could be made.
+    #[error("{0}")]
+    Dpop(String),
+    /// Another replica is minting; this one did not get a token in time.
+    #[error("{0}")]
+    Coordination(String),
+}
+
+impl MintError {
+    /// The metric outcome label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            MintError::RateLimited(_) => "rate_limited",
+            MintError::Rejected { .. } => "rejected",
+            MintError::ServerError { .. } => "server_error",
+            MintError::Timeout(_) => "timeout",
+            MintError::Transport(_) => "unreachable",
+            MintError::InvalidResponse(_) => "invalid_response",
+            MintError::Dpop(_) => "dpop_error",
+            MintError::Coordination(_) => "lease_busy",
+        }
     }
 
-    #[test]
-    fn expires_in_variants_follow_design_section_4() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let day = "https://api.tangocard.com/";
-        let five = "https://api.bhn.com/fiveminute";
-        // A positive number (parsed from a number or a numeric string upstream).
-        assert_eq!(
-            expiry(Some(86_400), "opaque", day, now).0,
-            now + DAY_LIFETIME
-        );
-        assert_eq!(
-            expiry(Some(300), "opaque", day, now).1,
-            Duration::from_secs(300)
-        );
-        // 0 or missing, with a JWT exp: the exp.
-        let exp = 1_800_000_000 + 3_600;
-        assert_eq!(
-            expiry(Some(0), &jwt(exp), day, now),
-            (
-                UNIX_EPOCH + Duration::from_secs(exp),
-                Duration::from_secs(3_600)
-            )
-        );
-        assert_eq!(
-            expiry(None, &jwt(exp), day, now).1,
-            Duration::from_secs(3_600)
-        );
-        // A JWT already expired is no hint; the audience decides.
-        assert_eq!(expiry(None, &jwt(1_000), day, now).1, DAY_LIFETIME);
-        // Missing, not a JWT: the audience's documented lifetime.
-        assert_eq!(expiry(None, "opaque", day, now).1, DAY_LIFETIME);
-        assert_eq!(expiry(Some(0), "opaque", five, now).1, FIVE_MINUTE_LIFETIME);
-        assert_eq!(
-            expiry(None, "opaque", "https://tango-api.bhn.com/fiveminute", now).0,
-            now + FIVE_MINUTE_LIFETIME
-        );
+    /// True when the token endpoint itself answered: every replica would get the same answer,
+    /// so the fleet shares the backoff. This process's own connect, DNS, timeout or signing
+    /// failures are not shared (one replica with broken egress must not silence healthy ones).
+    pub fn answered(&self) -> bool {
+        matches!(
+            self,
+            MintError::RateLimited(_)
+                | MintError::Rejected { .. }
+                | MintError::ServerError { .. }
+                | MintError::InvalidResponse(_)
+        )
     }
+}
 
-    #[test]
-    fn usable_and_window_rules() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let day = Token::new(Secret::new("t"), now + DAY_LIFETIME, DAY_LIFETIME, false).unwrap();
-        assert!(day.usable_at(now + DAY_LIFETIME - Duration::from_secs(31)));
-        assert!(!day.usable_at(now + DAY_LIFETIME - Duration::from_secs(30)));
-        // 24 h token renews in its last 4 h; a 5-minute token in its last 75 s.
-        let window = Duration::from_secs(4 * 3600);
-        assert_eq!(
-            day.refresh_from(window),
-            now + Duration::from_secs(20 * 3600)
-        );
-        let five = Token::new(
-            Secret::new("t"),
-            now + FIVE_MINUTE_LIFETIME,
-            FIVE_MINUTE_LIFETIME,
-            false,
-        )
-        .unwrap();
-        assert_eq!(five.refresh_from(window), now + Duration::from_secs(225));
-        assert_eq!(five.skew(), Duration::from_secs(30));
-        // A 10-second token keeps a 1-second margin, not 30.
-        let short = Token::new(
-            Secret::new("t"),
-            now + Duration::from_secs(10),
-            Duration::from_secs(10),
-            false,
-        )
-        .unwrap();
-        assert!(short.usable_at(now + Duration::from_secs(8)));
-        assert!(!short.usable_at(now + Duration::from_secs(9)));
-    }
+/// A boxed token request.
+pub type MintFuture<'a> = Pin<Box<dyn Future<Output = Result<Minted, MintError>> + Send + 'a>>;
+
+/// A token endpoint: one call, one token request (including any DPoP nonce retry).
+pub trait TokenSource: std::fmt::Debug + Send + Sync {
+    /// Requests one token.
+    fn fetch(&self) -> MintFuture<'_>;
+    /// The grant it uses, as sent (part of the cache fingerprint).
+    fn grant(&self) -> &str;
 }

@@ -17,7 +17,7 @@
 //! then keeps serving from memory and coordinates inside the process.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
@@ -27,8 +27,8 @@ use tokio::sync::Mutex;
 
 use crate::secret::Secret;
 
-use super::store::{StoreError, StoreFuture, TokenStore};
-use super::{Sealer, Token};
+use super::store::{Lookup, StoreError, StoreFuture, TokenStore};
+use super::{unix_ms, Record, Sealer, Token};
 use crate::metrics::Metrics;
 
 /// Time allowed for one Redis call (connecting included).
@@ -70,7 +70,7 @@ return 0
 ";
 
 /// How to reach Redis.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RedisOptions {
     /// `redis://`, `rediss://` (TLS), or `redis+cluster://` / `rediss+cluster://` with a
     /// comma-separated list of seed nodes; user and password may be in the URL.
@@ -79,6 +79,36 @@ pub struct RedisOptions {
     pub password: Option<Secret>,
     /// PEM roots to trust for `rediss` (from `cache.redis_ca_file`); else the system's.
     pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .finish()
+    }
+}
+
+/// The URL with any password in its user info replaced (`redis://user:<redacted>@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The user info ends at the last '@' before the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!(
+                "{scheme}://{user}:{}{}",
+                crate::secret::REDACTED,
+                &rest[at..]
+            )
+        }
+        None => url.to_string(),
+    }
 }
 
 enum Target {
@@ -293,12 +323,6 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Milliseconds from now until `t`, at least 1 (a Redis `PX` of 0 is an error).
 fn ms_until(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::now())
@@ -370,8 +394,9 @@ impl RedisStore {
         Ok(conn)
     }
 
-    /// Runs one Redis call with the timeout; a failure drops the connection so the next call
-    /// reconnects.
+    /// Runs one Redis call with the timeout. The standalone connection manager and the cluster
+    /// connection reconnect by themselves and are kept; a sentinel connection is dropped after a
+    /// failure so the next call asks the sentinels for the current primary.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
@@ -385,7 +410,9 @@ impl RedisStore {
         };
         if result.is_err() {
             self.metrics.redis_error();
-            *self.conn.lock().await = None;
+            if matches!(self.target, Target::Sentinel(_)) {
+                *self.conn.lock().await = None;
+            }
         }
         result
     }
@@ -440,9 +467,43 @@ impl RedisStore {
         .await
     }
 
+    /// `PTTL name`: the time left, or `None` when the key is missing or has no expiry.
+    async fn pttl(&self, name: &str) -> Result<Option<Duration>, StoreError> {
+        let ms: i64 = self
+            .call(|mut c| async move { redis::cmd("PTTL").arg(name).query_async(&mut c).await })
+            .await?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    /// Opens a `expires_ms.ath.sealed` value; `None` (counted) when it does not open.
+    fn open_value(&self, name: &str, value: &str) -> Option<Record> {
+        let mut parts = value.splitn(3, '.');
+        let opened = match (parts.next(), parts.next(), parts.next()) {
+            (Some(exp), Some(_ath), Some(sealed)) => self
+                .sealer
+                .open(name, sealed)
+                .filter(|t| exp.parse::<u64>().ok() == Some(unix_ms(t.expires_at))),
+            _ => None,
+        };
+        if opened.is_none() {
+            self.metrics.cache_unreadable_record("redis");
+            tracing::warn!(key = %name, "ignoring a cached token record that does not open");
+        }
+        opened.filter(|t| t.expires_at > SystemTime::now())
+    }
+
     fn prefix_of(token: &Token) -> String {
         format!("{}.{}.", unix_ms(token.expires_at), token.ath())
     }
+}
+
+/// A fleet backoff from its `until_ms|reason` value and its PTTL. The time before `|` is for
+/// replicas that predate PTTL reading; this one trusts Redis's clock.
+fn backoff_left(value: Option<String>, pttl: i64) -> Option<(Duration, String)> {
+    let left = u64::try_from(pttl).ok().map(Duration::from_millis)?;
+    let v = value?;
+    let reason = v.split_once('|').map_or(v.as_str(), |(_, r)| r);
+    (!left.is_zero()).then(|| (left, reason.to_string()))
 }
 
 impl Drop for RedisStore {
@@ -491,27 +552,43 @@ impl TokenStore for RedisStore {
         true
     }
 
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>> {
         Box::pin(async move {
             let name = self.name(key, "token");
-            let Some(value) = self.get::<String>(&name).await? else {
-                return Ok(None);
-            };
-            let mut parts = value.splitn(3, '.');
-            let (Some(exp), Some(_ath), Some(sealed)) = (parts.next(), parts.next(), parts.next())
-            else {
-                self.metrics.cache_unreadable_record("redis");
-                return Ok(None);
-            };
-            match self.sealer.open(&name, sealed) {
-                Some(t) if exp.parse::<u64>().ok() == Some(unix_ms(t.expires_at)) => {
-                    Ok((t.expires_at > SystemTime::now()).then_some(t))
-                }
-                _ => {
-                    self.metrics.cache_unreadable_record("redis");
-                    tracing::warn!(key = %name, "ignoring a cached token record that does not open");
-                    Ok(None)
-                }
+            let value = self.get::<String>(&name).await?;
+            Ok(value.and_then(|v| self.open_value(&name, &v)))
+        })
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Lookup> + Send + 'a>> {
+        Box::pin(async move {
+            let token = self.name(key, "token");
+            let backoff = self.name(key, "backoff");
+            let answer: Result<(Option<String>, Option<String>, i64), _> = self
+                .call(|mut c| {
+                    let (token, backoff) = (token.clone(), backoff.clone());
+                    async move {
+                        redis::pipe()
+                            .cmd("GET")
+                            .arg(&token)
+                            .cmd("GET")
+                            .arg(&backoff)
+                            .cmd("PTTL")
+                            .arg(&backoff)
+                            .query_async(&mut c)
+                            .await
+                    }
+                })
+                .await;
+            match answer {
+                Ok((value, backoff, pttl)) => (
+                    Ok(value.and_then(|v| self.open_value(&token, &v))),
+                    Ok(backoff_left(backoff, pttl)),
+                ),
+                Err(e) => (Err(e.clone()), Err(e)),
             }
         })
     }
@@ -542,13 +619,12 @@ impl TokenStore for RedisStore {
         })
     }
 
-    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool> {
+    fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let name = self.name(key, "token");
-            let ath = rejected.ath().to_string();
             let script = &self.delete_if_ath;
             let n: i64 = self
-                .call(|mut c| async move { script.key(&name).arg(&ath).invoke_async(&mut c).await })
+                .call(|mut c| async move { script.key(&name).arg(ath).invoke_async(&mut c).await })
                 .await?;
             Ok(n == 1)
         })
@@ -616,40 +692,56 @@ impl TokenStore for RedisStore {
         })
     }
 
-    fn last_mint<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SystemTime>> {
+    fn last_mint<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Duration>> {
         Box::pin(async move {
-            let v: Option<u64> = self.get(&self.name(key, "minted")).await?;
-            Ok(v.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+            // The ledger's age by Redis's own clock: it was written with PX = LEDGER_TTL, so
+            // LEDGER_TTL - PTTL is how long ago, whatever the replicas' clocks say.
+            let left = self.pttl(&self.name(key, "minted")).await?;
+            Ok(left.map(|left| LEDGER_TTL.saturating_sub(left)))
         })
     }
 
-    fn fleet_backoff<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {
+    fn fleet_backoff<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Duration, String)>> {
         Box::pin(async move {
-            let v: Option<String> = self.get(&self.name(key, "backoff")).await?;
-            Ok(v.and_then(|v| {
-                let (ms, reason) = v.split_once('|')?;
-                let until = UNIX_EPOCH + Duration::from_millis(ms.parse().ok()?);
-                (until > SystemTime::now()).then(|| (until, reason.to_string()))
-            }))
+            let name = self.name(key, "backoff");
+            let (value, pttl): (Option<String>, i64) = self
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move {
+                        redis::pipe()
+                            .cmd("GET")
+                            .arg(&name)
+                            .cmd("PTTL")
+                            .arg(&name)
+                            .query_async(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            Ok(backoff_left(value, pttl))
         })
     }
 
     fn set_fleet_backoff<'a>(
         &'a self,
         key: &'a str,
-        until: SystemTime,
+        left: Duration,
         reason: &'a str,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            let until = SystemTime::now()
+                .checked_add(left)
+                .unwrap_or(SystemTime::now());
             let value = format!("{}|{reason}", unix_ms(until));
-            self.set_px(&self.name(key, "backoff"), &value, ms_until(until))
-                .await
+            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+            self.set_px(&self.name(key, "backoff"), &value, ms).await
         })
     }
 
-    fn record_mint<'a>(&'a self, key: &'a str, at: SystemTime) -> StoreFuture<'a, ()> {
+    fn record_mint<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let ms = unix_ms(at).to_string();
+            // The value (Unix ms) is what earlier versions read; this one reads the PTTL.
+            let ms = unix_ms(SystemTime::now()).to_string();
             let ttl = LEDGER_TTL.as_millis() as u64;
             self.set_px(&self.name(key, "minted"), &ms, ttl).await
         })

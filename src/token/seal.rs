@@ -50,9 +50,22 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
-/// What a record holds.
+/// What a stored token record holds: the token and its wall-clock expiry.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The token.
+    pub access_token: Secret,
+    /// When it expires (wall clock, millisecond precision).
+    pub expires_at: SystemTime,
+    /// How long it was valid for when obtained.
+    pub lifetime: Duration,
+    /// True for a DPoP-bound token.
+    pub dpop: bool,
+}
+
+/// The serialized form of a [`Record`].
 #[derive(Deserialize)]
-struct Record {
+struct RawRecord {
     access_token: Secret,
     expires_at_ms: u64,
     lifetime_ms: u64,
@@ -145,10 +158,10 @@ impl Sealer {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0)
         };
-        let record = Record {
+        let record = RawRecord {
             access_token: token.access_token.clone(),
             expires_at_ms: ms(token.expires_at),
-            lifetime_ms: token.lifetime.as_millis() as u64,
+            lifetime_ms: u64::try_from(token.lifetime.as_millis()).unwrap_or(u64::MAX),
             dpop: token.dpop,
         };
         let json = zeroize::Zeroizing::new(serde_json::to_vec(&SecretRecord(&record)).ok()?);
@@ -171,7 +184,7 @@ impl Sealer {
     }
 
     /// Opens a record; `None` when it does not open (the caller counts and ignores it).
-    pub fn open(&self, name: &str, sealed: &str) -> Option<Token> {
+    pub fn open(&self, name: &str, sealed: &str) -> Option<Record> {
         let json = if let Some(body) = sealed.strip_prefix("tap0.") {
             if self.encrypts() {
                 // A plaintext record where encryption is configured is not trusted.
@@ -199,18 +212,18 @@ impl Sealer {
                 .to_vec();
             zeroize::Zeroizing::new(plain)
         };
-        let record: Record = serde_json::from_slice(&json).ok()?;
-        Token::new(
-            record.access_token,
-            UNIX_EPOCH + Duration::from_millis(record.expires_at_ms),
-            Duration::from_millis(record.lifetime_ms),
-            record.dpop,
-        )
+        let raw: RawRecord = serde_json::from_slice(&json).ok()?;
+        Some(Record {
+            access_token: raw.access_token,
+            expires_at: UNIX_EPOCH.checked_add(Duration::from_millis(raw.expires_at_ms))?,
+            lifetime: Duration::from_millis(raw.lifetime_ms),
+            dpop: raw.dpop,
+        })
     }
 }
 
 /// Serializes a record with the token in clear (only ever into a sealed or 0600 record).
-struct SecretRecord<'a>(&'a Record);
+struct SecretRecord<'a>(&'a RawRecord);
 
 impl Serialize for SecretRecord<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -232,9 +245,11 @@ mod tests {
     fn token() -> Token {
         Token::new(
             Secret::new("tok-sealed-value"),
-            SystemTime::now() + Duration::from_secs(3600),
+            Duration::from_secs(3600),
             Duration::from_secs(3600),
             true,
+            tokio::time::Instant::now(),
+            SystemTime::now(),
         )
         .unwrap()
     }

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{Sealer, Token};
+use super::{Record, Sealer, Token};
 use crate::metrics::Metrics;
 
 /// Why a store call failed.
@@ -27,16 +27,33 @@ pub enum StoreError {
 /// A boxed store future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// What [`TokenStore::lookup`] finds: the stored record and any fleet backoff (time left, why).
+pub type Lookup = (
+    Result<Option<Record>, StoreError>,
+    Result<Option<(Duration, String)>, StoreError>,
+);
+
 /// A shared place for tokens, keyed by profile fingerprint.
+///
+/// Times that several processes compare (the mint ledger, the fleet backoff) are exchanged as
+/// durations measured by the store itself ("minted 3 h ago", "back off for 40 s"), so replicas
+/// never compare their wall clocks with each other's.
 pub trait TokenStore: fmt::Debug + Send + Sync {
     /// The backend's name for `/status`.
     fn name(&self) -> &'static str;
-    /// The stored token, if any.
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>>;
-    /// Stores a token.
+    /// The stored token record, if any (expired records read as absent).
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>>;
+    /// Stores a token, unless the store holds one expiring later.
     fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
-    /// Removes the stored token only if it is still `rejected` (compare-and-delete).
-    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool>;
+    /// Removes the stored token only if it is still the one whose `ath` is given
+    /// (compare-and-delete).
+    fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool>;
+
+    /// The stored token and any fleet backoff in force, in one round trip where the backend
+    /// allows it (a refresh reads both before deciding to mint).
+    fn lookup<'a>(&'a self, key: &'a str) -> Pin<Box<dyn Future<Output = Lookup> + Send + 'a>> {
+        Box::pin(async move { (self.load(key).await, self.fleet_backoff(key).await) })
+    }
 
     /// True when other processes share this store, so a refresh must take the fleet lease.
     fn shared(&self) -> bool {
@@ -69,13 +86,13 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// When any process sharing this store last minted a token for `key`.
-    fn last_mint<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SystemTime>> {
+    /// How long ago any process sharing this store last minted a token for `key`.
+    fn last_mint<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<Duration>> {
         Box::pin(async { Ok(None) })
     }
 
-    /// Records a mint in the shared ledger.
-    fn record_mint<'a>(&'a self, _key: &'a str, _at: SystemTime) -> StoreFuture<'a, ()> {
+    /// Records a mint (now) in the shared ledger.
+    fn record_mint<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
 
@@ -93,17 +110,17 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// A fleet-wide "do not ask Tango before" time and its reason (set after a rate-limit
-    /// answer), if one is in force.
-    fn fleet_backoff<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<(SystemTime, String)>> {
+    /// A fleet-wide "do not ask Tango for this long" and its reason (set after the token
+    /// endpoint refused or failed a replica's request), if one is in force.
+    fn fleet_backoff<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<(Duration, String)>> {
         Box::pin(async { Ok(None) })
     }
 
-    /// Tells every process sharing the store not to ask Tango before `until`.
+    /// Tells every process sharing the store not to ask Tango for `left`.
     fn set_fleet_backoff<'a>(
         &'a self,
         _key: &'a str,
-        _until: SystemTime,
+        _left: Duration,
         _reason: &'a str,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async { Ok(()) })
@@ -113,11 +130,11 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
 /// Tokens in this process only.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    tokens: Mutex<HashMap<String, Token>>,
+    tokens: Mutex<HashMap<String, Record>>,
 }
 
 impl MemoryStore {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Token>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
         self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -127,9 +144,9 @@ impl TokenStore for MemoryStore {
         "memory"
     }
 
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
-        let token = self.map().get(key).cloned();
-        Box::pin(async move { Ok(token) })
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>> {
+        let record = self.map().get(key).cloned();
+        Box::pin(async move { Ok(record) })
     }
 
     fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
@@ -139,16 +156,16 @@ impl TokenStore for MemoryStore {
             .get(key)
             .is_some_and(|t| t.expires_at > token.expires_at);
         if !keep_old {
-            map.insert(key.to_string(), token.clone());
+            map.insert(key.to_string(), token.record());
         }
         Box::pin(async { Ok(()) })
     }
 
-    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool> {
+    fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool> {
         let mut map = self.map();
         let same = map
             .get(key)
-            .is_some_and(|t| t.access_token == rejected.access_token);
+            .is_some_and(|t| super::ath(t.access_token.expose()) == ath);
         if same {
             map.remove(key);
         }
@@ -160,10 +177,16 @@ impl TokenStore for MemoryStore {
 /// (temporary file, fsync, rename) with mode 0600, sealed with AES-256-GCM when a key is
 /// configured. Survives restarts; processes on one host share it.
 ///
+/// File I/O (and the fsync) runs on Tokio's blocking pool, never on a runtime worker, so a slow
+/// disk cannot stall request handling even with `workers = 1`.
+///
 /// Compare-and-delete reads, compares and removes without a lock: two processes on one host
 /// racing on a rejected token can at worst remove the newer one, which costs one extra mint.
+#[derive(Debug, Clone)]
+pub struct FileStore(Arc<FileInner>);
+
 #[derive(Debug)]
-pub struct FileStore {
+struct FileInner {
     dir: PathBuf,
     prefix: String,
     sealer: Arc<Sealer>,
@@ -181,14 +204,29 @@ impl FileStore {
         create_private_dir(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
-        Ok(Self {
+        Ok(Self(Arc::new(FileInner {
             dir: dir.to_path_buf(),
             prefix: prefix.to_string(),
             sealer,
             metrics,
-        })
+        })))
     }
 
+    /// Runs `f` on the blocking pool.
+    fn blocking<'a, T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&FileInner) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&inner))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("token file task failed: {e}")))?
+        })
+    }
+}
+
+impl FileInner {
     /// The record's logical name (the sealing associated data), as in Redis.
     fn record_name(&self, key: &str) -> String {
         format!("{}:{{{key}}}:token", self.prefix)
@@ -198,7 +236,7 @@ impl FileStore {
         self.dir.join(format!("{}-{key}.token", self.prefix))
     }
 
-    fn read(&self, key: &str) -> Result<Option<Token>, StoreError> {
+    fn read(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let path = self.path(key);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -214,7 +252,7 @@ impl FileStore {
             Some(t) if t.expires_at > SystemTime::now() => Ok(Some(t)),
             Some(_) => Ok(None),
             None => {
-                self.metrics.cache_unreadable_record(self.name());
+                self.metrics.cache_unreadable_record("file");
                 tracing::warn!(
                     file = %path.display(),
                     "ignoring a cached token record that does not open (tampered, or sealed with a key no longer configured)"
@@ -225,6 +263,9 @@ impl FileStore {
     }
 
     fn write(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+        if matches!(self.read(key), Ok(Some(existing)) if existing.expires_at > token.expires_at) {
+            return Ok(());
+        }
         let sealed = zeroize::Zeroizing::new(
             self.sealer
                 .seal(&self.record_name(key), token)
@@ -242,6 +283,19 @@ impl FileStore {
             let _ = std::fs::remove_file(&tmp);
             io(e)
         })
+    }
+
+    fn evict_if(&self, key: &str, ath: &str) -> Result<bool, StoreError> {
+        match self.read(key)? {
+            Some(t) if super::ath(t.access_token.expose()) == ath => {
+                match std::fs::remove_file(self.path(key)) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(StoreError::Unavailable(e.to_string())),
+                }
+            }
+            _ => Ok(false),
+        }
     }
 }
 
@@ -275,38 +329,19 @@ impl TokenStore for FileStore {
         "file"
     }
 
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Token>> {
-        // Small local files: reading inline is cheaper than a blocking-pool hop, and this runs
-        // only at start and at refresh time, never per request.
-        let result = self.read(key);
-        Box::pin(async move { result })
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>> {
+        let key = key.to_string();
+        self.blocking(move |f| f.read(&key))
     }
 
     fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
-        let result = match self.read(key) {
-            Ok(Some(existing)) if existing.expires_at > token.expires_at => Ok(()),
-            _ => self.write(key, token),
-        };
-        Box::pin(async move { result })
+        let (key, token) = (key.to_string(), token.clone());
+        self.blocking(move |f| f.write(&key, &token))
     }
 
-    fn evict_if<'a>(&'a self, key: &'a str, rejected: &'a Token) -> StoreFuture<'a, bool> {
-        let result = match self.read(key) {
-            Ok(Some(t)) if t.access_token == rejected.access_token => {
-                std::fs::remove_file(self.path(key))
-                    .map(|_| true)
-                    .or_else(|e| {
-                        if e.kind() == std::io::ErrorKind::NotFound {
-                            Ok(false)
-                        } else {
-                            Err(StoreError::Unavailable(e.to_string()))
-                        }
-                    })
-            }
-            Ok(_) => Ok(false),
-            Err(e) => Err(e),
-        };
-        Box::pin(async move { result })
+    fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool> {
+        let (key, ath) = (key.to_string(), ath.to_string());
+        self.blocking(move |f| f.evict_if(&key, &ath))
     }
 }
 
@@ -320,9 +355,11 @@ mod tests {
     fn token(v: &str, secs: u64) -> Token {
         Token::new(
             Secret::new(v),
-            SystemTime::now() + Duration::from_secs(secs),
+            Duration::from_secs(secs),
             Duration::from_secs(secs),
             false,
+            tokio::time::Instant::now(),
+            SystemTime::now(),
         )
         .unwrap()
     }
@@ -343,8 +380,8 @@ mod tests {
                 .expose(),
             "a"
         );
-        assert!(!store.evict_if("k", &token("b", 50)).await.unwrap());
-        assert!(store.evict_if("k", &token("a", 100)).await.unwrap());
+        assert!(!store.evict_if("k", token("b", 50).ath()).await.unwrap());
+        assert!(store.evict_if("k", token("a", 100).ath()).await.unwrap());
         assert!(store.load("k").await.unwrap().is_none());
     }
 }

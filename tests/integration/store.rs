@@ -15,9 +15,11 @@ use crate::support::*;
 pub fn token(value: &str, secs: u64) -> Token {
     Token::new(
         Secret::new(value),
-        SystemTime::now() + Duration::from_secs(secs),
+        Duration::from_secs(secs),
         Duration::from_secs(secs),
         false,
+        tokio::time::Instant::now(),
+        SystemTime::now(),
     )
     .unwrap()
 }
@@ -55,9 +57,15 @@ pub async fn store_suite(store: &dyn TokenStore) {
         "newer"
     );
     // Compare-and-delete only removes the rejected token.
-    assert!(!store.evict_if("fp1", &token("first", 100)).await.unwrap());
+    assert!(!store
+        .evict_if("fp1", token("first", 100).ath())
+        .await
+        .unwrap());
     assert!(store.load("fp1").await.unwrap().is_some());
-    assert!(store.evict_if("fp1", &token("newer", 200)).await.unwrap());
+    assert!(store
+        .evict_if("fp1", token("newer", 200).ath())
+        .await
+        .unwrap());
     assert!(store.load("fp1").await.unwrap().is_none());
 }
 

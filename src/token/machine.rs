@@ -1,0 +1,751 @@
+//! The token lifecycle of one profile as a pure state machine.
+//!
+//! [`Machine::step`] takes the state, one [`Event`] and the current monotonic time and returns
+//! the [`Effect`]s to carry out; it does no I/O, reads no clock and logs only. The owner task in
+//! `manager` runs the effects and feeds their outcomes back as events, one at a time, so every
+//! decision about a profile's token is made here, in one place, and can be unit-tested under
+//! paused time.
+//!
+//! The rules (README "Tokens"):
+//!
+//! * A token is used until `expires − skew`; renewal starts at
+//!   `expires − min(refresh_window, lifetime/4)` plus a per-replica jitter, never earlier than
+//!   the mint budget (`min_token_interval` after the fleet's last mint) allows — unless the
+//!   token is unusable or proven rejected.
+//! * Every refresh first looks in the store. **Adoption by reason**: a cold, expired, rejected or
+//!   retry refresh adopts any stored token usable now; a window renewal only one outside its own
+//!   window. A token whose `ath` was seen rejected is never adopted again.
+//! * With a shared store, one replica takes the lease and mints; the others poll for its token
+//!   and take over once if the lease runs out without one.
+//! * A minted token is published at once; saving it, the ledger and the wake-up are background
+//!   bookkeeping whose failure only marks the cache degraded. While the cache is degraded, a
+//!   refresh makes no store call before minting.
+//! * Failures back off exponentially with ±20 % jitter (longer after a rate-limit answer). A
+//!   lease holder whose mint got an answer from the endpoint shares the backoff with the fleet.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::store::StoreError;
+use super::{MintError, Token};
+
+/// How many rejected tokens are remembered (by `ath`) so they are never adopted again.
+const REJECTED_MEMORY: usize = 8;
+
+/// The tunable intervals; defaults in `manager::Tuning`.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Renew from `expires - min(refresh_window, lifetime / 4)` on.
+    pub refresh_window: Duration,
+    /// The mint budget: no renewal sooner than this after the fleet's last mint.
+    pub min_interval: Option<Duration>,
+    /// True when other processes share the store (lease, ledger, polling).
+    pub shared: bool,
+    /// How long a refresh lease lives without being extended.
+    pub lease_ttl: Duration,
+    /// How often the shared copy is compared with ours.
+    pub store_check: Duration,
+    /// First retry delay after a failed token request.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// First retry delay after Tango's rate-limit answer.
+    pub rate_limit_base: Duration,
+    /// Longest retry delay after rate-limit answers.
+    pub rate_limit_cap: Duration,
+    /// After a mint caused by a 401, another 401 within this time is passed on without minting:
+    /// if Tango rejects fresh tokens too, more of them would only hammer the token endpoint.
+    pub rejected_mint_interval: Duration,
+}
+
+/// Why a refresh runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No token yet.
+    Cold,
+    /// The token is inside its refresh window.
+    Window,
+    /// The token is no longer usable.
+    Expired,
+    /// Tango rejected the token.
+    Rejected,
+    /// An earlier refresh failed.
+    Retry,
+}
+
+impl Reason {
+    /// The metric and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Cold => "cold",
+            Reason::Window => "window",
+            Reason::Expired => "expired",
+            Reason::Rejected => "rejected",
+            Reason::Retry => "retry",
+        }
+    }
+}
+
+/// What the owner is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing in flight; the timer decides what is next.
+    Idle,
+    /// Looking in the store before minting.
+    Loading(Reason),
+    /// Reading the fleet's mint ledger before a window renewal under a mint budget.
+    Ledger(Reason),
+    /// Asking for the fleet's refresh lease.
+    Leasing {
+        /// Why.
+        reason: Reason,
+        /// True on the second try, after the holder's lease ran out.
+        takeover: bool,
+    },
+    /// Another replica holds the lease: polling for its token until `until`.
+    AwaitingFleet {
+        /// Why.
+        reason: Reason,
+        /// When to try taking the lease over.
+        until: Instant,
+    },
+    /// A token request is in flight.
+    Minting {
+        /// Why.
+        reason: Reason,
+        /// True when this process holds the fleet lease.
+        lease: bool,
+    },
+    /// Comparing the shared copy with ours.
+    Checking,
+}
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Event {
+    /// The timer fired, or a request found no usable token: re-plan.
+    Tick,
+    /// Tango rejected the token with this `ath` (a 401 that costs the token).
+    Rejected(String),
+    /// The outcome of [`Effect::Load`] or [`Effect::PollFleet`]: the stored token (already
+    /// checked against this process's clocks) and any fleet backoff in force.
+    Loaded {
+        /// The stored token.
+        stored: Result<Option<Arc<Token>>, StoreError>,
+        /// A fleet-wide backoff: time left and reason.
+        backoff: Result<Option<(Duration, String)>, StoreError>,
+    },
+    /// The outcome of [`Effect::ReadLedger`]: how long ago the fleet last minted.
+    Ledger(Result<Option<Duration>, StoreError>),
+    /// The outcome of [`Effect::TryLease`].
+    Lease(Result<bool, StoreError>),
+    /// The outcome of [`Effect::Mint`].
+    Minted(Result<Arc<Token>, MintError>),
+    /// The outcome of background bookkeeping.
+    Bookkept(Result<(), StoreError>),
+}
+
+/// A store write done in the background, in order.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// Save the token (the store keeps the later-expiring one).
+    Save(Arc<Token>),
+    /// Record a mint in the fleet ledger.
+    RecordMint,
+    /// Tell the fleet not to ask Tango for this long.
+    ShareBackoff(Duration, String),
+    /// Release the refresh lease.
+    ReleaseLease,
+    /// Wake replicas waiting for a token.
+    Announce,
+    /// Compare-and-delete the token with this `ath`.
+    Evict(String),
+}
+
+/// Something the owner must do.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Read the store (token and fleet backoff) → [`Event::Loaded`].
+    Load,
+    /// Wait for a wake-up or a short poll interval, then as [`Effect::Load`].
+    PollFleet,
+    /// Read the ledger → [`Event::Ledger`].
+    ReadLedger,
+    /// Try to take the lease → [`Event::Lease`].
+    TryLease,
+    /// Keep extending the lease while the mint runs (stopped by [`StoreOp::ReleaseLease`]).
+    HoldLease,
+    /// Request a token → [`Event::Minted`].
+    Mint(Reason),
+    /// Store writes in the background, in this order → [`Event::Bookkept`].
+    Background(Vec<StoreOp>),
+}
+
+/// A failure requests can see while there is no usable token.
+#[derive(Debug, Clone)]
+pub struct Failing {
+    /// Safe to show an operator.
+    pub reason: String,
+    /// When the next attempt is due.
+    pub retry_at: Instant,
+}
+
+/// One profile's token state.
+#[derive(Debug)]
+pub struct Machine {
+    policy: Policy,
+    /// The token in use.
+    pub token: Option<Arc<Token>>,
+    /// When the current token's renewal is due (jittered window start).
+    refresh_at: Option<Instant>,
+    /// What is in flight.
+    pub phase: Phase,
+    /// Consecutive failed refreshes.
+    pub failures: u32,
+    /// No token request before this.
+    pub retry_at: Option<Instant>,
+    /// The last failure, kept after recovery for diagnosis.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<Instant>,
+    /// No renewal before this (the mint budget, this process's or the fleet's).
+    budget_open_at: Option<Instant>,
+    rejected: VecDeque<String>,
+    last_rejected_mint: Option<Instant>,
+    /// True while the shared store is failing.
+    pub cache_degraded: bool,
+    /// True when the store may not hold our token (a save failed).
+    unsaved: bool,
+    next_check: Option<Instant>,
+    /// Tokens this process minted.
+    pub mints: u64,
+    /// When the current token was obtained (minted or adopted).
+    pub last_refresh: Option<Instant>,
+    rng: u64,
+}
+
+impl Machine {
+    /// A machine with no token; `seed` drives the jitter (any value; tests fix it).
+    pub fn new(policy: Policy, seed: u64) -> Self {
+        Self {
+            policy,
+            token: None,
+            refresh_at: None,
+            phase: Phase::Idle,
+            failures: 0,
+            retry_at: None,
+            last_error: None,
+            last_error_at: None,
+            budget_open_at: None,
+            rejected: VecDeque::new(),
+            last_rejected_mint: None,
+            cache_degraded: false,
+            unsaved: false,
+            next_check: None,
+            mints: 0,
+            last_refresh: None,
+            rng: seed | 1,
+        }
+    }
+
+    /// A machine that starts with `token` in hand (a restarted owner: no mint needed).
+    pub fn resume(policy: Policy, seed: u64, token: Option<Arc<Token>>, now: Instant) -> Self {
+        let mut m = Self::new(policy, seed);
+        if let Some(t) = token {
+            m.adopt(t, now);
+        }
+        m
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The usable token, if any.
+    pub fn usable(&self, now: Instant) -> Option<&Arc<Token>> {
+        self.token.as_ref().filter(|t| t.usable_at(now))
+    }
+
+    /// What requests without a usable token are told, while refreshes fail.
+    pub fn failing(&self) -> Option<Failing> {
+        if self.failures == 0 {
+            return None;
+        }
+        Some(Failing {
+            reason: format!(
+                "token request failing: {}",
+                self.last_error.as_deref().unwrap_or("unknown error")
+            ),
+            retry_at: self.retry_at?,
+        })
+    }
+
+    /// True while a refresh is in flight.
+    pub fn refreshing(&self) -> bool {
+        !matches!(self.phase, Phase::Idle | Phase::Checking)
+    }
+
+    /// When the owner should wake up to re-plan if nothing else happens.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        if self.phase != Phase::Idle {
+            return None;
+        }
+        let mut wake: Option<Instant> = None;
+        let mut add = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if let Some(r) = self.retry_at.filter(|r| *r > now) {
+            add(r);
+        } else if let Some(t) = &self.token {
+            add(t.usable_until());
+            if let Some(at) = self.renew_at(t) {
+                add(at);
+            }
+        }
+        if let (true, Some(_), Some(c)) = (self.policy.shared, &self.token, self.next_check) {
+            add(c);
+        }
+        wake
+    }
+
+    /// Handles one event at `now`.
+    pub fn step(&mut self, event: Event, now: Instant) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match event {
+            Event::Tick => {}
+            Event::Rejected(ath) => self.on_rejected(ath, now, &mut fx),
+            Event::Loaded { stored, backoff } => self.on_loaded(stored, backoff, now, &mut fx),
+            Event::Ledger(result) => self.on_ledger(result, now, &mut fx),
+            Event::Lease(result) => self.on_lease(result, now, &mut fx),
+            Event::Minted(result) => self.on_minted(result, now, &mut fx),
+            Event::Bookkept(result) => match result {
+                Ok(()) => self.cache_ok(),
+                Err(e) => {
+                    self.unsaved = true;
+                    self.cache_error(&e);
+                }
+            },
+        }
+        self.plan(now, &mut fx);
+        fx
+    }
+
+    // ---- planning -------------------------------------------------------------------------
+
+    /// When the current token's renewal may start: the jittered window start, not before the
+    /// mint budget opens; `None` when the budget forbids renewing before the token is unusable.
+    fn renew_at(&self, token: &Token) -> Option<Instant> {
+        let window = self
+            .refresh_at
+            .unwrap_or_else(|| token.refresh_from(self.policy.refresh_window));
+        let at = self.budget_open_at.map_or(window, |b| window.max(b));
+        (at < token.usable_until()).then_some(at)
+    }
+
+    fn due(&self, now: Instant) -> Option<Reason> {
+        let retrying = self.failures > 0;
+        let pick = |r| if retrying { Reason::Retry } else { r };
+        match &self.token {
+            None => Some(pick(Reason::Cold)),
+            Some(t) if !t.usable_at(now) => Some(pick(Reason::Expired)),
+            Some(t) => {
+                let at = self.renew_at(t)?;
+                (now >= at).then(|| pick(Reason::Window))
+            }
+        }
+    }
+
+    fn plan(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if self.phase != Phase::Idle {
+            return;
+        }
+        let backing_off = self.retry_at.is_some_and(|r| now < r);
+        if let (false, Some(reason)) = (backing_off, self.due(now)) {
+            self.begin(reason, fx);
+            return;
+        }
+        if self.policy.shared && self.token.is_some() && self.next_check.is_none_or(|c| now >= c) {
+            self.next_check = Some(now + self.policy.store_check);
+            self.phase = Phase::Checking;
+            fx.push(Effect::Load);
+        }
+    }
+
+    fn begin(&mut self, reason: Reason, fx: &mut Vec<Effect>) {
+        if self.cache_degraded {
+            // The store is failing: no store call may delay the token.
+            self.lease_or_mint(reason, false, fx);
+        } else {
+            self.phase = Phase::Loading(reason);
+            fx.push(Effect::Load);
+        }
+    }
+
+    fn lease_or_mint(&mut self, reason: Reason, takeover: bool, fx: &mut Vec<Effect>) {
+        if self.policy.shared && !self.cache_degraded {
+            self.phase = Phase::Leasing { reason, takeover };
+            fx.push(Effect::TryLease);
+        } else {
+            self.phase = Phase::Minting {
+                reason,
+                lease: false,
+            };
+            fx.push(Effect::Mint(reason));
+        }
+    }
+
+    // ---- events ---------------------------------------------------------------------------
+
+    fn on_loaded(
+        &mut self,
+        stored: Result<Option<Arc<Token>>, StoreError>,
+        backoff: Result<Option<(Duration, String)>, StoreError>,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let stored = match stored {
+            Ok(s) => {
+                self.cache_ok();
+                s
+            }
+            Err(e) => {
+                self.cache_error(&e);
+                None
+            }
+        };
+        let backoff = backoff.ok().flatten();
+        match self.phase {
+            Phase::Checking => {
+                self.phase = Phase::Idle;
+                self.check_shared_copy(stored, now, fx);
+            }
+            Phase::Loading(reason) => {
+                if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
+                    self.adopt(t, now);
+                    self.phase = Phase::Idle;
+                } else if let Some((left, why)) = backoff {
+                    self.honour_fleet_backoff(left, &why, now);
+                    self.phase = Phase::Idle;
+                } else if reason == Reason::Window
+                    && self.policy.min_interval.is_some()
+                    && self.policy.shared
+                    && !self.cache_degraded
+                {
+                    self.phase = Phase::Ledger(reason);
+                    fx.push(Effect::ReadLedger);
+                } else {
+                    self.lease_or_mint(reason, false, fx);
+                }
+            }
+            Phase::AwaitingFleet { reason, until } => {
+                if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
+                    self.adopt(t, now);
+                    self.phase = Phase::Idle;
+                } else if let Some((left, why)) = backoff {
+                    self.honour_fleet_backoff(left, &why, now);
+                    self.phase = Phase::Idle;
+                } else if self.cache_degraded {
+                    // The store went away under us: coordinate inside this process.
+                    self.lease_or_mint(reason, false, fx);
+                } else if now >= until {
+                    // The holder produced no token in its lease (it died, or its mint failed
+                    // without an answer worth sharing): take over once.
+                    self.lease_or_mint(reason, true, fx);
+                } else {
+                    fx.push(Effect::PollFleet);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_ledger(
+        &mut self,
+        result: Result<Option<Duration>, StoreError>,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Phase::Ledger(reason) = self.phase else {
+            return;
+        };
+        let ago = match result {
+            Ok(ago) => {
+                self.cache_ok();
+                ago
+            }
+            Err(e) => {
+                self.cache_error(&e);
+                None
+            }
+        };
+        match (self.policy.min_interval, ago) {
+            (Some(interval), Some(ago)) if ago < interval => {
+                let open = now + (interval - ago);
+                self.budget_open_at = Some(self.budget_open_at.map_or(open, |b| b.max(open)));
+                tracing::debug!(
+                    "a replica minted {}s ago; renewal waits for the mint budget",
+                    ago.as_secs()
+                );
+                self.phase = Phase::Idle;
+            }
+            _ => self.lease_or_mint(reason, false, fx),
+        }
+    }
+
+    fn on_lease(&mut self, result: Result<bool, StoreError>, now: Instant, fx: &mut Vec<Effect>) {
+        let Phase::Leasing { reason, takeover } = self.phase else {
+            return;
+        };
+        match result {
+            Ok(true) => {
+                self.cache_ok();
+                self.phase = Phase::Minting {
+                    reason,
+                    lease: true,
+                };
+                fx.push(Effect::HoldLease);
+                fx.push(Effect::Mint(reason));
+            }
+            Ok(false) if takeover => {
+                self.phase = Phase::Idle;
+                self.fail(
+                    &MintError::Coordination(
+                        "another replica holds the refresh lease and has not produced a token yet"
+                            .into(),
+                    ),
+                    reason,
+                    now,
+                );
+            }
+            Ok(false) => {
+                self.cache_ok();
+                self.phase = Phase::AwaitingFleet {
+                    reason,
+                    until: now + self.policy.lease_ttl,
+                };
+                fx.push(Effect::PollFleet);
+            }
+            Err(e) => {
+                self.cache_error(&e);
+                self.lease_or_mint(reason, false, fx);
+            }
+        }
+    }
+
+    fn on_minted(
+        &mut self,
+        result: Result<Arc<Token>, MintError>,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Phase::Minting { reason, lease } = self.phase else {
+            return;
+        };
+        self.phase = Phase::Idle;
+        let mut ops = Vec::new();
+        match result {
+            Ok(token) => {
+                self.mints += 1;
+                if reason == Reason::Rejected {
+                    self.last_rejected_mint = Some(now);
+                }
+                if let Some(interval) = self.policy.min_interval {
+                    self.budget_open_at = Some(now + interval);
+                }
+                self.adopt(token.clone(), now);
+                // In the background: the token is already in use. If the store is failing,
+                // these fail too and the periodic check writes the token back later.
+                ops.push(StoreOp::Save(token));
+                ops.push(StoreOp::RecordMint);
+            }
+            Err(e) => {
+                let delay = self.fail(&e, reason, now);
+                if lease && e.answered() {
+                    ops.push(StoreOp::ShareBackoff(delay, e.to_string()));
+                }
+            }
+        }
+        if lease {
+            ops.push(StoreOp::ReleaseLease);
+        }
+        if self.policy.shared && !ops.is_empty() {
+            ops.push(StoreOp::Announce);
+        }
+        if !ops.is_empty() {
+            fx.push(Effect::Background(ops));
+        }
+    }
+
+    fn on_rejected(&mut self, ath: String, now: Instant, fx: &mut Vec<Effect>) {
+        let current = self.token.as_ref().is_some_and(|t| t.ath() == ath);
+        if !current {
+            // Already replaced; just never adopt it again.
+            self.remember_rejected(ath);
+            return;
+        }
+        let recent = self.last_rejected_mint.is_some_and(|at| {
+            now.saturating_duration_since(at) < self.policy.rejected_mint_interval
+        });
+        if recent || self.failures > 0 {
+            tracing::warn!(
+                "Tango rejected a token again (401) soon after a replacement; passing the 401 on without minting"
+            );
+            return;
+        }
+        tracing::warn!("Tango rejected the token (401); minting a new one");
+        self.remember_rejected(ath.clone());
+        self.token = None;
+        self.refresh_at = None;
+        fx.push(Effect::Background(vec![StoreOp::Evict(ath)]));
+        if self.phase == Phase::Idle {
+            self.begin(Reason::Rejected, fx);
+        }
+    }
+
+    // ---- rules ----------------------------------------------------------------------------
+
+    /// Adoption by reason: any stored token usable now, except for a window renewal, which
+    /// needs one outside its window; never a token seen rejected; never an older one than ours.
+    fn adoptable(&self, stored: &Token, reason: Reason, now: Instant) -> bool {
+        if !stored.usable_at(now) || self.rejected.iter().any(|a| a == stored.ath()) {
+            return false;
+        }
+        if let Some(ours) = self.usable(now) {
+            // Only a different, later-expiring token beats a usable one.
+            if ours.ath() == stored.ath() || stored.expires_ms() <= ours.expires_ms() {
+                return false;
+            }
+        }
+        reason != Reason::Window || stored.refresh_from(self.policy.refresh_window) > now
+    }
+
+    fn adopt(&mut self, token: Arc<Token>, now: Instant) {
+        let window = self.policy.refresh_window.min(token.lifetime / 4);
+        let jitter = (window / 10)
+            .min(Duration::from_secs(60))
+            .mul_f64(self.random_unit());
+        self.refresh_at = Some(token.refresh_from(self.policy.refresh_window) + jitter);
+        self.failures = 0;
+        self.retry_at = None;
+        self.last_refresh = Some(now);
+        self.token = Some(token);
+    }
+
+    fn check_shared_copy(
+        &mut self,
+        stored: Option<Arc<Token>>,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        if self.cache_degraded {
+            return;
+        }
+        let Some(ours) = self.usable(now).cloned() else {
+            return;
+        };
+        match stored {
+            Some(theirs) if theirs.ath() == ours.ath() => {
+                if self.unsaved {
+                    self.unsaved = false;
+                }
+            }
+            Some(theirs) if self.adoptable(&theirs, Reason::Retry, now) => {
+                tracing::debug!("adopting a newer token a replica stored");
+                self.adopt(theirs, now);
+            }
+            Some(_) => {
+                // An older or rejected token: ours is the better one to share.
+                fx.push(Effect::Background(vec![StoreOp::Save(ours)]));
+            }
+            None => {
+                if self.unsaved {
+                    tracing::info!("token cache reachable; writing the token back");
+                } else {
+                    tracing::info!("the token cache lost the token; writing it back");
+                }
+                fx.push(Effect::Background(vec![StoreOp::Save(ours)]));
+            }
+        }
+    }
+
+    fn honour_fleet_backoff(&mut self, left: Duration, why: &str, now: Instant) {
+        self.failures = self.failures.max(1);
+        self.retry_at = Some(now + left);
+        self.last_error = Some(format!("{why} (answer given to another replica)"));
+        self.last_error_at = Some(now);
+        tracing::warn!(
+            retry_in_s = left.as_secs(),
+            "not asking Tango for a token: the fleet is backing off ({why})"
+        );
+    }
+
+    /// Records a failure; returns the backoff delay.
+    fn fail(&mut self, e: &MintError, reason: Reason, now: Instant) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let (base, cap) = match e {
+            MintError::RateLimited(_) => (self.policy.rate_limit_base, self.policy.rate_limit_cap),
+            _ => (self.policy.backoff_base, self.policy.backoff_cap),
+        };
+        let exp = base.saturating_mul(1u32 << self.failures.saturating_sub(1).min(16));
+        // ±20 % jitter so replicas and profiles do not retry in step.
+        let delay = exp.min(cap).mul_f64(0.8 + 0.4 * self.random_unit());
+        self.retry_at = Some(now + delay);
+        self.last_error = Some(e.to_string());
+        self.last_error_at = Some(now);
+        let usable_token = self.usable(now).is_some();
+        if let MintError::RateLimited(_) = e {
+            tracing::error!(
+                reason = reason.as_str(),
+                retry_in_s = delay.as_secs(),
+                usable_token,
+                "Tango refused a new token: daily rate limit exceeded ({e}); not asking again before the retry time"
+            );
+        } else {
+            tracing::warn!(
+                reason = reason.as_str(),
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                usable_token,
+                "token request failed: {e}"
+            );
+        }
+        delay
+    }
+
+    fn remember_rejected(&mut self, ath: String) {
+        if !self.rejected.contains(&ath) {
+            if self.rejected.len() == REJECTED_MEMORY {
+                self.rejected.pop_front();
+            }
+            self.rejected.push_back(ath);
+        }
+    }
+
+    fn cache_error(&mut self, e: &StoreError) {
+        if !self.cache_degraded {
+            tracing::warn!("token cache degraded, coordinating inside this process only: {e}");
+        }
+        self.cache_degraded = true;
+    }
+
+    fn cache_ok(&mut self) {
+        if self.cache_degraded {
+            tracing::info!("token cache reachable again");
+            self.cache_degraded = false;
+            // Whatever we hold may be missing there: the next check writes it back.
+            self.unsaved = true;
+            self.next_check = None;
+        }
+    }
+
+    /// A fraction in [0, 1) from a xorshift generator (jitter needs spread, not secrecy).
+    fn random_unit(&mut self) -> f64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
