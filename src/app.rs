@@ -124,7 +124,17 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         ),
         _ => Arc::new(MemoryStore::default()),
     };
-    let profile = Profile::from_config(profile_config, &config.upstream, store, metrics.clone())?;
+    let tuning = crate::token::Tuning {
+        store_check: config.cache.check_interval,
+        ..crate::token::Tuning::default()
+    };
+    let profile = Profile::from_config(
+        profile_config,
+        &config.upstream,
+        store,
+        metrics.clone(),
+        tuning,
+    )?;
     let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
     let admin_state = AdminState::new(config, vec![profile], metrics);
 

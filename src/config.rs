@@ -205,6 +205,7 @@ struct RawCache {
     previous_encryption_key_files: Option<Vec<PathBuf>>,
     redis_password_file: Option<PathBuf>,
     redis_ca_file: Option<PathBuf>,
+    check_interval: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -448,6 +449,10 @@ pub struct CacheConfig {
     /// How to reach Redis (URL, password, roots), resolved.
     #[serde(skip)]
     pub redis: crate::token::RedisOptions,
+    /// How often each replica compares the shared token with its own (one read per interval):
+    /// how soon a replica notices a token another wrote, or a Redis that lost its data.
+    #[serde(serialize_with = "ser_duration")]
+    pub check_interval: Duration,
 }
 
 /// One Tango identity.
@@ -1087,7 +1092,19 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
             }
         },
     };
+    let check_interval = value(
+        raw.check_interval,
+        "5s",
+        "cache.check_interval",
+        parse_duration,
+        p,
+        Duration::from_secs(5),
+    );
+    if check_interval < Duration::from_millis(100) {
+        p.push("cache.check_interval", "must be at least 100ms");
+    }
     CacheConfig {
+        check_interval,
         backend,
         path: raw.path,
         redis_url: raw.redis_url.map(|t| t.0),

@@ -166,6 +166,7 @@ impl Profile {
         upstream: &UpstreamConfig,
         store: Arc<dyn TokenStore>,
         metrics: Arc<Metrics>,
+        tuning: Tuning,
     ) -> Result<Profile, AuthBuildError> {
         let authorizer: Arc<dyn Authorizer> = match &config.auth {
             AuthConfig::Basic {
@@ -190,7 +191,7 @@ impl Profile {
                     store,
                     metrics.clone(),
                     Arc::new(SystemClock),
-                    Tuning::default(),
+                    tuning,
                 );
                 Arc::new(oauth::OAuthAuthorizer::new(
                     &config.name,

@@ -420,6 +420,7 @@ impl Machine {
             Phase::Checking => {
                 self.phase = Phase::Idle;
                 self.check_shared_copy(stored, now, fx);
+                self.next_check = Some(now + self.policy.store_check);
             }
             Phase::Loading(reason) => {
                 if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
@@ -630,6 +631,8 @@ impl Machine {
         self.failures = 0;
         self.retry_at = None;
         self.last_refresh = Some(now);
+        // The store was just read or written: the next comparison can wait a full interval.
+        self.next_check = Some(now + self.policy.store_check);
         self.token = Some(token);
     }
 
@@ -747,5 +750,456 @@ impl Machine {
         x ^= x << 17;
         self.rng = x;
         (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::secret::Secret;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn policy(shared: bool, min_interval: Option<Duration>) -> Policy {
+        Policy {
+            refresh_window: 4 * HOUR,
+            min_interval,
+            shared,
+            lease_ttl: Duration::from_secs(22),
+            store_check: Duration::from_secs(5),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(300),
+            rate_limit_base: Duration::from_secs(60),
+            rate_limit_cap: HOUR,
+            rejected_mint_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// A token with `left` to live out of `lifetime`, as of now.
+    fn token(value: &str, left: Duration, lifetime: Duration) -> Arc<Token> {
+        Arc::new(
+            Token::new(
+                Secret::new(value),
+                left,
+                lifetime,
+                false,
+                Instant::now(),
+                SystemTime::now(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn fresh(value: &str) -> Arc<Token> {
+        token(value, DAY, DAY)
+    }
+
+    fn loaded(stored: Option<Arc<Token>>) -> Event {
+        Event::Loaded {
+            stored: Ok(stored),
+            backoff: Ok(None),
+        }
+    }
+
+    fn down() -> StoreError {
+        StoreError::Unavailable("Redis call timed out".into())
+    }
+
+    fn step(m: &mut Machine, e: Event) -> Vec<Effect> {
+        m.step(e, Instant::now())
+    }
+
+    fn names(fx: &[Effect]) -> Vec<String> {
+        fx.iter()
+            .map(|e| match e {
+                Effect::Background(ops) => format!(
+                    "Background({})",
+                    ops.iter()
+                        .map(|o| match o {
+                            StoreOp::Save(_) => "Save",
+                            StoreOp::RecordMint => "RecordMint",
+                            StoreOp::ShareBackoff(..) => "ShareBackoff",
+                            StoreOp::ReleaseLease => "ReleaseLease",
+                            StoreOp::Announce => "Announce",
+                            StoreOp::Evict(_) => "Evict",
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Effect::Mint(r) => format!("Mint({})", r.as_str()),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A machine holding `t` after a clean cold start (no shared store).
+    fn holding(p: Policy, t: Arc<Token>) -> Machine {
+        let mut m = Machine::new(p, 7);
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        step(&mut m, loaded(Some(t)));
+        assert!(m.token.is_some());
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cold_start_looks_in_the_store_then_mints_once_and_publishes_before_saving() {
+        let mut m = Machine::new(policy(false, None), 1);
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        // Requests nudging the owner while the refresh runs start nothing new.
+        assert!(step(&mut m, Event::Tick).is_empty());
+        assert_eq!(names(&step(&mut m, loaded(None))), ["Mint(cold)"]);
+        assert!(step(&mut m, Event::Tick).is_empty());
+        let fx = step(&mut m, Event::Minted(Ok(fresh("t1"))));
+        // The token is in hand before any store write is even started.
+        assert_eq!(m.token.as_ref().unwrap().access_token.expose(), "t1");
+        assert_eq!(names(&fx), ["Background(Save,RecordMint)"]);
+        assert_eq!((m.mints, m.phase), (1, Phase::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_starts_in_the_window_with_bounded_jitter_and_keeps_serving() {
+        for seed in 1..50 {
+            let mut m = holding(policy(false, None), fresh("t1"));
+            let window_start = Instant::now() + 20 * HOUR;
+            let wake = m.next_wake(Instant::now()).unwrap();
+            assert!(wake >= window_start, "seed {seed}");
+            assert!(
+                wake <= window_start + Duration::from_secs(60),
+                "seed {seed}"
+            );
+            tokio::time::advance(wake - Instant::now()).await;
+            assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+            assert!(m.usable(Instant::now()).is_some(), "still serving");
+        }
+        // A five-minute token: window of 75 s, jitter at most a tenth of it.
+        let mut m = holding(
+            policy(false, None),
+            token("t5", Duration::from_secs(300), Duration::from_secs(300)),
+        );
+        let wake = m.next_wake(Instant::now()).unwrap() - Instant::now();
+        assert!(wake >= Duration::from_secs(225) && wake <= Duration::from_millis(232_500));
+        tokio::time::advance(wake).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(m.phase, Phase::Loading(Reason::Window));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adoption_depends_on_the_reason() {
+        // Cold: a stored token inside its window (3 h of 24 h left) is adopted, not re-minted.
+        let in_window = token("shared", 3 * HOUR, DAY);
+        let mut m = Machine::new(policy(true, None), 3);
+        step(&mut m, Event::Tick);
+        let fx = step(&mut m, loaded(Some(in_window.clone())));
+        assert_eq!(m.token.as_ref().unwrap().access_token.expose(), "shared");
+        // ...and its renewal is due right away, as a window renewal.
+        assert_eq!(names(&fx), ["Load"]);
+        assert_eq!(m.phase, Phase::Loading(Reason::Window));
+        // Window: the same in-window token is not good enough; the refresh goes on to the lease.
+        assert_eq!(names(&step(&mut m, loaded(Some(in_window)))), ["TryLease"]);
+        // A different token still inside its window is refused too.
+        let mut m2 = holding(policy(false, None), token("old", 2 * HOUR, DAY));
+        step(&mut m2, Event::Tick);
+        assert_eq!(m2.phase, Phase::Loading(Reason::Window));
+        let fx = step(
+            &mut m2,
+            loaded(Some(token("newer-but-in-window", 3 * HOUR, DAY))),
+        );
+        assert_eq!(names(&fx), ["Mint(window)"]);
+        // A token outside its window is adopted by a window renewal.
+        let mut m3 = holding(policy(false, None), token("old", 2 * HOUR, DAY));
+        step(&mut m3, Event::Tick);
+        assert!(step(&mut m3, loaded(Some(fresh("fresh")))).is_empty());
+        assert_eq!(m3.token.as_ref().unwrap().access_token.expose(), "fresh");
+        // Expired: any usable token, even one in its window.
+        let mut m4 = holding(
+            policy(false, None),
+            token("short", Duration::from_secs(100), Duration::from_secs(100)),
+        );
+        tokio::time::advance(Duration::from_secs(95)).await;
+        step(&mut m4, Event::Tick);
+        assert_eq!(m4.phase, Phase::Loading(Reason::Expired));
+        step(&mut m4, loaded(Some(token("late", HOUR, DAY))));
+        assert_eq!(m4.token.as_ref().unwrap().access_token.expose(), "late");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleet_mint_budget_defers_window_renewals_but_never_an_unusable_token() {
+        let budget = 20 * HOUR + 15 * 60 * Duration::from_secs(1);
+        let mut p = policy(true, Some(budget));
+        // Keep the periodic store check out of the way of what this test watches.
+        p.store_check = DAY;
+        let mut m = Machine::new(p, 5);
+        step(&mut m, Event::Tick);
+        // A replica minted an hour ago; the token has 3 h left (inside its window).
+        step(&mut m, loaded(Some(token("t", 3 * HOUR, DAY))));
+        assert_eq!(m.phase, Phase::Loading(Reason::Window));
+        assert_eq!(names(&step(&mut m, loaded(None))), ["ReadLedger"]);
+        let fx = step(&mut m, Event::Ledger(Ok(Some(HOUR))));
+        assert!(fx.is_empty(), "{:?}", names(&fx));
+        // The budget opens after the token is unusable: nothing until then, no busy loop.
+        let until = m.token.as_ref().unwrap().usable_until();
+        assert_eq!(m.next_wake(Instant::now()), Some(until));
+        tokio::time::advance(until - Instant::now()).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(m.phase, Phase::Loading(Reason::Expired));
+        assert_eq!(names(&step(&mut m, loaded(None))), ["TryLease"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
+        let mut m = Machine::new(policy(false, None), 11);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        let mut expected = 1.0f64;
+        for attempt in 0..14 {
+            let err = MintError::ServerError {
+                status: 503,
+                message: "down".into(),
+            };
+            assert!(step(&mut m, Event::Minted(Err(err))).is_empty());
+            let delay = (m.retry_at.unwrap() - Instant::now()).as_secs_f64();
+            let nominal = expected.min(300.0);
+            assert!(
+                delay >= nominal * 0.8 - 0.001 && delay <= nominal * 1.2 + 0.001,
+                "attempt {attempt}: {delay} vs {nominal}"
+            );
+            let f = m.failing().unwrap();
+            assert!(f.reason.contains("503"), "{}", f.reason);
+            assert_eq!(m.next_wake(Instant::now()), Some(m.retry_at.unwrap()));
+            tokio::time::advance(m.retry_at.unwrap() - Instant::now()).await;
+            assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+            assert_eq!(m.phase, Phase::Loading(Reason::Retry));
+            step(&mut m, loaded(None));
+            expected *= 2.0;
+        }
+        // Recovery clears the failure for requests.
+        step(&mut m, Event::Minted(Ok(fresh("t"))));
+        assert!(m.failing().is_none() && m.failures == 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_answer_backs_off_for_a_minute_then_longer_up_to_an_hour() {
+        let mut m = Machine::new(policy(false, None), 13);
+        let mut nominal = 60.0f64;
+        for _ in 0..8 {
+            step(&mut m, Event::Tick);
+            step(&mut m, loaded(None));
+            let err = MintError::RateLimited("exceeded the daily rate limit".into());
+            step(&mut m, Event::Minted(Err(err)));
+            let delay = (m.retry_at.unwrap() - Instant::now()).as_secs_f64();
+            let n = nominal.min(3600.0);
+            assert!(
+                delay >= n * 0.8 - 0.001 && delay <= n * 1.2 + 0.001,
+                "{delay} vs {n}"
+            );
+            tokio::time::advance(m.retry_at.unwrap() - Instant::now()).await;
+            nominal *= 2.0;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_for_the_current_token_evicts_it_and_mints_once_and_it_is_never_readopted() {
+        let mut m = holding(policy(false, None), fresh("bad"));
+        let bad = m.token.clone().unwrap();
+        let fx = step(&mut m, Event::Rejected(bad.ath().to_string()));
+        assert_eq!(names(&fx), ["Background(Evict)", "Load"]);
+        assert!(m.token.is_none());
+        assert_eq!(m.phase, Phase::Loading(Reason::Rejected));
+        // The eviction has not landed yet: the store still returns the rejected token.
+        assert_eq!(
+            names(&step(&mut m, loaded(Some(bad.clone())))),
+            ["Mint(rejected)"]
+        );
+        step(&mut m, Event::Minted(Ok(fresh("good"))));
+        // A 401 for the old token, arriving late, changes nothing.
+        assert!(step(&mut m, Event::Rejected(bad.ath().to_string())).is_empty());
+        assert_eq!(m.token.as_ref().unwrap().access_token.expose(), "good");
+        // The fresh token rejected again within 10 s: passed on, no mint, token kept.
+        let good = m.token.clone().unwrap();
+        assert!(step(&mut m, Event::Rejected(good.ath().to_string())).is_empty());
+        assert_eq!(m.mints, 1);
+        assert!(m.token.is_some());
+        // After that interval a rejection costs the token again.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let fx = step(&mut m, Event::Rejected(good.ath().to_string()));
+        assert_eq!(names(&fx), ["Background(Evict)", "Load"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_held_elsewhere_is_waited_for_then_taken_over_once() {
+        let mut m = Machine::new(policy(true, None), 17);
+        step(&mut m, Event::Tick);
+        assert_eq!(names(&step(&mut m, loaded(None))), ["TryLease"]);
+        assert_eq!(names(&step(&mut m, Event::Lease(Ok(false)))), ["PollFleet"]);
+        // Nothing yet: keep polling.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(names(&step(&mut m, loaded(None))), ["PollFleet"]);
+        // The holder's token appears: adopted, no mint.
+        assert!(step(&mut m, loaded(Some(fresh("theirs")))).is_empty());
+        assert_eq!((m.mints, m.phase), (0, Phase::Idle));
+
+        // Lost holder: after the lease time, one takeover.
+        let mut m = Machine::new(policy(true, None), 19);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(false)));
+        tokio::time::advance(Duration::from_secs(23)).await;
+        assert_eq!(names(&step(&mut m, loaded(None))), ["TryLease"]);
+        assert_eq!(
+            names(&step(&mut m, Event::Lease(Ok(true)))),
+            ["HoldLease", "Mint(cold)"]
+        );
+        let fx = step(&mut m, Event::Minted(Ok(fresh("mine"))));
+        assert_eq!(
+            names(&fx),
+            ["Background(Save,RecordMint,ReleaseLease,Announce)"]
+        );
+
+        // Takeover lost to another replica: a coordination failure, not a storm.
+        let mut m = Machine::new(policy(true, None), 23);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(false)));
+        tokio::time::advance(Duration::from_secs(23)).await;
+        step(&mut m, loaded(None));
+        assert!(step(&mut m, Event::Lease(Ok(false))).is_empty());
+        assert!(m.failing().unwrap().reason.contains("lease"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_answer_is_shared_with_the_fleet_and_a_local_failure_is_not() {
+        for (err, shared) in [
+            (
+                MintError::ServerError {
+                    status: 500,
+                    message: "x".into(),
+                },
+                true,
+            ),
+            (
+                MintError::Rejected {
+                    status: 401,
+                    message: "invalid_client".into(),
+                },
+                true,
+            ),
+            (MintError::RateLimited("limit".into()), true),
+            (MintError::Timeout(Duration::from_secs(10)), false),
+            (MintError::Transport("connection refused".into()), false),
+        ] {
+            let mut m = Machine::new(policy(true, None), 29);
+            step(&mut m, Event::Tick);
+            step(&mut m, loaded(None));
+            step(&mut m, Event::Lease(Ok(true)));
+            let fx = step(&mut m, Event::Minted(Err(err.clone())));
+            let want = if shared {
+                "Background(ShareBackoff,ReleaseLease,Announce)"
+            } else {
+                "Background(ReleaseLease,Announce)"
+            };
+            assert_eq!(names(&fx), [want], "{err}");
+            if let [Effect::Background(ops)] = fx.as_slice() {
+                if let Some(StoreOp::ShareBackoff(left, _)) = ops.first() {
+                    assert_eq!(Instant::now() + *left, m.retry_at.unwrap());
+                }
+            }
+        }
+        // A waiter that sees the shared backoff stops waiting and does not mint.
+        let mut m = Machine::new(policy(true, None), 31);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(false)));
+        let fx = step(
+            &mut m,
+            Event::Loaded {
+                stored: Ok(None),
+                backoff: Ok(Some((
+                    Duration::from_secs(8),
+                    "token endpoint failed".into(),
+                ))),
+            },
+        );
+        assert!(fx.is_empty());
+        assert_eq!(m.phase, Phase::Idle);
+        let f = m.failing().unwrap();
+        assert!(f.reason.contains("another replica"), "{}", f.reason);
+        assert_eq!(f.retry_at, Instant::now() + Duration::from_secs(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_is_skipped_on_the_mint_path_and_written_back_when_it_returns() {
+        let mut m = Machine::new(policy(true, None), 37);
+        step(&mut m, Event::Tick);
+        let fx = step(
+            &mut m,
+            Event::Loaded {
+                stored: Err(down()),
+                backoff: Err(down()),
+            },
+        );
+        // No lease call: straight to the token endpoint.
+        assert_eq!(names(&fx), ["Mint(cold)"]);
+        assert!(m.cache_degraded);
+        step(&mut m, Event::Minted(Ok(fresh("t"))));
+        step(&mut m, Event::Bookkept(Err(down())));
+        assert!(m.cache_degraded);
+        // A later refresh while degraded makes no store call before minting either.
+        let t = m.token.clone().unwrap();
+        step(&mut m, Event::Rejected(t.ath().to_string()));
+        assert_eq!(
+            m.phase,
+            Phase::Minting {
+                reason: Reason::Rejected,
+                lease: false
+            }
+        );
+        step(&mut m, Event::Minted(Ok(fresh("t2"))));
+        step(&mut m, Event::Bookkept(Err(down())));
+        // The periodic check finds the store back and empty: the token is written back.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(names(&step(&mut m, loaded(None))), ["Background(Save)"]);
+        assert!(!m.cache_degraded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_check_writes_nothing_while_the_store_holds_our_token() {
+        let mut m = Machine::new(policy(true, None), 41);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(true)));
+        step(&mut m, Event::Minted(Ok(fresh("ours"))));
+        step(&mut m, Event::Bookkept(Ok(())));
+        let ours = m.token.clone().unwrap();
+        for _ in 0..20 {
+            let wake = m.next_wake(Instant::now()).unwrap();
+            assert_eq!(wake - Instant::now(), Duration::from_secs(5));
+            tokio::time::advance(wake - Instant::now()).await;
+            assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+            // The same token read back (its expiry now at millisecond precision): no write.
+            assert!(step(&mut m, loaded(Some(ours.clone()))).is_empty());
+        }
+        // A newer token a replica stored is adopted.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        step(&mut m, Event::Tick);
+        let theirs = token("theirs", DAY + HOUR, DAY + HOUR);
+        assert!(step(&mut m, loaded(Some(theirs))).is_empty());
+        assert_eq!(m.token.as_ref().unwrap().access_token.expose(), "theirs");
+        // A store that lost the token gets ours back, once per check.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        step(&mut m, Event::Tick);
+        assert_eq!(names(&step(&mut m, loaded(None))), ["Background(Save)"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_machine_serves_its_token_without_minting() {
+        let t = fresh("held");
+        let mut m = Machine::resume(policy(false, None), 43, Some(t), Instant::now());
+        assert!(m.usable(Instant::now()).is_some());
+        assert!(step(&mut m, Event::Tick).is_empty());
+        assert_eq!(m.mints, 0);
     }
 }

@@ -457,7 +457,12 @@ async fn supervise(
     let mut delay = ctx.tuning.restart_delay;
     loop {
         let last = publish.borrow().clone();
-        let machine = Machine::resume(policy.clone(), seed(), last.token.clone(), Instant::now());
+        let mut machine =
+            Machine::resume(policy.clone(), seed(), last.token.clone(), Instant::now());
+        if let Some(crash) = &last.crashed {
+            machine.last_error = Some(crash.clone());
+            machine.last_error_at = Some(Instant::now());
+        }
         let owner = tokio::spawn(run(
             ctx.clone(),
             machine,
@@ -748,4 +753,310 @@ async fn bookkeep(ctx: Arc<Ctx>, ops: Vec<StoreOp>) {
         }
     }
     let _ = ctx.events.send(Event::Bookkept(outcome));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::secret::Secret;
+    use crate::token::store::{MemoryStore, StoreFuture};
+    use crate::token::{MintFuture, Minted, Record};
+
+    /// A token endpoint that answers after `delay`, panics on the calls listed in `panic_on`.
+    #[derive(Debug)]
+    struct FakeSource {
+        calls: AtomicU32,
+        delay: Duration,
+        lifetime: u64,
+        panic_on: Vec<u32>,
+    }
+
+    impl FakeSource {
+        fn new(delay: Duration, lifetime: u64) -> Arc<Self> {
+            Self::panicking(delay, lifetime, vec![])
+        }
+
+        fn panicking(delay: Duration, lifetime: u64, panic_on: Vec<u32>) -> Arc<Self> {
+            Arc::new(Self {
+                calls: AtomicU32::new(0),
+                delay,
+                lifetime,
+                panic_on,
+            })
+        }
+
+        fn calls(&self) -> u32 {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for FakeSource {
+        fn fetch(&self) -> MintFuture<'_> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                if self.panic_on.contains(&n) {
+                    panic!("simulated crash in a token request");
+                }
+                Ok(Minted {
+                    access_token: Secret::new(format!("token-{n}")),
+                    token_type: "bearer".into(),
+                    expires_in: Some(self.lifetime),
+                })
+            })
+        }
+
+        fn grant(&self) -> &str {
+            "password"
+        }
+    }
+
+    /// A wall clock tests can step.
+    #[derive(Debug)]
+    struct SteppedClock(AtomicU64);
+
+    impl SteppedClock {
+        fn new() -> Arc<Self> {
+            Arc::new(Self(AtomicU64::new(1_800_000_000_000)))
+        }
+
+        fn step(&self, forward: bool, by: Duration) {
+            let ms = by.as_millis() as u64;
+            if forward {
+                self.0.fetch_add(ms, Ordering::SeqCst);
+            } else {
+                self.0.fetch_sub(ms, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Clock for SteppedClock {
+        fn wall(&self) -> SystemTime {
+            std::time::UNIX_EPOCH + Duration::from_millis(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    /// A shared store whose lease answers are scripted (true once the script runs out).
+    #[derive(Debug, Default)]
+    struct FleetStore {
+        tokens: MemoryStore,
+        leases: StdMutex<VecDeque<bool>>,
+    }
+
+    impl TokenStore for FleetStore {
+        fn name(&self) -> &'static str {
+            "fleet"
+        }
+        fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>> {
+            self.tokens.load(key)
+        }
+        fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
+            self.tokens.save(key, token)
+        }
+        fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool> {
+            self.tokens.evict_if(key, ath)
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+        fn try_lease<'a>(&'a self, _: &'a str, _: &'a str, _: Duration) -> StoreFuture<'a, bool> {
+            let next = self.leases.lock().unwrap().pop_front().unwrap_or(true);
+            Box::pin(async move { Ok(next) })
+        }
+    }
+
+    fn config(token_timeout: Duration) -> OAuthConfig {
+        OAuthConfig {
+            token_url: "https://auth.example/oauth/token".into(),
+            audience: "https://api.tangocard.com/".into(),
+            scope: "raas.all".into(),
+            client_id: "client".into(),
+            client_secret: Secret::new("secret"),
+            client_secret_file: None,
+            username: Some("svc".into()),
+            password: Some(Secret::new("pw")),
+            password_file: None,
+            refresh_window: Duration::from_secs(4 * 3600),
+            min_token_interval: None,
+            token_timeout,
+            dpop: None,
+        }
+    }
+
+    fn start(
+        source: Arc<FakeSource>,
+        store: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+        token_timeout: Duration,
+    ) -> TokenManager {
+        start_tuned(source, store, clock, token_timeout, Tuning::default())
+    }
+
+    fn start_tuned(
+        source: Arc<FakeSource>,
+        store: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+        token_timeout: Duration,
+        tuning: Tuning,
+    ) -> TokenManager {
+        TokenManager::start(
+            "default",
+            &config(token_timeout),
+            source,
+            None,
+            store,
+            Arc::new(Metrics::new()),
+            clock,
+            tuning,
+        )
+    }
+
+    /// Lets the owner and spawned tasks run without moving paused time.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn five_hundred_cold_requests_share_one_token_request() {
+        let source = FakeSource::new(Duration::from_millis(700), 86_400);
+        let manager = Arc::new(start(
+            source.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        ));
+        let waiters: Vec<_> = (0..500)
+            .map(|_| {
+                let m = manager.clone();
+                tokio::spawn(async move { m.usable().await.map(|t| t.ath().to_string()) })
+            })
+            .collect();
+        let mut aths = std::collections::HashSet::new();
+        for w in waiters {
+            aths.insert(w.await.unwrap().unwrap());
+        }
+        assert_eq!((source.calls(), aths.len()), (1, 1));
+        assert!(manager.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_outlasts_a_lease_wait_and_a_slow_takeover_mint() {
+        // Another replica holds the lease and never produces a token; the takeover mint is
+        // slow. token_timeout 10 s: lease 22 s, then a 9 s mint.
+        let store = Arc::new(FleetStore::default());
+        store.leases.lock().unwrap().push_back(false);
+        let source = FakeSource::new(Duration::from_secs(9), 86_400);
+        let manager = start(
+            source.clone(),
+            store,
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        );
+        let started = Instant::now();
+        let token = manager.usable().await.unwrap();
+        assert_eq!(token.access_token.expose(), "token-1");
+        assert!(
+            started.elapsed() >= Duration::from_secs(31),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_owner_is_reported_and_restarted_with_its_token_without_a_mint() {
+        // 100 s tokens renew from 75 s (+ up to 2.5 s jitter); the renewal's request panics.
+        let source = FakeSource::panicking(Duration::from_millis(10), 100, vec![2]);
+        let manager = start_tuned(
+            source.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+            Tuning {
+                restart_delay: Duration::from_secs(5),
+                ..Tuning::default()
+            },
+        );
+        let first = manager.usable().await.unwrap();
+        // The crash comes between 75 s and 77.5 s; the restart 5 s later.
+        tokio::time::sleep(Duration::from_secs(79)).await;
+        settle().await;
+        // Down: reported, not ready, and the held token is still what requests would get once
+        // the owner is back.
+        let status = manager.status();
+        assert_eq!(status.task_restarts, 1);
+        assert!(status.last_error.unwrap().contains("crashed"));
+        assert!(!manager.is_ready());
+        // Restarted after the back-off, from the held token.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        settle().await;
+        let token = manager.usable().await.unwrap();
+        assert!(manager.is_ready());
+        // The restart itself minted nothing: the renewal it still owed is the only new call.
+        assert!(source.calls() <= 3, "{} calls", source.calls());
+        assert!(
+            token.ath() == first.ath() || token.access_token.expose() == "token-3",
+            "unexpected token"
+        );
+        let status = manager.status();
+        assert!(status.last_error.unwrap().contains("crashed"));
+        assert_eq!(status.task_restarts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wall_clock_steps_neither_expire_nor_extend_the_token() {
+        let clock = SteppedClock::new();
+        let source = FakeSource::new(Duration::from_millis(10), 3600);
+        let store = Arc::new(FleetStore::default());
+        let manager = start(
+            source.clone(),
+            store,
+            clock.clone(),
+            Duration::from_secs(10),
+        );
+        let t = manager.usable().await.unwrap();
+        // NTP steps the wall clock two hours forward, then back: the token is still the one
+        // in use, and no mint happens (the periodic store checks run meanwhile).
+        clock.step(true, Duration::from_secs(2 * 3600));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(manager.current().unwrap().ath(), t.ath());
+        clock.step(false, Duration::from_secs(4 * 3600));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(manager.current().unwrap().ath(), t.ath());
+        assert_eq!(source.calls(), 1);
+        // The token still expires by the monotonic clock: the renewal comes at 45 min.
+        tokio::time::sleep(Duration::from_secs(45 * 60)).await;
+        settle().await;
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_token_is_replaced_once_and_a_second_rejection_is_declined() {
+        let source = FakeSource::new(Duration::from_millis(10), 86_400);
+        let manager = start(
+            source.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        );
+        let bad = manager.usable().await.unwrap();
+        let ticket = manager.reject(bad.ath());
+        let Need::Replaced(fresh) = manager.replacement(&bad, ticket).await else {
+            panic!("no replacement");
+        };
+        assert_ne!(fresh.ath(), bad.ath());
+        // Rejected again at once: the owner declines to mint again within 10 s.
+        let ticket = manager.reject(fresh.ath());
+        assert!(matches!(
+            manager.replacement(&fresh, ticket).await,
+            Need::Declined
+        ));
+        assert_eq!(source.calls(), 2);
+    }
 }

@@ -384,3 +384,157 @@ pub trait TokenSource: std::fmt::Debug + Send + Sync {
     /// The grant it uses, as sent (part of the cache fingerprint).
     fn grant(&self) -> &str;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(exp: &str) -> String {
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.sig",
+            enc(r#"{"alg":"RS256","typ":"JWT"}"#),
+            enc(&format!(r#"{{"sub":"x","exp":{exp}}}"#))
+        )
+    }
+
+    const NOW: u64 = 1_800_000_000;
+    const DAY_AUD: &str = "https://api.tangocard.com/";
+    const FIVE_AUD: &str = "https://api.bhn.com/fiveminute";
+
+    fn wall() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW)
+    }
+
+    #[test]
+    fn lifetime_sources_follow_design_section_4() {
+        let l = |e: Option<u64>, t: &str, a: &str| lifetime(e, t, a, wall());
+        assert_eq!(l(Some(86_400), "opaque", DAY_AUD).duration, DAY_LIFETIME);
+        assert_eq!(
+            l(Some(300), "opaque", DAY_AUD).source,
+            LifetimeSource::ExpiresIn
+        );
+        // Tango documents 30 days once; that is believed.
+        assert_eq!(
+            l(Some(2_592_000), "opaque", DAY_AUD).duration,
+            Duration::from_secs(2_592_000)
+        );
+        // 0 or missing with a JWT exp: the exp.
+        let in_an_hour = jwt(&(NOW + 3_600).to_string());
+        let got = l(Some(0), &in_an_hour, DAY_AUD);
+        assert_eq!(
+            (got.duration, got.source),
+            (Duration::from_secs(3_600), LifetimeSource::JwtExp)
+        );
+        assert_eq!(l(None, &in_an_hour, DAY_AUD).duration, HOUR);
+        // An expired JWT is no hint, and not reported as absurd.
+        let old = l(None, &jwt("1000"), DAY_AUD);
+        assert_eq!((old.duration, old.ignored.len()), (DAY_LIFETIME, 0));
+        // Neither: the audience's documented lifetime.
+        assert_eq!(l(None, "opaque", DAY_AUD).duration, DAY_LIFETIME);
+        assert_eq!(
+            l(Some(0), "opaque", FIVE_AUD).duration,
+            FIVE_MINUTE_LIFETIME
+        );
+        assert_eq!(
+            l(None, "opaque", "https://tango-api.bhn.com/fiveminute").source,
+            LifetimeSource::Audience
+        );
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn absurd_lifetimes_are_ignored_and_reported_never_trusted() {
+        let l = |e: Option<u64>, t: &str| lifetime(e, t, DAY_AUD, wall());
+        // 1e300 parses (saturating) to u64::MAX; both are ignored.
+        for huge in [u64::MAX, 400 * 86_400 + 1, 10_000_000_000] {
+            let got = l(Some(huge), "opaque");
+            assert_eq!(got.duration, DAY_LIFETIME, "{huge}");
+            assert_eq!(got.ignored, [IgnoredHint::ExpiresIn]);
+        }
+        // Exactly 400 days is the last believed value.
+        assert_eq!(l(Some(400 * 86_400), "opaque").duration, MAX_LIFETIME);
+        // A JWT exp far out, or beyond what a clock can hold: ignored too.
+        for exp in ["99999999999999", "1e300", "18446744073709551615"] {
+            let got = l(None, &jwt(exp));
+            assert_eq!(got.duration, DAY_LIFETIME, "{exp}");
+            assert_eq!(got.ignored, [IgnoredHint::JwtExp], "{exp}");
+        }
+        // Both absurd: both reported, the audience decides.
+        let got = l(Some(u64::MAX), &jwt("1e300"));
+        assert_eq!(got.ignored, [IgnoredHint::ExpiresIn, IgnoredHint::JwtExp]);
+        assert_eq!(got.source, LifetimeSource::Audience);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_never_overflow_the_clocks() {
+        let now = Instant::now();
+        let t = Token::new(
+            Secret::new("t"),
+            Duration::MAX,
+            Duration::MAX,
+            false,
+            now,
+            wall(),
+        )
+        .unwrap();
+        assert_eq!(t.expires(), now + MAX_LIFETIME);
+        assert!(t.usable_at(now));
+        // A stored record claiming an absurd expiry is not believed.
+        let far = Record {
+            access_token: Secret::new("t"),
+            expires_at: wall() + Duration::from_secs(500 * 86_400),
+            lifetime: DAY_LIFETIME,
+            dpop: false,
+        };
+        assert!(Token::from_record(far, now, wall()).is_none());
+        let expired = Record {
+            access_token: Secret::new("t"),
+            expires_at: wall() - Duration::from_secs(1),
+            lifetime: DAY_LIFETIME,
+            dpop: false,
+        };
+        assert!(Token::from_record(expired, now, wall()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn usable_and_window_rules() {
+        let now = Instant::now();
+        let day = Token::new(
+            Secret::new("t"),
+            DAY_LIFETIME,
+            DAY_LIFETIME,
+            false,
+            now,
+            wall(),
+        )
+        .unwrap();
+        assert!(day.usable_at(now + DAY_LIFETIME - Duration::from_secs(31)));
+        assert!(!day.usable_at(now + DAY_LIFETIME - Duration::from_secs(30)));
+        // A 24 h token renews in its last 4 h; a 5-minute token in its last 75 s.
+        assert_eq!(day.refresh_from(4 * HOUR), now + 20 * HOUR);
+        let five = Token::new(
+            Secret::new("t"),
+            FIVE_MINUTE_LIFETIME,
+            FIVE_MINUTE_LIFETIME,
+            false,
+            now,
+            wall(),
+        )
+        .unwrap();
+        assert_eq!(five.refresh_from(4 * HOUR), now + Duration::from_secs(225));
+        assert_eq!(five.skew(), Duration::from_secs(30));
+        // A 10-second token keeps a 1-second margin, not 30.
+        let ten = Duration::from_secs(10);
+        let short = Token::new(Secret::new("t"), ten, ten, false, now, wall()).unwrap();
+        assert!(short.usable_at(now + Duration::from_secs(8)));
+        assert!(!short.usable_at(now + Duration::from_secs(9)));
+        // The wall-clock expiry is kept to the millisecond a record stores.
+        assert_eq!(day.expires_ms() % 1000, 0);
+        assert_eq!(
+            day.expires_at,
+            UNIX_EPOCH + Duration::from_secs(NOW) + DAY_LIFETIME
+        );
+    }
+}

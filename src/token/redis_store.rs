@@ -84,30 +84,10 @@ pub struct RedisOptions {
 impl std::fmt::Debug for RedisOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisOptions")
-            .field("url", &redact_url(&self.url))
+            .field("url", &crate::config::redact_url_password(&self.url))
             .field("password", &self.password)
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .finish()
-    }
-}
-
-/// The URL with any password in its user info replaced (`redis://user:<redacted>@host`).
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    // The user info ends at the last '@' before the path.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            format!(
-                "{scheme}://{user}:{}{}",
-                crate::secret::REDACTED,
-                &rest[at..]
-            )
-        }
-        None => url.to_string(),
     }
 }
 
@@ -776,6 +756,18 @@ mod tests {
         assert_eq!(s.path, ["mymaster", "2"]);
         assert_eq!(s.password.as_deref(), Some("pw"));
         assert!(s.user.is_none());
+    }
+
+    #[test]
+    fn options_never_show_a_password_in_debug() {
+        let options = RedisOptions {
+            url: "rediss://app:url-pa55word@redis.example:6380/0".into(),
+            password: Some(Secret::new("file-pa55word")),
+            ca_pem: None,
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert!(shown.contains("redis.example:6380"), "{shown}");
     }
 
     #[test]
