@@ -10,7 +10,7 @@ use tango_auth_proxy::mock::FailMode;
 
 use crate::support::*;
 
-fn keygen(dir: &Path, alg: &str) -> (PathBuf, String) {
+pub fn keygen(dir: &Path, alg: &str) -> (PathBuf, String) {
     let out = dir.join(format!("dpop-{alg}.pem"));
     let (code, stdout, stderr) = run_bin(
         &["keygen", "--alg", alg, "--out", out.to_str().unwrap()],
@@ -20,7 +20,7 @@ fn keygen(dir: &Path, alg: &str) -> (PathBuf, String) {
     (out, stdout.trim().to_string())
 }
 
-fn dpop_toml(mock_url: &str, upstream_url: &str, key: &Path) -> String {
+pub fn dpop_toml(mock_url: &str, upstream_url: &str, key: &Path) -> String {
     oauth_toml(
         mock_url,
         "service_account",

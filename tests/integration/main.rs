@@ -9,6 +9,7 @@ mod config;
 mod dpop;
 mod errors;
 mod forwarding;
+mod lifecycle;
 mod logs;
 mod mock;
 mod oauth;

@@ -137,6 +137,35 @@ impl RedisServer {
             .sum()
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: a frozen server still accepts TCP
+    /// connections (the kernel does) but answers nothing, like a network black hole.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let ok = std::process::Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill {sig} failed");
+        }
+    }
+
+    /// Calls of the named commands so far (from INFO commandstats), e.g. `["set", "evalsha"]`.
+    pub fn calls_of(&self, commands: &[&str]) -> u64 {
+        let info: String = self.cmd(&["INFO", "commandstats"]);
+        info.lines()
+            .filter(|l| {
+                commands
+                    .iter()
+                    .any(|c| l.starts_with(&format!("cmdstat_{c}:")))
+            })
+            .filter_map(|l| l.split("calls=").nth(1))
+            .filter_map(|rest| rest.split(',').next())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Kills the server (SIGKILL), losing its data.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -148,6 +177,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        self.freeze(false);
         self.kill();
     }
 }

@@ -3,6 +3,9 @@
 //! * `/download?bytes=N` streams N pattern bytes;
 //! * `/slow?ms=N` answers after N ms;
 //! * `/redirect` answers 302 to another host;
+//! * `/raas/v2/401/CLASS` answers 401 with the `WWW-Authenticate` of that class
+//!   (`invalid_dpop_proof`, `use_dpop_nonce` with a `DPoP-Nonce`, `invalid_token`, `bearer`, or
+//!   anything else for no challenge);
 //! * anything else answers 200 with `{"len":..,"sha256":..}` of the request body and an
 //!   `x-request-id` of its own.
 
@@ -158,6 +161,25 @@ async fn handle(
     } else if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(5000))).await;
         json(200, r#"{"slow":true}"#)
+    } else if let Some(class) = path.strip_prefix("/raas/v2/401/") {
+        // A 401 of the given class, as Tango sends them.
+        let mut r = json(401, r#"{"httpCode":401,"message":"Unauthorized"}"#);
+        let challenge = match class {
+            "invalid_dpop_proof" => Some(r#"DPoP algs="ES256 EdDSA", error="invalid_dpop_proof""#),
+            "use_dpop_nonce" => Some(r#"DPoP error="use_dpop_nonce""#),
+            "invalid_token" => Some(r#"DPoP error="invalid_token""#),
+            "bearer" => Some(r#"Bearer error="invalid_token""#),
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            r.headers_mut()
+                .insert("www-authenticate", c.parse().unwrap());
+        }
+        if class == "use_dpop_nonce" {
+            r.headers_mut()
+                .insert("dpop-nonce", "upstream-nonce-1".parse().unwrap());
+        }
+        r
     } else if path.ends_with("/redirect") {
         Response::builder()
             .status(302)
