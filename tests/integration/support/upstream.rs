@@ -1,5 +1,5 @@
 //! A recording fake upstream. Every request is hashed as it streams in (never buffered) and
-//! recorded with its headers. Paths:
+//! recorded with its headers and whether its body arrived complete. Paths:
 //! * `/download?bytes=N` streams N pattern bytes;
 //! * `/slow?ms=N` answers after N ms;
 //! * `/redirect` answers 302 to another host;
@@ -34,6 +34,8 @@ pub struct Seen {
     pub headers: HeaderMap,
     pub body_len: u64,
     pub body_sha256: String,
+    /// True only when the request body ended cleanly; false when the sender broke it off.
+    pub complete: bool,
 }
 
 #[derive(Clone)]
@@ -125,11 +127,20 @@ async fn handle(
     let (parts, mut body) = req.into_parts();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut len = 0u64;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
-        if let Some(data) = frame.data_ref() {
-            len += data.len() as u64;
-            ctx.update(data);
+    let mut complete = false;
+    loop {
+        match body.frame().await {
+            None => {
+                complete = true;
+                break;
+            }
+            Some(Err(_)) => break,
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    len += data.len() as u64;
+                    ctx.update(data);
+                }
+            }
         }
     }
     let sha = super::hex(ctx.finish().as_ref());
@@ -140,6 +151,7 @@ async fn handle(
         headers: parts.headers.clone(),
         body_len: len,
         body_sha256: sha.clone(),
+        complete,
     });
     let query = parts.uri.query().unwrap_or_default().to_string();
     let param = |name: &str| -> Option<u64> {
