@@ -181,6 +181,7 @@ struct RawListen {
     workers: Option<usize>,
     grace_period: Option<Text>,
     allow_non_loopback: Option<bool>,
+    body_idle_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +329,9 @@ pub struct ListenConfig {
     pub grace_period: Duration,
     /// Allow the proxy listener on a non-loopback address.
     pub allow_non_loopback: bool,
+    /// Longest wait for the next piece of an app's request body before it gets 408.
+    #[serde(serialize_with = "ser_duration")]
+    pub body_idle_timeout: Duration,
 }
 
 /// `[upstream]`: where requests go.
@@ -918,6 +922,17 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         p,
         Duration::ZERO,
     );
+    let body_idle_timeout = value(
+        raw.body_idle_timeout,
+        "30s",
+        "listen.body_idle_timeout",
+        parse_duration,
+        p,
+        Duration::ZERO,
+    );
+    if body_idle_timeout.is_zero() && !p.0.iter().any(|x| x.key == "listen.body_idle_timeout") {
+        p.push("listen.body_idle_timeout", "must be greater than zero");
+    }
     let allow_non_loopback = raw.allow_non_loopback.unwrap_or(false);
     if !proxy.ip().is_loopback() && !allow_non_loopback {
         p.push(
@@ -944,6 +959,7 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         workers,
         grace_period,
         allow_non_loopback,
+        body_idle_timeout,
     }
 }
 
@@ -1440,6 +1456,7 @@ mod tests {
         assert_eq!(c.listen.admin, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.listen.max_body, 10 << 20);
         assert_eq!(c.listen.workers, 0);
+        assert_eq!(c.listen.body_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.upstream.url.to_string(), SANDBOX_URL);
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
         assert!(!c.upstream.allow_http);
@@ -1507,6 +1524,26 @@ mod tests {
         );
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("profiles.default.username: not used"));
+    }
+
+    #[test]
+    fn body_idle_timeout_must_be_positive() {
+        let basic =
+            "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+        let found = problems(&format!("[listen]\nbody_idle_timeout = \"0s\"\n{basic}"));
+        assert_eq!(
+            found,
+            ["listen.body_idle_timeout: must be greater than zero"],
+            "{found:?}"
+        );
+        let found = problems(&format!("[listen]\nbody_idle_timeout = \"soon\"\n{basic}"));
+        assert!(
+            found.len() == 1 && found[0].starts_with("listen.body_idle_timeout: not a duration"),
+            "{found:?}"
+        );
+        let c = Config::from_toml(&format!("[listen]\nbody_idle_timeout = \"250ms\"\n{basic}"))
+            .unwrap();
+        assert_eq!(c.listen.body_idle_timeout, Duration::from_millis(250));
     }
 
     #[test]

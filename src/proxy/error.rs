@@ -29,6 +29,9 @@ pub enum ProxyError {
         /// The configured limit in bytes.
         limit: u64,
     },
+    /// The app stopped sending its request body for `listen.body_idle_timeout`.
+    #[error("the request body stalled: nothing arrived for {} (listen.body_idle_timeout)", humantime::format_duration(*.0))]
+    RequestTimeout(Duration),
     /// The request header section exceeds `listen.max_header_size`.
     #[error("request header section of {size} bytes exceeds the {limit}-byte limit (listen.max_header_size)")]
     HeadersTooLarge {
@@ -60,6 +63,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -73,6 +77,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -135,7 +140,7 @@ struct ErrorBody<'a> {
 mod tests {
     use super::*;
 
-    /// Pins the cause → status table of DESIGN.md §3.
+    /// Pins the cause → status table of DESIGN.md §3 (plus `request_timeout`, which it omits).
     #[test]
     fn causes_map_to_the_documented_statuses() {
         let cases = [
@@ -146,6 +151,11 @@ mod tests {
                 405,
             ),
             (ProxyError::BodyTooLarge { limit: 1 }, "body_too_large", 413),
+            (
+                ProxyError::RequestTimeout(Duration::from_secs(30)),
+                "request_timeout",
+                408,
+            ),
             (
                 ProxyError::HeadersTooLarge { size: 2, limit: 1 },
                 "headers_too_large",
