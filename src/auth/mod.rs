@@ -90,8 +90,9 @@ impl Authorization<'_> {
     }
 }
 
-/// The credential to replay a rejected request with once, or `None` to pass the 401 on.
-pub type Replay<'a> = Pin<Box<dyn Future<Output = Option<Credential>> + Send + 'a>>;
+/// Resolves once a fresh credential is available for a replay (true), or to false when the 401
+/// should be passed on.
+pub type Replay<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
 /// The request a credential is for; DPoP proofs sign the method and target URL.
 #[derive(Debug, Clone, Copy)]
@@ -131,17 +132,13 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn replays(&self) -> bool {
         false
     }
-    /// Tango answered 401 (`response` holds its headers) to a request to `target` sent with
-    /// `used`. Acts at once (a rejected token is evicted before the future is polled) and
-    /// returns the credential to replay with once, or `None` to pass the 401 on. Dropping the
-    /// future (a request that cannot be replayed) is fine.
-    fn rejected<'a>(
-        &'a self,
-        _used: &Credential,
-        _response: &http::HeaderMap,
-        _target: Target<'a>,
-    ) -> Replay<'a> {
-        Box::pin(async { None })
+    /// Tango answered 401 (`response` holds its headers) to a request sent with `used`. Acts
+    /// at once (a rejected token is evicted before this returns); the future resolves to true
+    /// once [`Authorizer::authorize`] would give a credential worth one replay (a new token, or
+    /// the same token with a fresh DPoP proof), false to pass the 401 on. Dropping it (a
+    /// request that cannot be replayed) is fine.
+    fn rejected<'a>(&'a self, _used: &Credential, _response: &http::HeaderMap) -> Replay<'a> {
+        Box::pin(async { false })
     }
     /// Sees every upstream response to a request sent to `uri` (DPoP reads `DPoP-Nonce` here).
     fn observe(&self, _uri: &http::Uri, _headers: &http::HeaderMap) {}

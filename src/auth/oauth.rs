@@ -480,45 +480,31 @@ impl Authorizer for OAuthAuthorizer {
         }
     }
 
-    fn rejected<'a>(
-        &'a self,
-        used: &Credential,
-        response: &HeaderMap,
-        target: Target<'a>,
-    ) -> Replay<'a> {
+    fn rejected<'a>(&'a self, used: &Credential, response: &HeaderMap) -> Replay<'a> {
         let class = Challenge::of(response);
         if class != Challenge::Token {
-            if self.dpop.is_none() {
-                // A DPoP challenge to a Bearer profile: nothing a new proof could fix.
-                return Box::pin(async { None });
-            }
-            if class == Challenge::Proof {
+            if class == Challenge::Proof && self.dpop.is_some() {
                 self.warn_proof_refused(response);
             }
-            // Same token, fresh proof (with the nonce `observe` recorded).
-            return Box::pin(async move {
-                let token = self.manager.current()?;
-                self.credential(&token, target).ok()
-            });
+            // Same token, fresh proof (with the nonce `observe` recorded). A DPoP challenge
+            // to a Bearer profile is nothing a new proof could fix.
+            let replay = self.dpop.is_some();
+            return Box::pin(async move { replay });
         }
         self.metrics.upstream_401(&self.profile);
-        let current = self.manager.current();
-        match current {
+        match self.manager.current() {
             Some(t) if t.authorization() == used.authorization => {
                 let ticket = self.manager.reject(t.ath());
                 Box::pin(async move {
-                    match self.manager.replacement(&t, ticket).await {
-                        Need::Replaced(fresh) => self.credential(&fresh, target).ok(),
-                        Need::Declined | Need::Unavailable(_) => None,
-                    }
+                    matches!(
+                        self.manager.replacement(&t, ticket).await,
+                        Need::Replaced(_)
+                    )
                 })
             }
             // Another request already had it replaced.
-            Some(t) => Box::pin(async move { self.credential(&t, target).ok() }),
-            None => Box::pin(async move {
-                let t = self.manager.usable().await.ok()?;
-                self.credential(&t, target).ok()
-            }),
+            Some(_) => Box::pin(async { true }),
+            None => Box::pin(async move { self.manager.usable().await.is_ok() }),
         }
     }
 

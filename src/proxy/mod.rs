@@ -1,7 +1,9 @@
 //! The forwarding proxy: inbound checks, credentials, the upstream call, error answers.
 //!
-//! [`Proxy::handle`] is the whole request path. It never buffers a body: request and response
+//! [`Proxy::handle`] is the whole request path. It never reads a body whole: request and response
 //! bodies stream frame by frame, so memory per request stays small whatever the transfer size.
+//! Request bodies go through [`OutboundBody`], which enforces `listen.max_body` and
+//! `listen.body_idle_timeout` on every profile and keeps the capped copy a 401 replay needs.
 //! The upstream origin comes only from configuration; absolute-form requests naming any other
 //! authority are refused rather than forwarded somewhere unexpected.
 
@@ -12,20 +14,21 @@ pub mod headers;
 pub mod server;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Either, Full};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::auth::{AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::metrics::Metrics;
-pub use body::OutboundBody;
+use body::{BodyFailure, BodyLimits, BodyWatch};
+pub use body::{OutboundBody, OutboundBodyError};
 use client::UpstreamClient;
 pub use error::{ProxyError, PROXY_ERROR_HEADER};
 use headers::RequestIds;
@@ -43,6 +46,7 @@ struct Inner {
     client: UpstreamClient,
     profile: Profile,
     max_body: u64,
+    body_idle_timeout: Duration,
     max_header_size: u64,
     timeout: Duration,
     replay_max_body: u64,
@@ -78,6 +82,7 @@ impl Proxy {
             client,
             profile,
             max_body: config.listen.max_body,
+            body_idle_timeout: config.listen.body_idle_timeout,
             max_header_size: config.listen.max_header_size,
             timeout: config.upstream.timeout,
             replay_max_body: config.upstream.replay_max_body,
@@ -164,19 +169,16 @@ impl Proxy {
                 )));
             }
         }
-        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-            match len.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-                Some(n) if n > inner.max_body => {
-                    return Err(ProxyError::BodyTooLarge {
-                        limit: inner.max_body,
-                    })
-                }
-                Some(_) => {}
-                None => return Err(ProxyError::BadRequest("invalid Content-Length".into())),
-            }
+        // The body's own size hint (exact for a Content-Length) refuses a body known to be too
+        // large before a token is spent on it; chunked bodies are cut off mid-stream instead.
+        if body.size_hint().lower() > inner.max_body {
+            return Err(ProxyError::BodyTooLarge {
+                limit: inner.max_body,
+            });
         }
         let uri = self.upstream_uri(parts.uri.path_and_query())?;
 
+        // Nothing is read before the first send, so the credential is fetched right before it.
         let authorizer = &inner.profile.authorizer;
         let credential = authorizer
             .authorize(Target {
@@ -192,89 +194,81 @@ impl Proxy {
         // The pooled client picks HTTP/2 itself when ALPN negotiates it.
         parts.version = Version::HTTP_11;
 
-        // Small bodies of profiles that can replay are read first, so a 401 can be retried once.
-        if !(authorizer.replays() && fits(&parts.headers, inner.replay_max_body)) {
-            // Most calls (GETs) have no body: skip the limit wrapper and its flag.
-            let (body, exceeded) = if http_body::Body::is_end_stream(&body) {
-                (OutboundBody::buffered(Bytes::new()), None)
-            } else {
-                let flag = Arc::new(AtomicBool::new(false));
-                let streamed = OutboundBody::streaming(body, inner.max_body, flag.clone());
-                (streamed, Some(flag))
+        let replays = authorizer.replays();
+        // Most calls (GETs) have no body: they skip the wrapper, its timer and its report.
+        let (body, watch) = if body.is_end_stream() {
+            (OutboundBody::empty(), None)
+        } else {
+            let limits = BodyLimits {
+                max_body: inner.max_body,
+                idle_timeout: inner.body_idle_timeout,
+                replay_cap: replays.then_some(inner.replay_max_body),
             };
-            let sent_to = parts.uri.clone();
-            let parts_method = parts.method.clone();
-            let response = self
-                .send(
-                    with_credential(parts, &credential),
-                    body,
-                    exceeded.as_deref(),
-                )
-                .await?;
-            authorizer.observe(&sent_to, response.headers());
-            if response.status() == StatusCode::UNAUTHORIZED {
-                // Not replayable, but the next request should not reuse a rejected token (the
-                // eviction happens in `rejected` itself; the replay credential is not needed).
-                let target = Target {
-                    method: &parts_method,
-                    uri: &sent_to,
-                };
-                drop(authorizer.rejected(&credential, response.headers(), target));
-            }
+            let (body, watch) = OutboundBody::streaming(body, limits);
+            (body, Some(watch))
+        };
+        // The request is kept for a replay only when its body can be: none, or a copy is kept.
+        let template =
+            (replays && watch.as_ref().is_none_or(BodyWatch::keeps_copy)).then(|| parts.clone());
+        let sent_to = parts.uri.clone();
+        let response = self
+            .send(with_credential(parts, &credential), body, watch.as_ref())
+            .await?;
+        authorizer.observe(&sent_to, response.headers());
+        if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(self.finish(response, request_id));
         }
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::BadRequest(format!("cannot read the request body: {e}")))?
-            .to_bytes();
-
-        let template = parts.clone();
-        let response = self
-            .send(
-                with_credential(parts, &credential),
-                OutboundBody::buffered(bytes.clone()),
-                None,
-            )
-            .await?;
-        authorizer.observe(&template.uri, response.headers());
-        if response.status() == StatusCode::UNAUTHORIZED {
-            let fresh = authorizer
-                .rejected(
-                    &credential,
-                    response.headers(),
-                    Target {
-                        method: &template.method,
-                        uri: &template.uri,
-                    },
-                )
-                .await;
-            // Only a different credential (new token, or new DPoP proof) is worth a replay.
-            if let Some(fresh) = fresh.filter(|f| {
-                f.authorization != credential.authorization || f.dpop != credential.dpop
-            }) {
-                tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");
-                let sent_to = template.uri.clone();
-                let replay = self
-                    .send(
-                        with_credential(template, &fresh),
-                        OutboundBody::buffered(bytes),
-                        None,
-                    )
-                    .await?;
-                authorizer.observe(&sent_to, replay.headers());
-                return Ok(self.finish(replay, request_id));
-            }
+        // Even a request that cannot be replayed tells the authorizer the token was refused,
+        // so the next request does not reuse it (that happens before `rejected` returns; the
+        // future only waits for a fresh credential and may be dropped).
+        let fresh_coming = authorizer.rejected(&credential, response.headers());
+        let Some(template) = template else {
+            return Ok(self.finish(response, request_id));
+        };
+        if !fresh_coming.await {
+            return Ok(self.finish(response, request_id));
+        }
+        // Replay only a body the first send read to its end, within `upstream.replay_max_body`.
+        let body = match watch {
+            None => OutboundBody::empty(),
+            Some(watch) => match watch.replay(inner.body_idle_timeout).await {
+                Some(body) => body,
+                None => {
+                    tracing::debug!(request_id = ?request_id, "401 passed on: the request body was not kept whole for a replay");
+                    return Ok(self.finish(response, request_id));
+                }
+            },
+        };
+        let fresh = authorizer
+            .authorize(Target {
+                method: &template.method,
+                uri: &template.uri,
+            })
+            .resolve()
+            .await;
+        // Only a different credential (new token, or new DPoP proof) is worth a replay.
+        if let Some(fresh) = fresh
+            .ok()
+            .filter(|f| f.authorization != credential.authorization || f.dpop != credential.dpop)
+        {
+            tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");
+            let sent_to = template.uri.clone();
+            let replay = self
+                .send(with_credential(template, &fresh), body, None)
+                .await?;
+            authorizer.observe(&sent_to, replay.headers());
+            return Ok(self.finish(replay, request_id));
         }
         Ok(self.finish(response, request_id))
     }
 
-    /// Sends one request upstream within `upstream.timeout`.
+    /// Sends one request upstream within `upstream.timeout`. When the call fails because the
+    /// app's body did (`watch` says how), the answer names the app's side, not Tango's.
     async fn send(
         &self,
         parts: http::request::Parts,
         body: OutboundBody,
-        exceeded: Option<&AtomicBool>,
+        watch: Option<&BodyWatch>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let inner = &*self.0;
         let outbound = Request::from_parts(parts, body);
@@ -283,12 +277,20 @@ impl Proxy {
                 inner.metrics.upstream_error("timeout");
                 Err(ProxyError::UpstreamTimeout(inner.timeout))
             }
-            Ok(Err(_)) if exceeded.is_some_and(|e| e.load(Ordering::Acquire)) => {
-                Err(ProxyError::BodyTooLarge {
-                    limit: inner.max_body,
-                })
-            }
             Ok(Err(e)) => {
+                // A body that failed reported why before the client saw the failure.
+                match watch.and_then(BodyWatch::failure) {
+                    Some(BodyFailure::TooLarge) => {
+                        return Err(ProxyError::BodyTooLarge {
+                            limit: inner.max_body,
+                        })
+                    }
+                    Some(BodyFailure::Stalled) => {
+                        return Err(ProxyError::RequestTimeout(inner.body_idle_timeout))
+                    }
+                    Some(BodyFailure::Broken) => return Err(ProxyError::BadRequest(describe(&e))),
+                    None => {}
+                }
                 inner
                     .metrics
                     .upstream_error(if e.is_connect() { "connect" } else { "io" });
@@ -360,19 +362,6 @@ fn with_credential(
         parts.headers.insert("dpop", dpop.clone());
     }
     parts
-}
-
-/// True when the body is known to be at most `limit` bytes (a `Content-Length` within it, or no
-/// body at all).
-fn fits(headers: &http::HeaderMap, limit: u64) -> bool {
-    match headers.get(header::CONTENT_LENGTH) {
-        Some(len) => len
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n <= limit),
-        None => !headers.contains_key(header::TRANSFER_ENCODING),
-    }
 }
 
 /// An error and its sources on one line ("client error (Connect): tcp connect error: ...").

@@ -164,3 +164,47 @@ async fn the_proxy_keeps_serving_after_errors() {
     let resp = proxy.get("/raas/v2/catalogs").await;
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_408_after_body_idle_timeout() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(
+        &upstream.url(),
+        "body_idle_timeout = \"300ms\"",
+        "",
+    ))
+    .await;
+    // One chunk, then silence with the connection held open.
+    let started = std::time::Instant::now();
+    let resp = raw_request(
+        proxy.addr(),
+        b"POST /raas/v2/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 408, "{resp}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(resp
+        .to_ascii_lowercase()
+        .contains("x-tango-proxy-error: request_timeout"));
+    let body = raw_json(&resp);
+    assert_json_error_shape(&body, 408, "request_timeout");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("listen.body_idle_timeout"),
+        "{body}"
+    );
+    assert!(
+        upstream.requests().iter().all(|s| !s.complete),
+        "Tango received the stalled request as complete: {:?}",
+        upstream.requests()
+    );
+
+    // The proxy itself is fine.
+    assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
+}
