@@ -24,6 +24,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -102,6 +103,9 @@ enum CopyState {
 struct Shared {
     report: Mutex<Report>,
     changed: Notify,
+    /// True while the wrapper waits for the app's next frame: written when a wait starts and
+    /// ends, never for frames that were already there.
+    waiting_on_app: AtomicBool,
 }
 
 impl Shared {
@@ -128,6 +132,12 @@ impl BodyWatch {
     /// Why the body failed, if it did (a failing body reports before the client sees the error).
     pub fn failure(&self) -> Option<BodyFailure> {
         self.report().failure
+    }
+
+    /// True when the body is unfinished and the proxy is waiting for the app to send more: the
+    /// request is held up by the app, not by Tango.
+    pub fn waiting_on_app(&self) -> bool {
+        self.shared.waiting_on_app.load(Ordering::Acquire)
     }
 
     fn report(&self) -> std::sync::MutexGuard<'_, Report> {
@@ -233,6 +243,7 @@ impl<B: Body<Data = Bytes>> OutboundBody<B> {
                 },
             }),
             changed: Notify::new(),
+            waiting_on_app: AtomicBool::new(false),
         });
         let body = Self(Kind::Stream(Box::new(Streaming {
             inner,
@@ -260,9 +271,13 @@ where
         if self.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if self.waiting && poll.is_ready() {
+            self.waiting = false;
+            self.shared.waiting_on_app.store(false, Ordering::Release);
+        }
+        match poll {
             Poll::Ready(Some(Ok(frame))) => {
-                self.waiting = false;
                 if let Some(data) = frame.data_ref() {
                     self.read = self.read.saturating_add(data.len() as u64);
                     if self.read > self.limits.max_body {
@@ -305,6 +320,7 @@ where
                 let timeout = self.limits.idle_timeout;
                 if !self.waiting {
                     self.waiting = true;
+                    self.shared.waiting_on_app.store(true, Ordering::Release);
                     let deadline = Instant::now() + timeout;
                     match &mut self.idle {
                         Some(sleep) => sleep.as_mut().reset(deadline),
@@ -334,6 +350,7 @@ where
     fn fail(&mut self, failure: BodyFailure, err: OutboundBodyError) -> OutboundBodyError {
         self.done = true;
         self.copy = None;
+        self.shared.waiting_on_app.store(false, Ordering::Release);
         self.shared.update(|r| {
             r.failure = Some(failure);
             r.copy = CopyState::Gone;
@@ -576,12 +593,16 @@ mod tests {
         send(&tx, b"a");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "a");
 
-        // 29 s of silence: still waiting.
+        assert!(!watch.waiting_on_app());
+
+        // 29 s of silence: still waiting, and the request is known to be held up by the app.
         let waited = tokio::time::timeout(Duration::from_secs(29), next(&mut body)).await;
         assert!(waited.is_err(), "gave up early: {waited:?}");
+        assert!(watch.waiting_on_app());
         // A frame restarts the clock.
         send(&tx, b"b");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "b");
+        assert!(!watch.waiting_on_app());
 
         // Time the client spends not asking (Tango not reading) does not count against the app.
         tokio::time::advance(Duration::from_secs(45)).await;

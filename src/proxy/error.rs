@@ -29,9 +29,15 @@ pub enum ProxyError {
         /// The configured limit in bytes.
         limit: u64,
     },
-    /// The app stopped sending its request body for `listen.body_idle_timeout`.
-    #[error("the request body stalled: nothing arrived for {} (listen.body_idle_timeout)", humantime::format_duration(*.0))]
-    RequestTimeout(Duration),
+    /// The app's request body stopped arriving: nothing for `listen.body_idle_timeout`, or the
+    /// proxy was still waiting for it when `upstream.timeout` ran out.
+    #[error("the request body stalled: the proxy was still waiting for it from the app after {} ({key})", humantime::format_duration(*limit))]
+    RequestTimeout {
+        /// The limit that ran out.
+        limit: Duration,
+        /// Its configuration key.
+        key: &'static str,
+    },
     /// The request header section exceeds `listen.max_header_size`.
     #[error("request header section of {size} bytes exceeds the {limit}-byte limit (listen.max_header_size)")]
     HeadersTooLarge {
@@ -63,7 +69,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
-            ProxyError::RequestTimeout(_) => "request_timeout",
+            ProxyError::RequestTimeout { .. } => "request_timeout",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -77,7 +83,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -152,7 +158,10 @@ mod tests {
             ),
             (ProxyError::BodyTooLarge { limit: 1 }, "body_too_large", 413),
             (
-                ProxyError::RequestTimeout(Duration::from_secs(30)),
+                ProxyError::RequestTimeout {
+                    limit: Duration::from_secs(30),
+                    key: "listen.body_idle_timeout",
+                },
                 "request_timeout",
                 408,
             ),

@@ -263,7 +263,8 @@ impl Proxy {
     }
 
     /// Sends one request upstream within `upstream.timeout`. When the call fails because the
-    /// app's body did (`watch` says how), the answer names the app's side, not Tango's.
+    /// app's body did (`watch` says how), the answer names the app's side, not Tango's; so does
+    /// a timeout that runs out while the proxy is still waiting for the app's body.
     async fn send(
         &self,
         parts: http::request::Parts,
@@ -273,6 +274,14 @@ impl Proxy {
         let inner = &*self.0;
         let outbound = Request::from_parts(parts, body);
         match tokio::time::timeout(inner.timeout, inner.client.request(outbound)).await {
+            // The timeout covers sending the body too; the idle clock starts later, so with equal
+            // settings a stalled app would otherwise be reported as a slow Tango.
+            Err(_) if watch.is_some_and(BodyWatch::waiting_on_app) => {
+                Err(ProxyError::RequestTimeout {
+                    limit: inner.timeout,
+                    key: "upstream.timeout",
+                })
+            }
             Err(_) => {
                 inner.metrics.upstream_error("timeout");
                 Err(ProxyError::UpstreamTimeout(inner.timeout))
@@ -286,7 +295,10 @@ impl Proxy {
                         })
                     }
                     Some(BodyFailure::Stalled) => {
-                        return Err(ProxyError::RequestTimeout(inner.body_idle_timeout))
+                        return Err(ProxyError::RequestTimeout {
+                            limit: inner.body_idle_timeout,
+                            key: "listen.body_idle_timeout",
+                        })
                     }
                     Some(BodyFailure::Broken) => return Err(ProxyError::BadRequest(describe(&e))),
                     None => {}

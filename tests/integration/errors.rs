@@ -208,3 +208,36 @@ async fn a_stalled_request_body_is_408_after_body_idle_timeout() {
     // The proxy itself is fine.
     assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_request_body_still_awaited_when_upstream_timeout_runs_out_is_408_not_504() {
+    // upstream.timeout also covers sending the body; when it runs out while the proxy is waiting
+    // for the app (not for Tango), the app is told it was the slow side.
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), "", "timeout = \"300ms\"")).await;
+    let resp = raw_request(
+        proxy.addr(),
+        b"POST /raas/v2/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 408, "{resp}");
+    let body = raw_json(&resp);
+    assert_json_error_shape(&body, 408, "request_timeout");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream.timeout"),
+        "{body}"
+    );
+    assert!(upstream.requests().iter().all(|s| !s.complete));
+
+    // A Tango that is slow to answer a complete request is still a 504.
+    let resp = client()
+        .post(format!("{}/raas/v2/slow?ms=3000", proxy.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(resp, 504, "upstream_timeout").await;
+}
