@@ -32,6 +32,10 @@ use tokio::time::Instant;
 use super::store::StoreError;
 use super::{MintError, Token};
 
+/// While the shared store is failing (or may have lost our token), it is checked at least this
+/// often, so a Redis that comes back gets the token written back soon.
+const RECOVERY_CHECK: Duration = Duration::from_secs(2);
+
 /// How many rejected tokens are remembered (by `ath`) so they are never adopted again.
 const REJECTED_MEMORY: usize = 8;
 
@@ -367,7 +371,7 @@ impl Machine {
             return;
         }
         if self.policy.shared && self.token.is_some() && self.next_check.is_none_or(|c| now >= c) {
-            self.next_check = Some(now + self.policy.store_check);
+            self.next_check = Some(now + self.check_interval());
             self.phase = Phase::Checking;
             fx.push(Effect::Load);
         }
@@ -420,7 +424,7 @@ impl Machine {
             Phase::Checking => {
                 self.phase = Phase::Idle;
                 self.check_shared_copy(stored, now, fx);
-                self.next_check = Some(now + self.policy.store_check);
+                self.next_check = Some(now + self.check_interval());
             }
             Phase::Loading(reason) => {
                 if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
@@ -722,6 +726,14 @@ impl Machine {
                 self.rejected.pop_front();
             }
             self.rejected.push_back(ath);
+        }
+    }
+
+    fn check_interval(&self) -> Duration {
+        if self.cache_degraded || self.unsaved {
+            self.policy.store_check.min(RECOVERY_CHECK)
+        } else {
+            self.policy.store_check
         }
     }
 

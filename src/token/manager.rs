@@ -731,12 +731,18 @@ async fn hold_lease(ctx: Arc<Ctx>) {
     }
 }
 
-/// Store writes after the fact, in order; the first failure is reported to the owner.
+/// Store writes after the fact, in order. After a failure only the lease release is still
+/// tried (a store that just failed would make each write wait out its timeout, and a ledger entry
+/// without its token helps nobody); the failure is reported to the owner and the periodic check
+/// writes the token back later.
 async fn bookkeep(ctx: Arc<Ctx>, ops: Vec<StoreOp>) {
     let store = &ctx.store;
     let key = ctx.key.as_str();
     let mut outcome = Ok(());
     for op in ops {
+        if outcome.is_err() && !matches!(op, StoreOp::ReleaseLease) {
+            continue;
+        }
         let result = match &op {
             StoreOp::Save(token) => store.save(key, token).await,
             StoreOp::RecordMint => store.record_mint(key).await,
