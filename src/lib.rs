@@ -6,13 +6,15 @@
 //! * [`config`] reads the TOML file and `TANGO_PROXY_*` variables into raw structs and validates
 //!   them into a [`config::Config`], reporting every problem at once.
 //! * [`auth`] turns a profile's configuration into an [`auth::Authorizer`], the one seam every
-//!   method plugs into: it hands the forwarder the headers to attach. `auth::basic` pre-encodes a
-//!   Basic header; `auth::oauth` talks to Tango's token endpoint; `auth::dpop` holds DPoP keys,
-//!   thumbprints, proofs and nonces.
-//! * [`token`] is the OAuth token lifecycle: expiry rules, the per-profile
-//!   [`token::TokenManager`] (single-flight, background refresh, backoff, 401 handling) and the
-//!   [`token::store::TokenStore`] seam with memory, file and Redis backends (fleet lease, mint
-//!   ledger, AES-256-GCM sealing).
+//!   method plugs into: it hands the forwarder the headers to attach and decides what a 401
+//!   means. `auth::basic` pre-encodes a Basic header; `auth::oauth` holds the token endpoint
+//!   client and the OAuth authorizer (a DPoP proof per send, 401 classification by
+//!   `WWW-Authenticate`); `auth::dpop` holds DPoP keys, thumbprints, proofs and nonces.
+//! * [`token`] is the token lifecycle and knows nothing of HTTP requests: the pure per-profile
+//!   state machine ([`token::machine`]), the one task per profile that owns it and does its cache,
+//!   lease and mint I/O ([`token::TokenManager`]), and the [`token::store::TokenStore`] seam with
+//!   memory, file and Redis backends (fleet lease, mint ledger, AES-256-GCM sealing). It reaches
+//!   the token endpoint through its own [`token::TokenSource`] trait, implemented in `auth`.
 //! * [`proxy`] is the request path: listener, inbound checks, header hygiene, the pooled upstream
 //!   client, and the single place errors become Tango-shaped JSON responses.
 //! * [`admin`] serves `/livez`, `/readyz`, `/status` and `/metrics` on a separate port;
@@ -24,15 +26,18 @@
 //!
 //! An app sends plain HTTP to the proxy listener. [`proxy::Proxy::handle`] refuses what must not be
 //! forwarded (CONNECT, absolute-form requests for another host, oversized headers or bodies),
-//! asks the profile for a credential (a Basic header, or the in-memory token plus, for DPoP, a
-//! fresh proof — no cache or network round trip while the token is usable), strips every
+//! asks the profile for a credential (a Basic header, or the token the profile's owner task
+//! published plus, for DPoP, a proof signed for this send — no cache or network round trip, no
+//! message to the owner, while the token is usable), strips every
 //! credential and hop-by-hop header the app sent, attaches the profile's `Authorization`, and
 //! sends the request to `upstream.url` + the app's
 //! path through a pooled HTTPS client (HTTP/2 when the upstream offers it). Bodies stream both ways
-//! without being buffered. The upstream's answer goes back as it is, minus hop-by-hop headers, with
-//! the request id echoed; when the proxy cannot forward, it answers itself in Tango's error shape
-//! with `x-tango-proxy-error` naming the cause. For OAuth profiles, small bodies are buffered so a
-//! 401 (revoked token, DPoP nonce challenge) can be replayed once with a fresh credential.
+//! without being buffered, cut off at `listen.max_body` and `listen.body_idle_timeout`. The
+//! upstream's answer goes back as it is, minus hop-by-hop headers, with the request id echoed; when
+//! the proxy cannot forward, it answers itself in Tango's error shape with `x-tango-proxy-error`
+//! naming the cause. For OAuth profiles, the body keeps a copy of itself as it streams (up to
+//! `upstream.replay_max_body`), so a 401 can be replayed once: with a new token after the owner
+//! replaced a refused one, or with a fresh DPoP proof after a nonce challenge or a refused proof.
 
 pub mod admin;
 pub mod app;

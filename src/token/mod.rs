@@ -5,7 +5,7 @@
 //!   shown. The pre-encoded `Authorization` value and the DPoP `ath` are computed once.
 //! * [`lifetime`]: how long a fresh token lives (DESIGN.md §4), with untrusted numbers capped.
 //! * [`TokenSource`]: how the lifecycle reaches a token endpoint; `auth::oauth` implements it.
-//! * [`machine`]: the pure per-profile state machine; [`manager`]: the task that owns it and does
+//! * [`machine`]: the pure per-profile state machine; `manager`: the task that owns it and does
 //!   its I/O, and the cheap handle requests read.
 //! * [`store`]: where tokens are kept between mints (memory, files, Redis).
 

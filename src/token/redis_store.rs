@@ -3,17 +3,23 @@
 //! Keys share a hash tag so one profile's records live in one cluster slot:
 //! `{prefix}:{fp}:token` (value `expires_ms.ath.sealed`, Redis TTL = remaining life),
 //! `{prefix}:{fp}:lock` (refresh lease: `SET NX PX` with a random owner, extended while a mint
-//! runs, released by compare-and-delete) and `{prefix}:{fp}:minted` (the fleet's last mint, Unix
-//! ms) and `{prefix}:{fp}:backoff` (after a rate-limit answer: when the fleet may ask again, so
-//! one refusal quiets every replica). Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
+//! runs, released by compare-and-delete), `{prefix}:{fp}:minted` (the fleet's last mint: value
+//! Unix ms, TTL 7 days) and `{prefix}:{fp}:backoff` (value `until_ms|reason`, TTL = the backoff,
+//! after the token endpoint answered a replica with an error, so one answer quiets every replica).
+//! Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
 //! rejected token. The `ath` (SHA-256 of the token) in clear lets those scripts compare tokens
 //! without decrypting; it is what DPoP proofs carry anyway and cannot be reversed.
+//!
+//! Times replicas share are read by their TTL (`PTTL`), so Redis's clock measures them and no
+//! replica's clock is compared with another's; the values keep their Unix-ms form for replicas
+//! of earlier versions, which read those instead.
 //!
 //! Processes waiting for another's mint are woken by a `PUBLISH` on `{prefix}:{fp}:wake`
 //! (standalone Redis; a pattern subscription per process) and otherwise poll every 50 ms.
 //!
-//! Every call has a short timeout. The connection is made lazily and re-made after failures, so
-//! Redis being down at start, killed or restarted only makes calls fail fast; the token manager
+//! Every call has a short timeout. The connection is made lazily; the standalone connection
+//! manager and the cluster connection reconnect by themselves, a sentinel connection is remade.
+//! Redis down at start, killed, restarted or frozen only makes calls fail fast; the token owner
 //! then keeps serving from memory and coordinates inside the process.
 
 use std::sync::Arc;
