@@ -12,6 +12,8 @@
 # the proxy with its access log on. All traffic stays on 127.0.0.1 and each run is time-bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 DURATION=${DURATION:-10s}
 # With two or more cores, the server under test (nginx or the proxy) gets core 0 to itself and
@@ -24,47 +26,12 @@ fi
 CONNECTIONS=${CONNECTIONS:-50}
 WARMUP=${WARMUP:-2s}
 
-need() {
-  local cmd=$1 pkg=$2
-  if ! command -v "$cmd" >/dev/null 2>&1; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-      echo "bench.sh: installing $pkg" >&2
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
-    else
-      echo "bench.sh: $cmd is missing; install the Debian package $pkg" >&2
-      exit 1
-    fi
-  fi
-}
 need wrk wrk
 need nginx nginx
 
 cargo build --release --locked --quiet --bin tango-auth-proxy --example bench_upstream
 BIN=target/release/tango-auth-proxy
 UPSTREAM_BIN=target/release/examples/bench_upstream
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "bench.sh: nothing listening on port $1" >&2
-  exit 1
-}
 
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
@@ -110,17 +77,6 @@ IDP_PORT=$(free_port)
 $LOAD "$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
 wait_port "$IDP_PORT"
 "$BIN" keygen --out "$work/dpop.pem" >/dev/null 2>&1
-
-profile_toml() { # $1 = basic | bearer | dpop
-  case $1 in
-    basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
-    *)
-      printf 'auth = "service_account"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
-      printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n'
-      printf 'username = "demo-user"\npassword = "demo-password"\n'
-      if [ "$1" = dpop ]; then printf 'dpop_key_file = "%s"\n' "$work/dpop.pem"; fi ;;
-  esac
-}
 
 start_proxy() { # $1 = RUST_LOG, $2 = basic | bearer | dpop
   local port admin

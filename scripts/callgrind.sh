@@ -11,45 +11,17 @@
 # All traffic stays on 127.0.0.1. Needs valgrind (installed from Debian when missing and root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 N1=${N1:-500}
 N2=${N2:-2500}
 
-if ! command -v valgrind >/dev/null 2>&1; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
-  else
-    echo "callgrind.sh: valgrind is missing; install the Debian package valgrind" >&2
-    exit 1
-  fi
-fi
+need valgrind valgrind
 
 cargo build --release --locked --quiet --bin tango-auth-proxy --example bench_upstream
 BIN=target/release/tango-auth-proxy
 UPSTREAM_BIN=target/release/examples/bench_upstream
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "callgrind.sh: nothing listening on port $1" >&2
-  exit 1
-}
 
 UP_PORT=$(free_port)
 "$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!)
@@ -57,16 +29,6 @@ wait_port "$UP_PORT"
 IDP_PORT=$(free_port)
 "$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
 wait_port "$IDP_PORT"
-
-profile_toml() { # $1 = basic | bearer
-  case $1 in
-    basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
-    bearer)
-      printf 'auth = "service_account"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
-      printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n'
-      printf 'username = "demo-user"\npassword = "demo-password"\n' ;;
-  esac
-}
 
 # Sends $2 GETs over one keep-alive connection to port $1; fails unless every answer is 200.
 drive() {
@@ -102,7 +64,7 @@ TOML
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$BIN" serve --config "$work/$mode.toml" 2>"$work/$mode.$n.log" &
   local pid=$!
-  wait_port "$port"
+  wait_port "$port" 600 # callgrind starts slowly
   drive "$port" 1 # the first request waits for the token (OAuth) and warms the pool
   drive "$port" "$n"
   kill -TERM "$pid"

@@ -427,11 +427,7 @@ impl Machine {
                 self.next_check = Some(now + self.check_interval());
             }
             Phase::Loading(reason) => {
-                if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
-                    self.adopt(t, now);
-                    self.phase = Phase::Idle;
-                } else if let Some((left, why)) = backoff {
-                    self.honour_fleet_backoff(left, &why, now);
+                if self.settled_by_store(stored, backoff, reason, now) {
                     self.phase = Phase::Idle;
                 } else if reason == Reason::Window
                     && self.policy.min_interval.is_some()
@@ -445,11 +441,7 @@ impl Machine {
                 }
             }
             Phase::AwaitingFleet { reason, until } => {
-                if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
-                    self.adopt(t, now);
-                    self.phase = Phase::Idle;
-                } else if let Some((left, why)) = backoff {
-                    self.honour_fleet_backoff(left, &why, now);
+                if self.settled_by_store(stored, backoff, reason, now) {
                     self.phase = Phase::Idle;
                 } else if self.cache_degraded {
                     // The store went away under us: coordinate inside this process.
@@ -463,6 +455,26 @@ impl Machine {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// What the store says ends a refresh: a token to adopt for `reason`, or a fleet backoff to
+    /// honour. True when it did.
+    fn settled_by_store(
+        &mut self,
+        stored: Option<Arc<Token>>,
+        backoff: Option<(Duration, String)>,
+        reason: Reason,
+        now: Instant,
+    ) -> bool {
+        if let Some(t) = stored.filter(|t| self.adoptable(t, reason, now)) {
+            self.adopt(t, now);
+            true
+        } else if let Some((left, why)) = backoff {
+            self.honour_fleet_backoff(left, &why, now);
+            true
+        } else {
+            false
         }
     }
 

@@ -1,0 +1,56 @@
+# Helpers shared by scripts/bench.sh and scripts/callgrind.sh (sourced, not run).
+# After sourcing: $work is a fresh temporary directory, every PID appended to `pids` is killed on
+# exit, and the directory is removed.
+
+# Installs Debian package $2 when command $1 is missing (as root), or explains and exits.
+need() {
+  local cmd=$1 pkg=$2
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      echo "$(basename "$0"): installing $pkg" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+    else
+      echo "$(basename "$0"): $cmd is missing; install the Debian package $pkg" >&2
+      exit 1
+    fi
+  fi
+}
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until something listens on 127.0.0.1:$1, at most $2 tenths of a second (default 100).
+wait_port() {
+  for _ in $(seq 1 "${2:-100}"); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "$(basename "$0"): nothing listening on port $1" >&2
+  exit 1
+}
+
+# The [profiles.default] body of a benchmark proxy: $1 = basic | bearer | dpop. The OAuth ones
+# take their token from the mock Tango on $IDP_PORT (its demo service account); dpop signs with
+# $work/dpop.pem.
+profile_toml() {
+  case $1 in
+    basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
+    *)
+      printf 'auth = "service_account"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
+      printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n'
+      printf 'username = "demo-user"\npassword = "demo-password"\n'
+      if [ "$1" = dpop ]; then printf 'dpop_key_file = "%s"\n' "$work/dpop.pem"; fi ;;
+  esac
+}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
