@@ -17,8 +17,8 @@ use crate::auth::{AuthBuildError, Profile};
 use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::client::TlsError;
 use crate::proxy::{server, Proxy};
+use crate::tls::TlsError;
 use crate::token::store::{FileStore, MemoryStore, TokenStore};
 use crate::token::RedisStore;
 

@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod secret;
+pub mod tls;
 pub mod token;
 
 /// `n` random bytes as hex (lease owners and similar unique ids).
@@ -56,4 +57,19 @@ pub(crate) fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An error and its sources on one line ("client error (Connect): tcp connect error: ...").
+pub(crate) fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }

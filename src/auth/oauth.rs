@@ -11,7 +11,7 @@
 //! ever put into an error: bodies are quoted only after the access token field is known absent.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue};
@@ -20,8 +20,8 @@ use serde::Deserialize;
 use super::dpop::{self, htu, origin, Dpop};
 use super::{AuthError, Authorization, Authorizer, Credential, ProfileStatus, Replay, Target};
 use crate::config::{AuthMethod, OAuthConfig, UpstreamConfig};
+use crate::describe;
 use crate::metrics::Metrics;
-use crate::proxy::describe;
 use crate::secret::Secret;
 use crate::token::{MintError, MintFuture, Minted, Need, Token, TokenManager, TokenSource};
 
@@ -56,8 +56,7 @@ impl TokenClient {
             .token_url
             .parse()
             .map_err(|e| format!("token_url: {e}"))?;
-        let tls =
-            crate::proxy::client::tls_config(&upstream.extra_roots).map_err(|e| e.to_string())?;
+        let tls = crate::tls::tls_config(&upstream.extra_roots).map_err(|e| e.to_string())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
@@ -363,6 +362,9 @@ pub struct OAuthAuthorizer {
     dpop: Option<Arc<Dpop>>,
     metrics: Arc<Metrics>,
     skew_warned: AtomicBool,
+    /// The current token's `Authorization` value, encoded once per token (the token layer
+    /// knows no HTTP types); compared by `Arc` identity on every request.
+    header: RwLock<Option<(Arc<Token>, HeaderValue)>>,
 }
 
 impl OAuthAuthorizer {
@@ -387,11 +389,32 @@ impl OAuthAuthorizer {
             dpop,
             metrics,
             skew_warned: AtomicBool::new(false),
+            header: RwLock::new(None),
         }
     }
 
+    /// `Authorization: <scheme> <token>` for `token`, encoded once and marked sensitive.
+    fn authorization(&self, token: &Arc<Token>) -> HeaderValue {
+        if let Some((t, h)) = &*self.header.read().unwrap_or_else(|p| p.into_inner()) {
+            if Arc::ptr_eq(t, token) {
+                return h.clone();
+            }
+        }
+        let value = zeroize::Zeroizing::new(format!(
+            "{} {}",
+            token.scheme(),
+            token.access_token.expose()
+        ));
+        // Token::new admits visible ASCII only, which a header value always accepts.
+        let mut header = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(""));
+        header.set_sensitive(true);
+        *self.header.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((token.clone(), header.clone()));
+        header
+    }
+
     /// The headers for one send: the token, plus a proof signed now for DPoP tokens.
-    fn credential(&self, token: &Token, target: Target<'_>) -> Result<Credential, AuthError> {
+    fn credential(&self, token: &Arc<Token>, target: Target<'_>) -> Result<Credential, AuthError> {
         let proof = match &self.dpop {
             Some(d) if token.dpop => {
                 let nonce = d.nonces.get(&dpop::origin(target.uri));
@@ -413,7 +436,7 @@ impl OAuthAuthorizer {
             _ => None,
         };
         Ok(Credential {
-            authorization: token.authorization(),
+            authorization: self.authorization(token),
             dpop: proof,
         })
     }
@@ -493,7 +516,7 @@ impl Authorizer for OAuthAuthorizer {
         }
         self.metrics.upstream_401(&self.profile);
         match self.manager.current() {
-            Some(t) if t.authorization() == used.authorization => {
+            Some(t) if self.authorization(&t) == used.authorization => {
                 let ticket = self.manager.reject(t.ath());
                 Box::pin(async move {
                     matches!(

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
+use crate::describe;
 use crate::metrics::Metrics;
 use body::{BodyFailure, BodyLimits, BodyWatch};
 pub use body::{OutboundBody, OutboundBodyError};
@@ -66,7 +67,7 @@ impl Proxy {
         profile: Profile,
         metrics: Arc<Metrics>,
         bound: SocketAddr,
-    ) -> Result<Self, client::TlsError> {
+    ) -> Result<Self, crate::tls::TlsError> {
         let client = client::build(&config.upstream)?;
         let mut local_authorities = vec![
             bound.to_string(),
@@ -374,19 +375,4 @@ fn with_credential(
         parts.headers.insert("dpop", dpop.clone());
     }
     parts
-}
-
-/// An error and its sources on one line ("client error (Connect): tcp connect error: ...").
-pub(crate) fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }

@@ -197,6 +197,16 @@ pub struct Failing {
     pub retry_at: Instant,
 }
 
+/// The part of a machine's state a restarted owner starts from (besides the token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carry {
+    budget_open_at: Option<Instant>,
+    rejected: VecDeque<String>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_rejected_mint: Option<Instant>,
+}
+
 /// One profile's token state.
 #[derive(Debug)]
 pub struct Machine {
@@ -255,13 +265,36 @@ impl Machine {
         }
     }
 
-    /// A machine that starts with `token` in hand (a restarted owner: no mint needed).
-    pub fn resume(policy: Policy, seed: u64, token: Option<Arc<Token>>, now: Instant) -> Self {
+    /// A machine that starts where a dead owner left off (no mint needed): its token, and what
+    /// keeps the budget, the backoff and the never-re-adopt rule in force.
+    pub fn resume(
+        policy: Policy,
+        seed: u64,
+        token: Option<Arc<Token>>,
+        carry: Carry,
+        now: Instant,
+    ) -> Self {
         let mut m = Self::new(policy, seed);
         if let Some(t) = token {
             m.adopt(t, now);
         }
+        m.budget_open_at = carry.budget_open_at;
+        m.rejected = carry.rejected;
+        m.failures = carry.failures;
+        m.retry_at = carry.retry_at;
+        m.last_rejected_mint = carry.last_rejected_mint;
         m
+    }
+
+    /// What a restarted owner must not forget.
+    pub fn carry(&self) -> Carry {
+        Carry {
+            budget_open_at: self.budget_open_at,
+            rejected: self.rejected.clone(),
+            failures: self.failures,
+            retry_at: self.retry_at,
+            last_rejected_mint: self.last_rejected_mint,
+        }
     }
 
     /// The policy in force.
@@ -1221,7 +1254,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_resumed_machine_serves_its_token_without_minting() {
         let t = fresh("held");
-        let mut m = Machine::resume(policy(false, None), 43, Some(t), Instant::now());
+        let mut m = Machine::resume(
+            policy(false, None),
+            43,
+            Some(t),
+            Carry::default(),
+            Instant::now(),
+        );
         assert!(m.usable(Instant::now()).is_some());
         assert!(step(&mut m, Event::Tick).is_empty());
         assert_eq!(m.mints, 0);

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::machine::{Effect, Event, Failing, Machine, Phase, Policy, Reason, StoreOp};
+use super::machine::{Carry, Effect, Event, Failing, Machine, Phase, Policy, Reason, StoreOp};
 use super::store::TokenStore;
 use super::{lifetime, MintError, Token, TokenSource};
 use crate::config::OAuthConfig;
@@ -112,6 +112,8 @@ pub struct Snapshot {
     pub crashed: Option<String>,
     /// Owner restarts after crashes.
     pub restarts: u64,
+    /// What a restarted owner starts from.
+    carry: Carry,
 }
 
 /// What `/status` shows about a token profile; no secret.
@@ -457,22 +459,28 @@ async fn supervise(
     let mut delay = ctx.tuning.restart_delay;
     loop {
         let last = publish.borrow().clone();
-        let mut machine =
-            Machine::resume(policy.clone(), seed(), last.token.clone(), Instant::now());
+        let mut machine = Machine::resume(
+            policy.clone(),
+            seed(),
+            last.token.clone(),
+            last.carry.clone(),
+            Instant::now(),
+        );
         if let Some(crash) = &last.crashed {
             machine.last_error = Some(crash.clone());
             machine.last_error_at = Some(Instant::now());
         }
-        let owner = tokio::spawn(run(
+        // Aborted with the supervisor (a dropped manager), so no owner outlives its handle.
+        let mut owner = AbortOnDrop(tokio::spawn(run(
             ctx.clone(),
             machine,
             last,
             rx.clone(),
             need.clone(),
             publish.clone(),
-        ));
+        )));
         let started = Instant::now();
-        let failure = match owner.await {
+        let failure = match (&mut owner.0).await {
             Ok(()) => return,
             Err(e) if e.is_cancelled() => return,
             Err(e) => panic_message(e),
@@ -498,6 +506,17 @@ async fn supervise(
     }
 }
 
+/// A task aborted when this is dropped: the lease keep-alive dies with the owner that started
+/// it (a crash included), and the owner with its supervisor.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(p) => p
@@ -520,7 +539,7 @@ async fn run(
 ) {
     let mut rx = rx.lock().await;
     let mut io: Option<futures_util::future::BoxFuture<'static, Event>> = None;
-    let mut keep_alive: Option<JoinHandle<()>> = None;
+    let mut lease_keeper: Option<AbortOnDrop> = None;
     let mut waiting_since: Option<Instant> = None;
     let mut rejections = last.rejections;
     let restarts = last.restarts;
@@ -553,17 +572,12 @@ async fn run(
                     }));
                 }
                 Effect::HoldLease => {
-                    if let Some(k) = keep_alive.take() {
-                        k.abort();
-                    }
-                    keep_alive = Some(tokio::spawn(hold_lease(ctx.clone())));
+                    lease_keeper.replace(AbortOnDrop(tokio::spawn(hold_lease(ctx.clone()))));
                 }
                 Effect::Mint(reason) => io = Some(Box::pin(mint(ctx.clone(), reason))),
                 Effect::Background(ops) => {
                     if ops.iter().any(|o| matches!(o, StoreOp::ReleaseLease)) {
-                        if let Some(k) = keep_alive.take() {
-                            k.abort();
-                        }
+                        drop(lease_keeper.take());
                     }
                     tokio::spawn(bookkeep(ctx.clone(), ops));
                 }
@@ -632,6 +646,7 @@ fn publish_snapshot(
         cache_degraded: machine.cache_degraded,
         crashed: None,
         restarts,
+        carry: machine.carry(),
     };
     publish.send_if_modified(|cur| {
         let same_token = match (&cur.token, &next.token) {
@@ -648,6 +663,7 @@ fn publish_snapshot(
             || cur.failures != next.failures
             || cur.last_error_at != next.last_error_at
             || cur.cache_degraded != next.cache_degraded
+            || cur.carry != next.carry
             || cur.crashed.is_some();
         if changed {
             if let (false, Some(t)) = (same_token, &next.token) {

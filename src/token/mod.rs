@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use http::HeaderValue;
 use tokio::time::Instant;
 
 pub use manager::{
@@ -55,14 +54,13 @@ pub struct Token {
     pub dpop: bool,
     /// When it expires by this process's monotonic clock.
     expires: Instant,
-    header: HeaderValue,
     ath: String,
 }
 
 impl Token {
     /// A token valid for `remaining` from `now` (monotonic) / `wall` (wall clock), obtained
-    /// `lifetime` before its expiry. `None` when the token cannot be carried in a header or the
-    /// times do not fit the clocks.
+    /// `lifetime` before its expiry. `None` when the token is not a visible-ASCII string (it
+    /// could not be carried in an `Authorization` header) or the times do not fit the clocks.
     pub fn new(
         access_token: Secret,
         remaining: Duration,
@@ -74,18 +72,17 @@ impl Token {
         let remaining = remaining.min(MAX_LIFETIME);
         let expires_at = truncate_ms(wall.checked_add(remaining)?);
         let expires = now.checked_add(remaining)?;
-        let scheme = if dpop { "DPoP" } else { "Bearer" };
-        let value = zeroize::Zeroizing::new(format!("{scheme} {}", access_token.expose()));
-        let mut header = HeaderValue::from_str(&value).ok()?;
-        header.set_sensitive(true);
-        let ath = ath(access_token.expose());
+        let value = access_token.expose();
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let ath = ath(value);
         Some(Self {
             access_token,
             expires_at,
             lifetime: lifetime.min(MAX_LIFETIME),
             dpop,
             expires,
-            header,
             ath,
         })
     }
@@ -114,9 +111,13 @@ impl Token {
         &self.ath
     }
 
-    /// The pre-encoded `Authorization` value.
-    pub fn authorization(&self) -> HeaderValue {
-        self.header.clone()
+    /// The `Authorization` scheme it is used with.
+    pub fn scheme(&self) -> &'static str {
+        if self.dpop {
+            "DPoP"
+        } else {
+            "Bearer"
+        }
     }
 
     /// The margin before expiry: 30 s, or a tenth of the lifetime for short-lived tokens.
