@@ -609,11 +609,18 @@ pub fn redact_url_password(url: &str) -> String {
 
 /// Parses a duration: humantime (`"30s"`, `"1h 30m"`) or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    // Every configured time ends up added to a clock reading; nothing sensible is longer.
+    const MAX: Duration = Duration::from_secs(400 * 86_400);
     let t = text.trim();
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("not a duration ({e}): {text:?}; try \"30s\""))?,
+    };
+    if d > MAX {
+        return Err(format!("{text:?} is longer than 400 days"));
     }
-    humantime::parse_duration(t).map_err(|e| format!("not a duration ({e}): {text:?}; try \"30s\""))
+    Ok(d)
 }
 
 /// Parses a size: `"10MiB"`, `"512 KiB"`, `"1MB"`, `"64k"` or a bare number of bytes.
@@ -1116,8 +1123,8 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
         p,
         Duration::from_secs(5),
     );
-    if check_interval < Duration::from_millis(100) {
-        p.push("cache.check_interval", "must be at least 100ms");
+    if check_interval < Duration::from_millis(100) || check_interval > Duration::from_secs(3600) {
+        p.push("cache.check_interval", "must be between 100ms and 1h");
     }
     CacheConfig {
         check_interval,
@@ -1378,8 +1385,18 @@ fn validate_oauth(
         p,
         Duration::from_secs(10),
     );
-    if token_timeout.is_zero() {
-        p.push(format!("{key}.token_timeout"), "must be greater than zero");
+    if token_timeout.is_zero() || token_timeout > Duration::from_secs(300) {
+        p.push(
+            format!("{key}.token_timeout"),
+            "must be greater than zero and at most 5m",
+        );
+    }
+    // The fleet's mint ledger lives 7 days: a longer interval could not be enforced.
+    if min_token_interval > Duration::from_secs(7 * 86_400) {
+        p.push(
+            format!("{key}.min_token_interval"),
+            "must be at most 7 days",
+        );
     }
     let password_ok =
         method != AuthMethod::ServiceAccount || (username.is_some() && password.is_some());

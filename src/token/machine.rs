@@ -36,6 +36,14 @@ use super::{MintError, Token};
 /// often, so a Redis that comes back gets the token written back soon.
 const RECOVERY_CHECK: Duration = Duration::from_secs(2);
 
+/// `now + d`, or far in the future when that does not fit the clock (configured and untrusted
+/// durations never panic here).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(super::MAX_LIFETIME))
+        .unwrap_or(now)
+}
+
 /// How many rejected tokens are remembered (by `ath`) so they are never adopted again.
 const REJECTED_MEMORY: usize = 8;
 
@@ -134,14 +142,8 @@ pub enum Event {
     Tick,
     /// Tango rejected the token with this `ath` (a 401 that costs the token).
     Rejected(String),
-    /// The outcome of [`Effect::Load`] or [`Effect::PollFleet`]: the stored token (already
-    /// checked against this process's clocks) and any fleet backoff in force.
-    Loaded {
-        /// The stored token.
-        stored: Result<Option<Arc<Token>>, StoreError>,
-        /// A fleet-wide backoff: time left and reason.
-        backoff: Result<Option<(Duration, String)>, StoreError>,
-    },
+    /// The outcome of [`Effect::Load`] or [`Effect::PollFleet`].
+    Loaded(Result<Seen, StoreError>),
     /// The outcome of [`Effect::ReadLedger`]: how long ago the fleet last minted.
     Ledger(Result<Option<Duration>, StoreError>),
     /// The outcome of [`Effect::TryLease`].
@@ -150,6 +152,19 @@ pub enum Event {
     Minted(Result<Arc<Token>, MintError>),
     /// The outcome of background bookkeeping.
     Bookkept(Result<(), StoreError>),
+}
+
+/// What one look at the store found.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The stored token, already checked against this process's clocks.
+    pub stored: Option<Arc<Token>>,
+    /// A fleet-wide backoff in force: time left and reason.
+    pub backoff: Option<(Duration, String)>,
+    /// The `ath` of the token the fleet last saw rejected (a replica's 401).
+    pub rejected: Option<String>,
+    /// Whether the refresh lease is held, where the store can tell.
+    pub lease_held: Option<bool>,
 }
 
 /// A store write done in the background, in order.
@@ -205,6 +220,7 @@ pub struct Carry {
     failures: u32,
     retry_at: Option<Instant>,
     last_rejected_mint: Option<Instant>,
+    rejections: u64,
 }
 
 /// One profile's token state.
@@ -236,6 +252,10 @@ pub struct Machine {
     next_check: Option<Instant>,
     /// Tokens this process minted.
     pub mints: u64,
+    /// 401 rejections handled (lets a waiting request recognise the owner's answer to its own).
+    pub rejections: u64,
+    /// The last rejection passed on without a mint: the token's `ath` and its rejection count.
+    pub declined: Option<(String, u64)>,
     /// When the current token was obtained (minted or adopted).
     pub last_refresh: Option<Instant>,
     rng: u64,
@@ -260,6 +280,8 @@ impl Machine {
             unsaved: false,
             next_check: None,
             mints: 0,
+            rejections: 0,
+            declined: None,
             last_refresh: None,
             rng: seed | 1,
         }
@@ -283,6 +305,7 @@ impl Machine {
         m.failures = carry.failures;
         m.retry_at = carry.retry_at;
         m.last_rejected_mint = carry.last_rejected_mint;
+        m.rejections = carry.rejections;
         m
     }
 
@@ -294,6 +317,7 @@ impl Machine {
             failures: self.failures,
             retry_at: self.retry_at,
             last_rejected_mint: self.last_rejected_mint,
+            rejections: self.rejections,
         }
     }
 
@@ -341,7 +365,7 @@ impl Machine {
                 add(at);
             }
         }
-        if let (true, Some(_), Some(c)) = (self.policy.shared, &self.token, self.next_check) {
+        if let (true, Some(c)) = (self.policy.shared, self.next_check) {
             add(c);
         }
         wake
@@ -353,7 +377,7 @@ impl Machine {
         match event {
             Event::Tick => {}
             Event::Rejected(ath) => self.on_rejected(ath, now, &mut fx),
-            Event::Loaded { stored, backoff } => self.on_loaded(stored, backoff, now, &mut fx),
+            Event::Loaded(seen) => self.on_loaded(seen, now, &mut fx),
             Event::Ledger(result) => self.on_ledger(result, now, &mut fx),
             Event::Lease(result) => self.on_lease(result, now, &mut fx),
             Event::Minted(result) => self.on_minted(result, now, &mut fx),
@@ -400,23 +424,44 @@ impl Machine {
         }
         let backing_off = self.retry_at.is_some_and(|r| now < r);
         if let (false, Some(reason)) = (backing_off, self.due(now)) {
-            self.begin(reason, fx);
+            self.begin(reason, now, fx);
             return;
         }
-        if self.policy.shared && self.token.is_some() && self.next_check.is_none_or(|c| now >= c) {
-            self.next_check = Some(now + self.check_interval());
+        // The shared copy is also read while backing off without a token: a replica whose own
+        // token request failed adopts the one a peer stored instead of answering 503 meanwhile.
+        if self.policy.shared && self.next_check.is_none_or(|c| now >= c) {
+            self.next_check = Some(later(now, self.check_interval(now)));
             self.phase = Phase::Checking;
             fx.push(Effect::Load);
         }
     }
 
-    fn begin(&mut self, reason: Reason, fx: &mut Vec<Effect>) {
-        if self.cache_degraded {
-            // The store is failing: no store call may delay the token.
+    /// True when requests are (or soon will be) waiting: no usable token.
+    fn urgent(&self, now: Instant) -> bool {
+        self.usable(now).is_none()
+    }
+
+    fn begin(&mut self, reason: Reason, now: Instant, fx: &mut Vec<Effect>) {
+        if self.cache_degraded && self.urgent(now) {
+            // The store is failing and requests wait: no store call may delay the token.
             self.lease_or_mint(reason, false, fx);
         } else {
+            // A renewal with a usable token in hand can afford to ask the store first.
             self.phase = Phase::Loading(reason);
             fx.push(Effect::Load);
+        }
+    }
+
+    /// A store call failed during a refresh. With no usable token the refresh goes on inside
+    /// this process; with one, it is retried shortly rather than minted without the fleet's
+    /// lease or ledger (one failed call must not make every replica mint against the budget).
+    fn store_failed_during(&mut self, reason: Reason, now: Instant, fx: &mut Vec<Effect>) {
+        if self.urgent(now) {
+            self.lease_or_mint(reason, false, fx);
+        } else {
+            tracing::debug!("token renewal postponed: the token cache did not answer");
+            self.phase = Phase::Idle;
+            self.retry_at = Some(later(now, RECOVERY_CHECK));
         }
     }
 
@@ -435,29 +480,38 @@ impl Machine {
 
     // ---- events ---------------------------------------------------------------------------
 
-    fn on_loaded(
-        &mut self,
-        stored: Result<Option<Arc<Token>>, StoreError>,
-        backoff: Result<Option<(Duration, String)>, StoreError>,
-        now: Instant,
-        fx: &mut Vec<Effect>,
-    ) {
-        let stored = match stored {
-            Ok(s) => {
+    fn on_loaded(&mut self, seen: Result<Seen, StoreError>, now: Instant, fx: &mut Vec<Effect>) {
+        let seen = match seen {
+            Ok(seen) => {
                 self.cache_ok();
-                s
+                seen
             }
             Err(e) => {
                 self.cache_error(&e);
-                None
+                match self.phase {
+                    Phase::Loading(reason) => self.store_failed_during(reason, now, fx),
+                    // The store went away under us: coordinate inside this process.
+                    Phase::AwaitingFleet { reason, .. } => self.lease_or_mint(reason, false, fx),
+                    Phase::Checking => self.phase = Phase::Idle,
+                    _ => {}
+                }
+                return;
             }
         };
-        let backoff = backoff.ok().flatten();
+        if let Some(ath) = &seen.rejected {
+            self.fleet_rejected(ath);
+        }
+        let Seen {
+            stored,
+            backoff,
+            lease_held,
+            ..
+        } = seen;
         match self.phase {
             Phase::Checking => {
                 self.phase = Phase::Idle;
                 self.check_shared_copy(stored, now, fx);
-                self.next_check = Some(now + self.check_interval());
+                self.next_check = Some(later(now, self.check_interval(now)));
             }
             Phase::Loading(reason) => {
                 if self.settled_by_store(stored, backoff, reason, now) {
@@ -465,7 +519,6 @@ impl Machine {
                 } else if reason == Reason::Window
                     && self.policy.min_interval.is_some()
                     && self.policy.shared
-                    && !self.cache_degraded
                 {
                     self.phase = Phase::Ledger(reason);
                     fx.push(Effect::ReadLedger);
@@ -476,18 +529,26 @@ impl Machine {
             Phase::AwaitingFleet { reason, until } => {
                 if self.settled_by_store(stored, backoff, reason, now) {
                     self.phase = Phase::Idle;
-                } else if self.cache_degraded {
-                    // The store went away under us: coordinate inside this process.
-                    self.lease_or_mint(reason, false, fx);
-                } else if now >= until {
-                    // The holder produced no token in its lease (it died, or its mint failed
-                    // without an answer worth sharing): take over once.
+                } else if now >= until || lease_held == Some(false) {
+                    // The holder produced no token and its lease ran out or was released (it
+                    // died, or its mint failed without an answer worth sharing): take over once.
                     self.lease_or_mint(reason, true, fx);
                 } else {
                     fx.push(Effect::PollFleet);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Another replica saw the token with this `ath` rejected (and evicted it): never adopt it,
+    /// and stop using it if it is ours.
+    fn fleet_rejected(&mut self, ath: &str) {
+        self.remember_rejected(ath.to_string());
+        if self.token.as_ref().is_some_and(|t| t.ath() == ath) {
+            tracing::warn!("another replica saw this token rejected (401); replacing it");
+            self.token = None;
+            self.refresh_at = None;
         }
     }
 
@@ -527,12 +588,12 @@ impl Machine {
             }
             Err(e) => {
                 self.cache_error(&e);
-                None
+                return self.store_failed_during(reason, now, fx);
             }
         };
         match (self.policy.min_interval, ago) {
             (Some(interval), Some(ago)) if ago < interval => {
-                let open = now + (interval - ago);
+                let open = later(now, interval - ago);
                 self.budget_open_at = Some(self.budget_open_at.map_or(open, |b| b.max(open)));
                 tracing::debug!(
                     "a replica minted {}s ago; renewal waits for the mint budget",
@@ -573,13 +634,13 @@ impl Machine {
                 self.cache_ok();
                 self.phase = Phase::AwaitingFleet {
                     reason,
-                    until: now + self.policy.lease_ttl,
+                    until: later(now, self.policy.lease_ttl),
                 };
                 fx.push(Effect::PollFleet);
             }
             Err(e) => {
                 self.cache_error(&e);
-                self.lease_or_mint(reason, false, fx);
+                self.store_failed_during(reason, now, fx);
             }
         }
     }
@@ -600,9 +661,6 @@ impl Machine {
                 self.mints += 1;
                 if reason == Reason::Rejected {
                     self.last_rejected_mint = Some(now);
-                }
-                if let Some(interval) = self.policy.min_interval {
-                    self.budget_open_at = Some(now + interval);
                 }
                 self.adopt(token.clone(), now);
                 // In the background: the token is already in use. If the store is failing,
@@ -629,6 +687,7 @@ impl Machine {
     }
 
     fn on_rejected(&mut self, ath: String, now: Instant, fx: &mut Vec<Effect>) {
+        self.rejections += 1;
         let current = self.token.as_ref().is_some_and(|t| t.ath() == ath);
         if !current {
             // Already replaced; just never adopt it again.
@@ -639,6 +698,7 @@ impl Machine {
             now.saturating_duration_since(at) < self.policy.rejected_mint_interval
         });
         if recent || self.failures > 0 {
+            self.declined = Some((ath, self.rejections));
             tracing::warn!(
                 "Tango rejected a token again (401) soon after a replacement; passing the 401 on without minting"
             );
@@ -650,7 +710,7 @@ impl Machine {
         self.refresh_at = None;
         fx.push(Effect::Background(vec![StoreOp::Evict(ath)]));
         if self.phase == Phase::Idle {
-            self.begin(Reason::Rejected, fx);
+            self.begin(Reason::Rejected, now, fx);
         }
     }
 
@@ -673,15 +733,31 @@ impl Machine {
 
     fn adopt(&mut self, token: Arc<Token>, now: Instant) {
         let window = self.policy.refresh_window.min(token.lifetime / 4);
+        // At most 60 s, so the float product cannot overflow.
         let jitter = (window / 10)
             .min(Duration::from_secs(60))
             .mul_f64(self.random_unit());
-        self.refresh_at = Some(token.refresh_from(self.policy.refresh_window) + jitter);
+        self.refresh_at = Some(later(
+            token.refresh_from(self.policy.refresh_window),
+            jitter,
+        ));
+        // The budget counts from when the token was minted (by anyone): its expiry minus its
+        // lifetime. A replica that adopted a token therefore keeps the budget without a ledger.
+        if let Some(interval) = self.policy.min_interval {
+            let open = if interval >= token.lifetime {
+                token.expires().checked_add(interval - token.lifetime)
+            } else {
+                token.expires().checked_sub(token.lifetime - interval)
+            };
+            if let Some(open) = open {
+                self.budget_open_at = Some(self.budget_open_at.map_or(open, |b| b.max(open)));
+            }
+        }
         self.failures = 0;
         self.retry_at = None;
         self.last_refresh = Some(now);
         // The store was just read or written: the next comparison can wait a full interval.
-        self.next_check = Some(now + self.policy.store_check);
+        self.next_check = Some(later(now, self.policy.store_check));
         self.token = Some(token);
     }
 
@@ -691,24 +767,32 @@ impl Machine {
         now: Instant,
         fx: &mut Vec<Effect>,
     ) {
-        if self.cache_degraded {
-            return;
+        if let Some(theirs) = &stored {
+            if self.rejected.iter().any(|a| a == theirs.ath()) {
+                // A token seen rejected lingers (its eviction lost a race): remove it rather
+                // than write around it on every check.
+                fx.push(Effect::Background(vec![StoreOp::Evict(
+                    theirs.ath().to_string(),
+                )]));
+                return;
+            }
         }
         let Some(ours) = self.usable(now).cloned() else {
+            // Backing off without a token: a peer's stored token ends the outage here.
+            if let Some(t) = stored.filter(|t| self.adoptable(t, Reason::Retry, now)) {
+                tracing::info!("adopting the token a replica stored while this one was failing");
+                self.adopt(t, now);
+            }
             return;
         };
         match stored {
-            Some(theirs) if theirs.ath() == ours.ath() => {
-                if self.unsaved {
-                    self.unsaved = false;
-                }
-            }
+            Some(theirs) if theirs.ath() == ours.ath() => self.unsaved = false,
             Some(theirs) if self.adoptable(&theirs, Reason::Retry, now) => {
                 tracing::debug!("adopting a newer token a replica stored");
                 self.adopt(theirs, now);
             }
             Some(_) => {
-                // An older or rejected token: ours is the better one to share.
+                // An older token: ours is the better one to share.
                 fx.push(Effect::Background(vec![StoreOp::Save(ours)]));
             }
             None => {
@@ -724,7 +808,8 @@ impl Machine {
 
     fn honour_fleet_backoff(&mut self, left: Duration, why: &str, now: Instant) {
         self.failures = self.failures.max(1);
-        self.retry_at = Some(now + left);
+        self.retry_at = Some(later(now, left));
+        self.next_check = Some(later(now, self.check_interval(now)));
         self.last_error = Some(format!("{why} (answer given to another replica)"));
         self.last_error_at = Some(now);
         tracing::warn!(
@@ -742,8 +827,11 @@ impl Machine {
         };
         let exp = base.saturating_mul(1u32 << self.failures.saturating_sub(1).min(16));
         // ±20 % jitter so replicas and profiles do not retry in step.
-        let delay = exp.min(cap).mul_f64(0.8 + 0.4 * self.random_unit());
-        self.retry_at = Some(now + delay);
+        let factor = 0.8 + 0.4 * self.random_unit();
+        let delay = Duration::try_from_secs_f64(exp.min(cap).as_secs_f64() * factor)
+            .unwrap_or(super::MAX_LIFETIME);
+        self.retry_at = Some(later(now, delay));
+        self.next_check = Some(later(now, self.check_interval(now)));
         self.last_error = Some(e.to_string());
         self.last_error_at = Some(now);
         let usable_token = self.usable(now).is_some();
@@ -774,8 +862,8 @@ impl Machine {
         }
     }
 
-    fn check_interval(&self) -> Duration {
-        if self.cache_degraded || self.unsaved {
+    fn check_interval(&self, now: Instant) -> Duration {
+        if self.cache_degraded || self.unsaved || self.urgent(now) {
             self.policy.store_check.min(RECOVERY_CHECK)
         } else {
             self.policy.store_check
@@ -855,10 +943,10 @@ mod tests {
     }
 
     fn loaded(stored: Option<Arc<Token>>) -> Event {
-        Event::Loaded {
-            stored: Ok(stored),
-            backoff: Ok(None),
-        }
+        Event::Loaded(Ok(Seen {
+            stored,
+            ..Seen::default()
+        }))
     }
 
     fn down() -> StoreError {
@@ -1171,13 +1259,10 @@ mod tests {
         step(&mut m, Event::Lease(Ok(false)));
         let fx = step(
             &mut m,
-            Event::Loaded {
-                stored: Ok(None),
-                backoff: Ok(Some((
-                    Duration::from_secs(8),
-                    "token endpoint failed".into(),
-                ))),
-            },
+            Event::Loaded(Ok(Seen {
+                backoff: Some((Duration::from_secs(8), "token endpoint failed".into())),
+                ..Seen::default()
+            })),
         );
         assert!(fx.is_empty());
         assert_eq!(m.phase, Phase::Idle);
@@ -1190,13 +1275,7 @@ mod tests {
     async fn a_failing_store_is_skipped_on_the_mint_path_and_written_back_when_it_returns() {
         let mut m = Machine::new(policy(true, None), 37);
         step(&mut m, Event::Tick);
-        let fx = step(
-            &mut m,
-            Event::Loaded {
-                stored: Err(down()),
-                backoff: Err(down()),
-            },
-        );
+        let fx = step(&mut m, Event::Loaded(Err(down())));
         // No lease call: straight to the token endpoint.
         assert_eq!(names(&fx), ["Mint(cold)"]);
         assert!(m.cache_degraded);
@@ -1249,6 +1328,192 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         step(&mut m, Event::Tick);
         assert_eq!(names(&step(&mut m, loaded(None))), ["Background(Save)"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_error_postpones_a_window_renewal_instead_of_minting_without_the_fleet() {
+        let budget = 20 * HOUR + 15 * 60 * Duration::from_secs(1);
+        for failing in ["load", "ledger", "lease"] {
+            let mut m = Machine::new(policy(true, Some(budget)), 47);
+            step(&mut m, Event::Tick);
+            // Adopt a token minted 21 h ago: inside its window, past the budget.
+            step(&mut m, loaded(Some(token("t", 3 * HOUR, DAY))));
+            assert_eq!(m.phase, Phase::Loading(Reason::Window));
+            let fx = match failing {
+                "load" => step(&mut m, Event::Loaded(Err(down()))),
+                "ledger" => {
+                    step(&mut m, loaded(None));
+                    step(&mut m, Event::Ledger(Err(down())))
+                }
+                _ => {
+                    step(&mut m, loaded(None));
+                    step(&mut m, Event::Ledger(Ok(Some(21 * HOUR))));
+                    step(&mut m, Event::Lease(Err(down())))
+                }
+            };
+            assert!(fx.is_empty(), "{failing}: {:?}", names(&fx));
+            assert_eq!(m.phase, Phase::Idle, "{failing}");
+            assert!(m.failing().is_none(), "requests see no failure");
+            // Two seconds later the renewal asks the store again, still not minting blind.
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"], "{failing}");
+        }
+        // Without a usable token, a failing store does not stop the mint.
+        let mut m = Machine::new(policy(true, None), 53);
+        step(&mut m, Event::Tick);
+        assert_eq!(
+            names(&step(&mut m, Event::Loaded(Err(down())))),
+            ["Mint(cold)"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_token_carries_the_budget_of_its_mint() {
+        // A 24 h token minted 21 h ago, adopted by a replica that never read the ledger: its
+        // renewal waits until 20 h 15 m after that mint.
+        let budget = 20 * HOUR + 15 * 60 * Duration::from_secs(1);
+        let mut m = Machine::new(policy(false, Some(budget)), 59);
+        step(&mut m, Event::Tick);
+        step(
+            &mut m,
+            loaded(Some(token(
+                "t",
+                3 * HOUR + 30 * 60 * Duration::from_secs(1),
+                DAY,
+            ))),
+        );
+        // 20 h 30 m since the mint: the budget is open, the window too.
+        assert_eq!(m.phase, Phase::Loading(Reason::Window));
+        let mut m = Machine::new(policy(false, Some(budget)), 61);
+        step(&mut m, Event::Tick);
+        step(
+            &mut m,
+            loaded(Some(token(
+                "t",
+                4 * HOUR - 60 * Duration::from_secs(1),
+                DAY,
+            ))),
+        );
+        // 20 h 1 m since the mint: in the window, but the budget opens 14 min later.
+        assert_eq!(m.phase, Phase::Idle);
+        let wake = m.next_wake(Instant::now()).unwrap() - Instant::now();
+        assert_eq!(wake, 14 * 60 * Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_the_fleet_saw_rejected_is_dropped_and_never_written_back() {
+        let mut m = Machine::new(policy(true, None), 67);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(true)));
+        step(&mut m, Event::Minted(Ok(fresh("x"))));
+        let x = m.token.clone().unwrap();
+        // A replica got a 401 for x and evicted it; our check finds the record gone and the
+        // fleet's rejection marker: no write-back, and x is replaced.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        let fx = step(
+            &mut m,
+            Event::Loaded(Ok(Seen {
+                rejected: Some(x.ath().to_string()),
+                ..Seen::default()
+            })),
+        );
+        assert!(m.token.is_none());
+        assert_eq!(names(&fx), ["Load"], "a refresh, not a Save");
+        // The eviction lost a race and x is still stored: it is not adopted, and it is evicted.
+        let fx = step(&mut m, loaded(Some(x.clone())));
+        assert_eq!(names(&fx), ["TryLease"]);
+        let mut m2 = holding(policy(true, None), fresh("y"));
+        step(
+            &mut m2,
+            Event::Loaded(Ok(Seen {
+                rejected: Some(x.ath().to_string()),
+                ..Seen::default()
+            })),
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(names(&step(&mut m2, Event::Tick)), ["Load"]);
+        assert_eq!(
+            names(&step(&mut m2, loaded(Some(x)))),
+            ["Background(Evict)"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_lease_ends_the_wait_and_a_peer_token_ends_a_local_outage() {
+        let mut m = Machine::new(policy(true, None), 71);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(false)));
+        // The holder released its lease without a token (its own timeout): take over now, not
+        // after the whole lease time.
+        let fx = step(
+            &mut m,
+            Event::Loaded(Ok(Seen {
+                lease_held: Some(false),
+                ..Seen::default()
+            })),
+        );
+        assert_eq!(names(&fx), ["TryLease"]);
+        assert_eq!(
+            m.phase,
+            Phase::Leasing {
+                reason: Reason::Cold,
+                takeover: true
+            }
+        );
+        // Our own mint times out (not shared): we back off without a token...
+        step(&mut m, Event::Lease(Ok(true)));
+        step(
+            &mut m,
+            Event::Minted(Err(MintError::Timeout(Duration::from_secs(10)))),
+        );
+        assert!(m.failing().is_some());
+        // ...but read the store within 2 s and adopt the token a peer stored meanwhile.
+        let wake = m.next_wake(Instant::now()).unwrap() - Instant::now();
+        assert!(wake <= Duration::from_secs(2), "{wake:?}");
+        tokio::time::advance(wake).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        step(&mut m, loaded(Some(fresh("peer"))));
+        assert!(m.failing().is_none());
+        assert_eq!(m.token.as_ref().unwrap().access_token.expose(), "peer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn huge_configured_intervals_never_overflow_the_clock() {
+        let huge = |shared| {
+            let mut p = policy(shared, Some(Duration::MAX));
+            p.lease_ttl = Duration::MAX;
+            p.store_check = Duration::MAX;
+            p.backoff_base = Duration::MAX;
+            p.backoff_cap = Duration::MAX;
+            p.refresh_window = Duration::MAX;
+            p
+        };
+        // Mint, then a failure with an enormous backoff.
+        let mut m = Machine::new(huge(false), 73);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Minted(Ok(fresh("t"))));
+        let t = m.token.clone().unwrap();
+        step(&mut m, Event::Rejected(t.ath().to_string()));
+        step(&mut m, loaded(None));
+        let err = MintError::ServerError {
+            status: 500,
+            message: "x".into(),
+        };
+        step(&mut m, Event::Minted(Err(err)));
+        assert!(m.failing().is_some());
+        assert!(m.next_wake(Instant::now()).is_some());
+        // A lease wait and a ledger answer with enormous times.
+        let mut m = Machine::new(huge(true), 79);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(Some(token("t", 3 * HOUR, DAY))));
+        step(&mut m, Event::Tick);
+        step(&mut m, Event::Lease(Ok(false)));
+        step(&mut m, Event::Ledger(Ok(Some(Duration::ZERO))));
+        assert!(m.usable(Instant::now()).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,8 +23,10 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::machine::{Carry, Effect, Event, Failing, Machine, Phase, Policy, Reason, StoreOp};
-use super::store::TokenStore;
+use super::machine::{
+    Carry, Effect, Event, Failing, Machine, Phase, Policy, Reason, Seen, StoreOp,
+};
+use super::store::{StoreError, StoreFuture, TokenStore};
 use super::{lifetime, MintError, Token, TokenSource};
 use crate::config::OAuthConfig;
 use crate::metrics::Metrics;
@@ -94,8 +96,10 @@ pub struct Snapshot {
     pub failing: Option<Failing>,
     /// True while a refresh is in flight.
     pub refreshing: bool,
-    /// 401 rejections the owner has handled (lets a waiter see its own was declined).
+    /// 401 rejections the owner has handled (a waiter's ticket).
     pub rejections: u64,
+    /// The last rejection the owner passed on without minting: `ath` and its count.
+    pub declined: Option<(String, u64)>,
     /// Tokens minted by this process.
     pub mints: u64,
     /// Consecutive failed refreshes.
@@ -318,7 +322,7 @@ impl TokenManager {
     /// Waits for a usable token: at once if there is one; `Unavailable` at once while
     /// refreshes fail; otherwise until the refresh in flight ends.
     pub async fn usable(&self) -> Result<Arc<Token>, Unavailable> {
-        let deadline = Instant::now() + self.wait;
+        let deadline = self.deadline();
         let mut rx = self.snapshot.clone();
         loop {
             {
@@ -352,7 +356,7 @@ impl TokenManager {
     /// Waits for a usable token other than `rejected`, or for the owner's decision not to mint
     /// (it counts the rejection without replacing the token).
     pub async fn replacement(&self, rejected: &Token, ticket: u64) -> Need {
-        let deadline = Instant::now() + self.wait;
+        let deadline = self.deadline();
         let mut rx = self.snapshot.clone();
         loop {
             {
@@ -361,7 +365,14 @@ impl TokenManager {
                 let token = snap.token.as_ref().filter(|t| t.usable_at(now));
                 match token {
                     Some(t) if t.ath() != rejected.ath() => return Need::Replaced(t.clone()),
-                    Some(_) if snap.rejections > ticket => return Need::Declined,
+                    Some(_)
+                        if snap
+                            .declined
+                            .as_ref()
+                            .is_some_and(|(a, n)| a == rejected.ath() && *n > ticket) =>
+                    {
+                        return Need::Declined
+                    }
                     _ => {}
                 }
                 if let Some(f) = &snap.failing {
@@ -375,6 +386,11 @@ impl TokenManager {
                 return Need::Unavailable(self.timed_out());
             }
         }
+    }
+
+    fn deadline(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_add(self.wait).unwrap_or(now)
     }
 
     fn timed_out(&self) -> Unavailable {
@@ -442,8 +458,11 @@ fn unavailable(failing: Option<&Failing>, now: Instant) -> Unavailable {
     }
 }
 
+/// RFC 3339, for times the formatter can show (not before 1970: a wall clock set that far back
+/// shows no time rather than failing the status page).
 fn rfc3339(t: Option<SystemTime>) -> Option<String> {
-    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+    t.filter(|t| *t >= std::time::UNIX_EPOCH)
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
 /// Runs owners one after another: a dead owner is reported and replaced, starting from the last
@@ -541,16 +560,12 @@ async fn run(
     let mut io: Option<futures_util::future::BoxFuture<'static, Event>> = None;
     let mut lease_keeper: Option<AbortOnDrop> = None;
     let mut waiting_since: Option<Instant> = None;
-    let mut rejections = last.rejections;
     let restarts = last.restarts;
     let mut degraded = false;
     let mut event = Event::Tick;
     loop {
-        if matches!(event, Event::Rejected(_)) {
-            rejections += 1;
-        }
-        if let Event::Loaded { stored: Ok(s), .. } = &event {
-            ctx.metrics.lookup(true, s.is_some());
+        if let Event::Loaded(Ok(seen)) = &event {
+            ctx.metrics.lookup(true, seen.stored.is_some());
         }
         let effects = machine.step(event, Instant::now());
         for effect in effects {
@@ -562,13 +577,15 @@ async fn run(
                 Effect::ReadLedger => {
                     let c = ctx.clone();
                     io = Some(Box::pin(async move {
-                        Event::Ledger(c.store.last_mint(&c.key).await)
+                        Event::Ledger(limited(c.store.last_mint(&c.key)).await)
                     }));
                 }
                 Effect::TryLease => {
                     let c = ctx.clone();
                     io = Some(Box::pin(async move {
-                        Event::Lease(c.store.try_lease(&c.key, &c.lease_owner, c.lease_ttl).await)
+                        Event::Lease(
+                            limited(c.store.try_lease(&c.key, &c.lease_owner, c.lease_ttl)).await,
+                        )
                     }));
                 }
                 Effect::HoldLease => {
@@ -600,7 +617,7 @@ async fn run(
             degraded = machine.cache_degraded;
             ctx.metrics.set_cache_degraded(&ctx.profile, degraded);
         }
-        publish_snapshot(&publish, &machine, rejections, restarts, &ctx);
+        publish_snapshot(&publish, &machine, restarts, &ctx);
 
         let wake = machine.next_wake(Instant::now());
         event = tokio::select! {
@@ -629,7 +646,6 @@ async fn run(
 fn publish_snapshot(
     publish: &watch::Sender<Arc<Snapshot>>,
     machine: &Machine,
-    rejections: u64,
     restarts: u64,
     ctx: &Ctx,
 ) {
@@ -637,7 +653,8 @@ fn publish_snapshot(
         token: machine.token.clone(),
         failing: machine.failing(),
         refreshing: machine.refreshing(),
-        rejections,
+        rejections: machine.rejections,
+        declined: machine.declined.clone(),
         mints: machine.mints,
         failures: machine.failures,
         last_error: machine.last_error.clone(),
@@ -681,11 +698,19 @@ async fn load(ctx: Arc<Ctx>, poll: Option<Duration>) -> Event {
     if let Some(limit) = poll {
         let _ = ctx.store.wait_for_change(&ctx.key, limit).await;
     }
-    let (stored, backoff) = ctx.store.lookup(&ctx.key).await;
+    let found = limited(ctx.store.lookup(&ctx.key)).await;
     let now = Instant::now();
     let wall = ctx.clock.wall();
-    let stored = stored.map(|r| r.and_then(|r| Token::from_record(r, now, wall).map(Arc::new)));
-    Event::Loaded { stored, backoff }
+    Event::Loaded(found.map(|f| {
+        Seen {
+            stored: f
+                .token
+                .and_then(|r| Token::from_record(r, now, wall).map(Arc::new)),
+            backoff: f.backoff,
+            rejected: f.rejected,
+            lease_held: f.lease_held,
+        }
+    }))
 }
 
 /// One token request, turned into a token with a trusted lifetime.
@@ -733,14 +758,32 @@ async fn mint(ctx: Arc<Ctx>, reason: Reason) -> Event {
     Event::Minted(result)
 }
 
+/// The longest any one store call may take, whatever the backend: a hung file system or a
+/// store without its own timeouts must not wedge the owner.
+const STORE_CALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// A store call bounded by [`STORE_CALL_LIMIT`].
+async fn limited<T>(call: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    tokio::time::timeout(STORE_CALL_LIMIT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "token cache call did not finish within {}s",
+                STORE_CALL_LIMIT.as_secs()
+            )))
+        })
+}
+
 /// Extends the lease every third of its life while the mint runs (aborted when it ends).
 async fn hold_lease(ctx: Arc<Ctx>) {
     loop {
         tokio::time::sleep(ctx.lease_ttl / 3).await;
-        if let Ok(false) | Err(_) = ctx
-            .store
-            .extend_lease(&ctx.key, &ctx.lease_owner, ctx.lease_ttl)
-            .await
+        if let Ok(false) | Err(_) = limited(ctx.store.extend_lease(
+            &ctx.key,
+            &ctx.lease_owner,
+            ctx.lease_ttl,
+        ))
+        .await
         {
             tracing::debug!(profile = %ctx.profile, "could not extend the refresh lease");
         }
@@ -760,12 +803,14 @@ async fn bookkeep(ctx: Arc<Ctx>, ops: Vec<StoreOp>) {
             continue;
         }
         let result = match &op {
-            StoreOp::Save(token) => store.save(key, token).await,
-            StoreOp::RecordMint => store.record_mint(key).await,
-            StoreOp::ShareBackoff(left, why) => store.set_fleet_backoff(key, *left, why).await,
-            StoreOp::ReleaseLease => store.release_lease(key, &ctx.lease_owner).await,
-            StoreOp::Announce => store.announce(key).await,
-            StoreOp::Evict(ath) => store.evict_if(key, ath).await.map(|_| ()),
+            StoreOp::Save(token) => limited(store.save(key, token)).await,
+            StoreOp::RecordMint => limited(store.record_mint(key)).await,
+            StoreOp::ShareBackoff(left, why) => {
+                limited(store.set_fleet_backoff(key, *left, why)).await
+            }
+            StoreOp::ReleaseLease => limited(store.release_lease(key, &ctx.lease_owner)).await,
+            StoreOp::Announce => limited(store.announce(key)).await,
+            StoreOp::Evict(ath) => limited(store.evict_if(key, ath)).await.map(|_| ()),
         };
         if let Err(e) = result {
             tracing::debug!(profile = %ctx.profile, "token cache write failed: {e}");
@@ -862,11 +907,14 @@ mod tests {
         }
     }
 
-    /// A shared store whose lease answers are scripted (true once the script runs out).
+    /// A shared store whose lease answers are scripted (true once the script runs out), which
+    /// counts lease extensions, and whose reads can hang forever.
     #[derive(Debug, Default)]
     struct FleetStore {
         tokens: MemoryStore,
         leases: StdMutex<VecDeque<bool>>,
+        extends: AtomicU32,
+        hang: bool,
     }
 
     impl TokenStore for FleetStore {
@@ -874,6 +922,9 @@ mod tests {
             "fleet"
         }
         fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Record>> {
+            if self.hang {
+                return Box::pin(std::future::pending());
+            }
             self.tokens.load(key)
         }
         fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
@@ -888,6 +939,15 @@ mod tests {
         fn try_lease<'a>(&'a self, _: &'a str, _: &'a str, _: Duration) -> StoreFuture<'a, bool> {
             let next = self.leases.lock().unwrap().pop_front().unwrap_or(true);
             Box::pin(async move { Ok(next) })
+        }
+        fn extend_lease<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: Duration,
+        ) -> StoreFuture<'a, bool> {
+            self.extends.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
         }
     }
 
@@ -1080,5 +1140,68 @@ mod tests {
             Need::Declined
         ));
         assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_during_a_leased_mint_stops_extending_the_lease() {
+        // The first token request takes 20 s (the keep-alive extends the lease meanwhile), then
+        // crashes the owner.
+        let source = FakeSource::panicking(Duration::from_secs(20), 86_400, vec![1]);
+        let store = Arc::new(FleetStore::default());
+        let manager = start(
+            source.clone(),
+            store.clone(),
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        );
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        settle().await;
+        let before = store.extends.load(Ordering::SeqCst);
+        assert!(
+            before >= 2,
+            "the lease was extended during the mint: {before}"
+        );
+        // The restarted owner mints (the second request succeeds) and holds no lease after.
+        let token = manager.usable().await.unwrap();
+        assert_eq!(token.access_token.expose(), "token-2");
+        let after_mint = store.extends.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(store.extends.load(Ordering::SeqCst), after_mint);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_manager_stops_its_owner() {
+        let source = FakeSource::new(Duration::from_millis(10), 100);
+        let manager = start(
+            source.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        );
+        manager.usable().await.unwrap();
+        drop(manager);
+        // 100 s tokens would be renewed ten times in 1,000 s by a leftover owner.
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        settle().await;
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_never_answers_delays_the_first_token_by_the_call_limit_only() {
+        let source = FakeSource::new(Duration::from_millis(10), 86_400);
+        let store = Arc::new(FleetStore {
+            hang: true,
+            ..FleetStore::default()
+        });
+        let manager = start(
+            source.clone(),
+            store,
+            Arc::new(SystemClock),
+            Duration::from_secs(10),
+        );
+        let started = Instant::now();
+        manager.usable().await.unwrap();
+        assert!(started.elapsed() <= STORE_CALL_LIMIT + Duration::from_secs(1));
+        assert_eq!(source.calls(), 1);
     }
 }

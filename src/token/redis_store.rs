@@ -4,8 +4,10 @@
 //! `{prefix}:{fp}:token` (value `expires_ms.ath.sealed`, Redis TTL = remaining life),
 //! `{prefix}:{fp}:lock` (refresh lease: `SET NX PX` with a random owner, extended while a mint
 //! runs, released by compare-and-delete), `{prefix}:{fp}:minted` (the fleet's last mint: value
-//! Unix ms, TTL 7 days) and `{prefix}:{fp}:backoff` (value `until_ms|reason`, TTL = the backoff,
-//! after the token endpoint answered a replica with an error, so one answer quiets every replica).
+//! Unix ms, TTL 7 days), `{prefix}:{fp}:backoff` (value `until_ms|reason`, TTL = the backoff,
+//! after the token endpoint answered a replica with an error, so one answer quiets every replica)
+//! and `{prefix}:{fp}:rejected` (the `ath` of the token a replica last saw rejected, TTL 26 h:
+//! replicas still holding it replace it, and none writes it back).
 //! Writes keep the later-expiring token (compare-and-set in Lua); eviction deletes only the
 //! rejected token. The `ath` (SHA-256 of the token) in clear lets those scripts compare tokens
 //! without decrypting; it is what DPoP proofs carry anyway and cannot be reversed.
@@ -33,7 +35,7 @@ use tokio::sync::Mutex;
 
 use crate::secret::Secret;
 
-use super::store::{Lookup, StoreError, StoreFuture, TokenStore};
+use super::store::{Found, StoreError, StoreFuture, TokenStore};
 use super::{unix_ms, Record, Sealer, Token};
 use crate::metrics::Metrics;
 
@@ -53,6 +55,7 @@ return 1
 ";
 
 const DELETE_IF_ATH: &str = r"
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local cur = redis.call('GET', KEYS[1])
 if cur and string.match(cur, '^%d+%.([^.]+)%.') == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -60,6 +63,9 @@ if cur and string.match(cur, '^%d+%.([^.]+)%.') == ARGV[1] then
 end
 return 0
 ";
+
+/// How long the fleet remembers a rejected token: longer than any token it could be.
+const REJECTED_TTL: Duration = Duration::from_secs(26 * 3600);
 
 const EXTEND_IF_OWNER: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -546,16 +552,17 @@ impl TokenStore for RedisStore {
         })
     }
 
-    fn lookup<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Lookup> + Send + 'a>> {
+    fn lookup<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Found> {
         Box::pin(async move {
             let token = self.name(key, "token");
             let backoff = self.name(key, "backoff");
-            let answer: Result<(Option<String>, Option<String>, i64), _> = self
+            let rejected = self.name(key, "rejected");
+            let lock = self.name(key, "lock");
+            type Answer = (Option<String>, Option<String>, i64, Option<String>, i64);
+            let (value, backoff_value, backoff_pttl, rejected, lock): Answer = self
                 .call(|mut c| {
                     let (token, backoff) = (token.clone(), backoff.clone());
+                    let (rejected, lock) = (rejected.clone(), lock.clone());
                     async move {
                         redis::pipe()
                             .cmd("GET")
@@ -564,18 +571,21 @@ impl TokenStore for RedisStore {
                             .arg(&backoff)
                             .cmd("PTTL")
                             .arg(&backoff)
+                            .cmd("GET")
+                            .arg(&rejected)
+                            .cmd("EXISTS")
+                            .arg(&lock)
                             .query_async(&mut c)
                             .await
                     }
                 })
-                .await;
-            match answer {
-                Ok((value, backoff, pttl)) => (
-                    Ok(value.and_then(|v| self.open_value(&token, &v))),
-                    Ok(backoff_left(backoff, pttl)),
-                ),
-                Err(e) => (Err(e.clone()), Err(e)),
-            }
+                .await?;
+            Ok(Found {
+                token: value.and_then(|v| self.open_value(&token, &v)),
+                backoff: backoff_left(backoff_value, backoff_pttl),
+                rejected,
+                lease_held: Some(lock > 0),
+            })
         })
     }
 
@@ -608,9 +618,19 @@ impl TokenStore for RedisStore {
     fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let name = self.name(key, "token");
+            let rejected = self.name(key, "rejected");
             let script = &self.delete_if_ath;
+            let ttl = REJECTED_TTL.as_millis() as u64;
             let n: i64 = self
-                .call(|mut c| async move { script.key(&name).arg(ath).invoke_async(&mut c).await })
+                .call(|mut c| async move {
+                    script
+                        .key(&name)
+                        .key(&rejected)
+                        .arg(ath)
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await
+                })
                 .await?;
             Ok(n == 1)
         })

@@ -27,11 +27,18 @@ pub enum StoreError {
 /// A boxed store future.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// What [`TokenStore::lookup`] finds: the stored record and any fleet backoff (time left, why).
-pub type Lookup = (
-    Result<Option<Record>, StoreError>,
-    Result<Option<(Duration, String)>, StoreError>,
-);
+/// What [`TokenStore::lookup`] finds.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The stored token record.
+    pub token: Option<Record>,
+    /// A fleet-wide backoff in force: time left and why.
+    pub backoff: Option<(Duration, String)>,
+    /// The `ath` of the token a replica last saw rejected, while that matters.
+    pub rejected: Option<String>,
+    /// Whether the refresh lease is held (`None` where the store cannot tell).
+    pub lease_held: Option<bool>,
+}
 
 /// A shared place for tokens, keyed by profile fingerprint.
 ///
@@ -46,13 +53,20 @@ pub trait TokenStore: fmt::Debug + Send + Sync {
     /// Stores a token, unless the store holds one expiring later.
     fn save<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
     /// Removes the stored token only if it is still the one whose `ath` is given
-    /// (compare-and-delete).
+    /// (compare-and-delete). Shared stores also remember the `ath` for a while, so replicas
+    /// that still hold that token stop using it and none writes it back.
     fn evict_if<'a>(&'a self, key: &'a str, ath: &'a str) -> StoreFuture<'a, bool>;
 
-    /// The stored token and any fleet backoff in force, in one round trip where the backend
-    /// allows it (a refresh reads both before deciding to mint).
-    fn lookup<'a>(&'a self, key: &'a str) -> Pin<Box<dyn Future<Output = Lookup> + Send + 'a>> {
-        Box::pin(async move { (self.load(key).await, self.fleet_backoff(key).await) })
+    /// Everything a refresh reads before deciding to mint (the token, a fleet backoff, the
+    /// fleet's last rejection, the lease), in one round trip where the backend allows it.
+    fn lookup<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Found> {
+        Box::pin(async move {
+            Ok(Found {
+                token: self.load(key).await?,
+                backoff: self.fleet_backoff(key).await?,
+                ..Found::default()
+            })
+        })
     }
 
     /// True when other processes share this store, so a refresh must take the fleet lease.

@@ -431,3 +431,43 @@ async fn a_healthy_replica_writes_nothing_to_redis_and_logs_nothing_between_rene
         .collect();
     assert!(quiet.is_empty(), "{quiet:?}");
 }
+
+#[tokio::test]
+async fn a_token_one_replica_saw_rejected_is_dropped_by_the_others_and_never_written_back() {
+    let redis = RedisServer::start();
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = redis_cache(
+        &oauth_toml(&url, "service_account", ""),
+        &redis,
+        "check_interval = \"200ms\"",
+    );
+    let a = ProxyProcess::start(&write_config(&dir, &toml), &[]);
+    assert_eq!(get_status(&a, "/raas/v2/catalogs").await, 200);
+    let b = ProxyProcess::start(&write_config(&dir, &toml), &[]);
+    assert_eq!(get_status(&b, "/raas/v2/catalogs").await, 200);
+    assert_eq!(mock.stats().tokens_issued, 1, "B adopted A's token");
+    // The credentials are deactivated: B's next request is refused, B evicts the token and
+    // mints one replacement.
+    mock.revoke_all();
+    assert_eq!(get_status(&b, "/raas/v2/catalogs").await, 200);
+    assert_eq!(mock.stats().tokens_issued, 2);
+    // A learns of it from the store within a check or two: it neither writes the refused token
+    // back nor sends it to Tango again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused_before = mock.stats().credentials.get("bearer-invalid").copied();
+    for _ in 0..5 {
+        assert_eq!(get_status(&a, "/raas/v2/catalogs").await, 200);
+    }
+    assert_eq!(
+        mock.stats().credentials.get("bearer-invalid").copied(),
+        refused_before,
+        "A still used the refused token"
+    );
+    assert_eq!(mock.stats().tokens_issued, 2, "A adopted B's replacement");
+    for p in [a, b] {
+        let (code, logs) = p.terminate();
+        assert_eq!(code, 0);
+        assert!(!logs.contains("lost the token"), "{logs}");
+    }
+}
