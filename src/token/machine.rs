@@ -56,8 +56,9 @@ pub struct Policy {
     pub min_interval: Option<Duration>,
     /// True when other processes share the store (lease, ledger, polling).
     pub shared: bool,
-    /// How long a refresh lease lives without being extended.
-    pub lease_ttl: Duration,
+    /// How long a replica waits for the lease holder's token before taking over, unless the
+    /// store shows the lease gone sooner: as long as the holder's mint may take.
+    pub fleet_wait: Duration,
     /// How often the shared copy is compared with ours.
     pub store_check: Duration,
     /// First retry delay after a failed token request.
@@ -634,7 +635,7 @@ impl Machine {
                 self.cache_ok();
                 self.phase = Phase::AwaitingFleet {
                     reason,
-                    until: later(now, self.policy.lease_ttl),
+                    until: later(now, self.policy.fleet_wait),
                 };
                 fx.push(Effect::PollFleet);
             }
@@ -913,7 +914,7 @@ mod tests {
             refresh_window: 4 * HOUR,
             min_interval,
             shared,
-            lease_ttl: Duration::from_secs(22),
+            fleet_wait: Duration::from_secs(22),
             store_check: Duration::from_secs(5),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
@@ -1484,7 +1485,7 @@ mod tests {
     async fn huge_configured_intervals_never_overflow_the_clock() {
         let huge = |shared| {
             let mut p = policy(shared, Some(Duration::MAX));
-            p.lease_ttl = Duration::MAX;
+            p.fleet_wait = Duration::MAX;
             p.store_check = Duration::MAX;
             p.backoff_base = Duration::MAX;
             p.backoff_cap = Duration::MAX;

@@ -54,8 +54,9 @@ pub struct Tuning {
     pub store_check: Duration,
     /// How often a replica waiting on another's lease polls when no wake-up arrives.
     pub fleet_poll: Duration,
-    /// The refresh lease's lifetime; `None`: twice the token timeout plus 2 s (a mint with its
-    /// DPoP nonce retry fits, and the holder extends it every third of it).
+    /// The refresh lease's lifetime without extension; `None`: the token timeout plus 2 s, as
+    /// earlier versions use (the holder extends it every third of it while its mint runs, so
+    /// only a dead holder's lease runs out).
     pub lease_ttl: Option<Duration>,
     /// First retry delay after a failed token request.
     pub backoff_base: Duration,
@@ -248,12 +249,14 @@ impl TokenManager {
     ) -> Self {
         let lease_ttl = tuning
             .lease_ttl
-            .unwrap_or(config.token_timeout * 2 + Duration::from_secs(2));
+            .unwrap_or(config.token_timeout + Duration::from_secs(2));
+        // A live holder's mint, with its DPoP nonce retry, is over by then.
+        let fleet_wait = config.token_timeout * 2 + Duration::from_secs(2);
         let policy = Policy {
             refresh_window: config.refresh_window,
             min_interval: config.min_token_interval,
             shared: store.shared(),
-            lease_ttl,
+            fleet_wait,
             store_check: tuning.store_check,
             backoff_base: tuning.backoff_base,
             backoff_cap: tuning.backoff_cap,
@@ -262,8 +265,8 @@ impl TokenManager {
             rejected_mint_interval: tuning.rejected_mint_interval,
         };
         // A waiter covers what the refresh it waits on can take: store reads (1 s each at
-        // most), a lease wait, a takeover mint and a nonce retry.
-        let wait = lease_ttl + config.token_timeout * 2 + Duration::from_secs(3);
+        // most), a wait on the lease holder, a takeover mint and a nonce retry.
+        let wait = fleet_wait + config.token_timeout * 2 + Duration::from_secs(3);
         let (events, rx) = mpsc::unbounded_channel();
         let (publish, snapshot) = watch::channel(Arc::new(Snapshot::default()));
         let need = Arc::new(Notify::new());
