@@ -341,8 +341,20 @@ impl NonceCache {
             .cloned()
     }
 
-    /// Records a `DPoP-Nonce` from a response; returns true when it changed.
+    /// Records a `DPoP-Nonce` from a response; returns true when it changed. A nonce that is
+    /// not a short run of visible ASCII (RFC 9449's NQCHAR, at most 512 here) is ignored: kept,
+    /// it would ride on every later proof and could make every request fail.
     pub fn update(&self, origin: &str, nonce: &str) -> bool {
+        const MAX_NONCE: usize = 512;
+        if nonce.is_empty()
+            || nonce.len() > MAX_NONCE
+            || !nonce
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            tracing::warn!(len = nonce.len(), "ignoring an unusable DPoP-Nonce");
+            return false;
+        }
         if self.get(origin).as_deref() == Some(nonce) {
             return false;
         }
@@ -351,6 +363,29 @@ impl NonceCache {
             .unwrap_or_else(|p| p.into_inner())
             .insert(origin.to_string(), nonce.to_string());
         true
+    }
+}
+
+#[cfg(test)]
+mod nonce_tests {
+    use super::NonceCache;
+
+    #[test]
+    fn only_short_visible_nonces_are_kept() {
+        let cache = NonceCache::default();
+        assert!(cache.update("https://a", "n-1"));
+        assert!(!cache.update("https://a", "n-1"));
+        for bad in [
+            "",
+            "has space",
+            "quote\"",
+            "x".repeat(513).as_str(),
+            "caf\u{e9}",
+        ] {
+            assert!(!cache.update("https://a", bad), "{bad:?}");
+        }
+        assert_eq!(cache.get("https://a").as_deref(), Some("n-1"));
+        assert!(cache.update("https://a", &"y".repeat(512)));
     }
 }
 

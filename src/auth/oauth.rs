@@ -94,7 +94,40 @@ impl TokenClient {
     }
 
     /// Requests one token. With DPoP, a `use_dpop_nonce` answer is retried once with the nonce.
+    /// An error never carries this client's secrets, even when the endpoint echoes them back.
     async fn request(&self) -> Result<Minted, MintError> {
+        self.exchange().await.map_err(|e| self.scrub(e))
+    }
+
+    /// Replaces every secret this client sends (as sent, form-encoded, or raw) in an error.
+    fn scrub(&self, e: MintError) -> MintError {
+        let secrets: Vec<&str> = self
+            .form
+            .iter()
+            .filter_map(|(_, v)| match v {
+                FormValue::Secret(s) => Some(s.expose()),
+                FormValue::Plain(_) => None,
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        let clean = |text: String| redact_all(text, &secrets);
+        match e {
+            MintError::RateLimited(m) => MintError::RateLimited(clean(m)),
+            MintError::Rejected { status, message } => MintError::Rejected {
+                status,
+                message: clean(message),
+            },
+            MintError::ServerError { status, message } => MintError::ServerError {
+                status,
+                message: clean(message),
+            },
+            MintError::InvalidResponse(m) => MintError::InvalidResponse(clean(m)),
+            MintError::Transport(m) => MintError::Transport(clean(m)),
+            other => other,
+        }
+    }
+
+    async fn exchange(&self) -> Result<Minted, MintError> {
         let body = zeroize::Zeroizing::new(self.encoded_form());
         let mut retried = false;
         loop {
@@ -176,6 +209,15 @@ impl TokenSource for TokenClient {
     }
 }
 
+/// `text` with every secret, raw or form-encoded, replaced by the redaction marker.
+fn redact_all(text: String, secrets: &[&str]) -> String {
+    secrets.iter().fold(text, |t, secret| {
+        let encoded: String = form_urlencoded_byte_serialize(secret).collect();
+        t.replace(secret, crate::secret::REDACTED)
+            .replace(&encoded, crate::secret::REDACTED)
+    })
+}
+
 /// application/x-www-form-urlencoded encoding of one value.
 fn form_urlencoded_byte_serialize(v: &str) -> impl Iterator<Item = char> + '_ {
     v.bytes().flat_map(|b| {
@@ -254,6 +296,18 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
 
 /// `error: error_description` from JSON, else a short excerpt of the text.
 fn error_message(body: &[u8]) -> String {
+    printable(&raw_error_message(body))
+}
+
+/// The message with control characters (CR, LF, escapes) turned into spaces: it reaches text
+/// logs, `/status` and error bodies.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn raw_error_message(body: &[u8]) -> String {
     if let Ok(raw) = serde_json::from_slice::<RawError>(body) {
         let parts: Vec<String> = [raw.error, raw.error_description, raw.message]
             .into_iter()
@@ -504,15 +558,18 @@ impl Authorizer for OAuthAuthorizer {
     }
 
     fn rejected<'a>(&'a self, used: &Credential, response: &HeaderMap) -> Replay<'a> {
-        let class = Challenge::of(response);
+        // A Bearer profile sends no proof: a DPoP challenge to it is "another scheme", and like
+        // any other 401 it means the token was refused.
+        let class = match self.dpop {
+            Some(_) => Challenge::of(response),
+            None => Challenge::Token,
+        };
         if class != Challenge::Token {
-            if class == Challenge::Proof && self.dpop.is_some() {
+            if class == Challenge::Proof {
                 self.warn_proof_refused(response);
             }
-            // Same token, fresh proof (with the nonce `observe` recorded). A DPoP challenge
-            // to a Bearer profile is nothing a new proof could fix.
-            let replay = self.dpop.is_some();
-            return Box::pin(async move { replay });
+            // Same token, fresh proof (with the nonce `observe` recorded).
+            return Box::pin(async { true });
         }
         self.metrics.upstream_401(&self.profile);
         match self.manager.current() {
@@ -641,6 +698,22 @@ mod tests {
             of(&[r#"Bearer realm="x""#, r#"DPoP error="use_dpop_nonce""#]),
             Challenge::Nonce
         );
+    }
+
+    #[test]
+    fn error_text_is_printable_and_never_echoes_a_secret() {
+        let body = b"bad request\r\nINFO forged line: client_secret=s3cr%2Ft&password=pa+ss";
+        let message = error_message(body);
+        assert!(
+            !message.contains('\n') && !message.contains('\r'),
+            "{message}"
+        );
+        let clean = redact_all(message, &["s3cr/t", "pa ss"]);
+        assert!(
+            !clean.contains("s3cr") && !clean.contains("pa+ss"),
+            "{clean}"
+        );
+        assert!(clean.contains("client_secret="), "{clean}");
     }
 
     #[test]

@@ -742,7 +742,9 @@ async fn mint(ctx: Arc<Ctx>, reason: Reason) -> Event {
         Token::new(m.access_token, life.duration, life.duration, ctx.dpop, now, wall)
             .map(Arc::new)
             .ok_or_else(|| {
-                MintError::InvalidResponse("access_token is not valid in an HTTP header".into())
+                MintError::InvalidResponse(
+                    "access_token is not a header-safe string of at most 16 KiB".into(),
+                )
             })
     });
     match &result {

@@ -41,6 +41,10 @@ pub const DEFAULT_SKEW: Duration = Duration::from_secs(30);
 /// ignored like a missing value.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(400 * 86_400);
 
+/// The longest access token accepted (a JWT with many claims is a few KiB; anything near this
+/// would not fit in the header limits of the servers it is sent to).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
 /// An access token and when it stops being valid.
 #[derive(Debug, Clone)]
 pub struct Token {
@@ -73,7 +77,10 @@ impl Token {
         let expires_at = truncate_ms(wall.checked_add(remaining)?);
         let expires = now.checked_add(remaining)?;
         let value = access_token.expose();
-        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        if value.is_empty()
+            || value.len() > MAX_TOKEN_LEN
+            || !value.bytes().all(|b| b.is_ascii_graphic())
+        {
             return None;
         }
         let ath = ath(value);

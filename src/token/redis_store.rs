@@ -44,14 +44,39 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long the ledger remembers a mint.
 const LEDGER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+// Keeps a later-expiring record, but only a believable one: a string with a TTL and an expiry
+// no later than ARGV[4] (now + 400 days). Anything else under the key is overwritten, so garbage
+// cannot pin the fleet to minting on every cold start.
 const SAVE_LATER: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local exp = tonumber(string.match(cur, '^(%d+)%.'))
-  if exp and exp >= tonumber(ARGV[2]) then return 0 end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('PTTL', KEYS[1]) > 0 then
+  local exp = tonumber(string.match(redis.call('GET', KEYS[1]), '^(%d+)%.'))
+  if exp and exp >= tonumber(ARGV[2]) and exp <= tonumber(ARGV[4]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
+";
+
+// Takes the lease (SET NX PX). A lock that no replica could have written (another type, no
+// TTL, or a TTL past ARGV[3]) is removed first, or it would block every refresh forever.
+const TAKE_LEASE: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if t ~= 'string' or pttl < 0 or pttl > tonumber(ARGV[3]) then redis.call('DEL', KEYS[1]) end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+";
+
+// One profile's records as a refresh reads them; a key holding another type reads as absent
+// instead of failing the whole read.
+const READ_ALL: &str = r"
+local function str(k)
+  if redis.call('TYPE', k).ok == 'string' then return redis.call('GET', k) end
+  return false
+end
+return {str(KEYS[1]), str(KEYS[2]), redis.call('PTTL', KEYS[2]), str(KEYS[3]),
+        redis.call('EXISTS', KEYS[4])}
 ";
 
 const DELETE_IF_ATH: &str = r"
@@ -302,6 +327,8 @@ pub struct RedisStore {
     sealer: Arc<Sealer>,
     metrics: Arc<Metrics>,
     save_later: Script,
+    take_lease: Script,
+    read_all: Script,
     delete_if_ath: Script,
     extend_if_owner: Script,
     delete_if_owner: Script,
@@ -341,6 +368,8 @@ impl RedisStore {
             sealer,
             metrics,
             save_later: Script::new(SAVE_LATER),
+            take_lease: Script::new(TAKE_LEASE),
+            read_all: Script::new(READ_ALL),
             delete_if_ath: Script::new(DELETE_IF_ATH),
             extend_if_owner: Script::new(EXTEND_IF_OWNER),
             delete_if_owner: Script::new(DELETE_IF_OWNER),
@@ -559,24 +588,21 @@ impl TokenStore for RedisStore {
             let rejected = self.name(key, "rejected");
             let lock = self.name(key, "lock");
             type Answer = (Option<String>, Option<String>, i64, Option<String>, i64);
+            let script = &self.read_all;
             let (value, backoff_value, backoff_pttl, rejected, lock): Answer = self
                 .call(|mut c| {
-                    let (token, backoff) = (token.clone(), backoff.clone());
-                    let (rejected, lock) = (rejected.clone(), lock.clone());
+                    let keys = [
+                        token.clone(),
+                        backoff.clone(),
+                        rejected.clone(),
+                        lock.clone(),
+                    ];
                     async move {
-                        redis::pipe()
-                            .cmd("GET")
-                            .arg(&token)
-                            .cmd("GET")
-                            .arg(&backoff)
-                            .cmd("PTTL")
-                            .arg(&backoff)
-                            .cmd("GET")
-                            .arg(&rejected)
-                            .cmd("EXISTS")
-                            .arg(&lock)
-                            .query_async(&mut c)
-                            .await
+                        let mut invocation = script.prepare_invoke();
+                        for k in &keys {
+                            invocation.key(k);
+                        }
+                        invocation.invoke_async(&mut c).await
                     }
                 })
                 .await?;
@@ -599,6 +625,8 @@ impl TokenStore for RedisStore {
             let value = zeroize::Zeroizing::new(format!("{}{sealed}", Self::prefix_of(token)));
             let ttl = ms_until(token.expires_at);
             let exp = unix_ms(token.expires_at);
+            let believable = unix_ms(SystemTime::now())
+                .saturating_add(u64::try_from(super::MAX_LIFETIME.as_millis()).unwrap_or(u64::MAX));
             let script = &self.save_later;
             let _: i64 = self
                 .call(|mut c| async move {
@@ -607,6 +635,7 @@ impl TokenStore for RedisStore {
                         .arg(value.as_str())
                         .arg(exp)
                         .arg(ttl)
+                        .arg(believable)
                         .invoke_async(&mut c)
                         .await
                 })
@@ -644,20 +673,20 @@ impl TokenStore for RedisStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let name = self.name(key, "lock");
-            let ms = ttl.as_millis() as u64;
-            let got: Option<String> = self
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            let script = &self.take_lease;
+            let got: i64 = self
                 .call(|mut c| async move {
-                    redis::cmd("SET")
-                        .arg(&name)
+                    script
+                        .key(&name)
                         .arg(owner)
-                        .arg("NX")
-                        .arg("PX")
                         .arg(ms)
-                        .query_async(&mut c)
+                        .arg(ms.saturating_mul(4))
+                        .invoke_async(&mut c)
                         .await
                 })
                 .await?;
-            Ok(got.is_some())
+            Ok(got == 1)
         })
     }
 

@@ -208,8 +208,15 @@ async fn the_hot_path_sends_no_redis_command_per_request() {
     let redis = RedisServer::start();
     let (_mock, url) = start_mock(mock_config(1.0)).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start(&fleet_toml(&url, &redis, &key_file(dir.path()))).await;
+    // No periodic check during the run: every command counted would be the requests' doing.
+    let toml = fleet_toml(&url, &redis, &key_file(dir.path())).replace(
+        "[profiles.default]",
+        "check_interval = \"1h\"\n[profiles.default]",
+    );
+    let proxy = TestProxy::start(&toml).await;
     proxy.wait_ready().await;
+    // Let the background writes after the first mint land first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = redis.total_calls();
     let c = client();
     let started = Instant::now();
@@ -228,9 +235,9 @@ async fn the_hot_path_sends_no_redis_command_per_request() {
         h.await.unwrap();
     }
     let after = redis.total_calls();
-    // INFO itself and a cache check every 5 s at most: a small constant, not one per request.
+    // INFO itself is the only command: nothing per request.
     assert!(
-        after - before <= 10,
+        after - before <= 2,
         "{} Redis commands for 10,000 requests in {:?}",
         after - before,
         started.elapsed()
