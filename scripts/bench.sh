@@ -81,17 +81,7 @@ wait_port "$IDP_PORT"
 start_proxy() { # $1 = RUST_LOG, $2 = basic | bearer | dpop
   local port admin
   port=$(free_port); admin=$(free_port)
-  cat > "$work/proxy.toml" <<TOML
-[listen]
-proxy = "127.0.0.1:$port"
-admin = "127.0.0.1:$admin"
-workers = 1
-[upstream]
-url = "http://127.0.0.1:$UP_PORT"
-allow_http = true
-[profiles.default]
-$(profile_toml "$2")
-TOML
+  proxy_toml "$port" "$admin" "$2" > "$work/proxy.toml"
   RUST_LOG=$1 $SUT "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
   PROXY_PID=$!; pids+=($PROXY_PID); PROXY_PORT=$port
   wait_port "$port"

@@ -50,17 +50,7 @@ PY
 instructions() {
   local mode=$1 n=$2 port admin out
   port=$(free_port); admin=$(free_port); out="$work/callgrind.$mode.$n"
-  cat > "$work/$mode.toml" <<TOML
-[listen]
-proxy = "127.0.0.1:$port"
-admin = "127.0.0.1:$admin"
-workers = 1
-[upstream]
-url = "http://127.0.0.1:$UP_PORT"
-allow_http = true
-[profiles.default]
-$(profile_toml "$mode")
-TOML
+  proxy_toml "$port" "$admin" "$mode" > "$work/$mode.toml"
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$BIN" serve --config "$work/$mode.toml" 2>"$work/$mode.$n.log" &
   local pid=$!

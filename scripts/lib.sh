@@ -46,6 +46,22 @@ profile_toml() {
   esac
 }
 
+# A benchmark proxy's whole config, one worker, in front of the upstream on $UP_PORT:
+# $1 = proxy port, $2 = admin port, $3 = basic | bearer | dpop.
+proxy_toml() {
+  cat <<TOML
+[listen]
+proxy = "127.0.0.1:$1"
+admin = "127.0.0.1:$2"
+workers = 1
+[upstream]
+url = "http://127.0.0.1:$UP_PORT"
+allow_http = true
+[profiles.default]
+$(profile_toml "$3")
+TOML
+}
+
 work=$(mktemp -d)
 pids=()
 cleanup() {

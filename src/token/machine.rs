@@ -382,13 +382,11 @@ impl Machine {
             Event::Ledger(result) => self.on_ledger(result, now, &mut fx),
             Event::Lease(result) => self.on_lease(result, now, &mut fx),
             Event::Minted(result) => self.on_minted(result, now, &mut fx),
-            Event::Bookkept(result) => match result {
-                Ok(()) => self.cache_ok(),
-                Err(e) => {
+            Event::Bookkept(result) => {
+                if self.store_answer(result).is_none() {
                     self.unsaved = true;
-                    self.cache_error(&e);
                 }
-            },
+            }
         }
         self.plan(now, &mut fx);
         fx
@@ -481,14 +479,24 @@ impl Machine {
 
     // ---- events ---------------------------------------------------------------------------
 
-    fn on_loaded(&mut self, seen: Result<Seen, StoreError>, now: Instant, fx: &mut Vec<Effect>) {
-        let seen = match seen {
-            Ok(seen) => {
+    /// Notes whether the store answered; its answer, if any.
+    fn store_answer<T>(&mut self, result: Result<T, StoreError>) -> Option<T> {
+        match result {
+            Ok(v) => {
                 self.cache_ok();
-                seen
+                Some(v)
             }
             Err(e) => {
                 self.cache_error(&e);
+                None
+            }
+        }
+    }
+
+    fn on_loaded(&mut self, seen: Result<Seen, StoreError>, now: Instant, fx: &mut Vec<Effect>) {
+        let seen = match self.store_answer(seen) {
+            Some(seen) => seen,
+            None => {
                 match self.phase {
                     Phase::Loading(reason) => self.store_failed_during(reason, now, fx),
                     // The store went away under us: coordinate inside this process.
@@ -582,15 +590,8 @@ impl Machine {
         let Phase::Ledger(reason) = self.phase else {
             return;
         };
-        let ago = match result {
-            Ok(ago) => {
-                self.cache_ok();
-                ago
-            }
-            Err(e) => {
-                self.cache_error(&e);
-                return self.store_failed_during(reason, now, fx);
-            }
+        let Some(ago) = self.store_answer(result) else {
+            return self.store_failed_during(reason, now, fx);
         };
         match (self.policy.min_interval, ago) {
             (Some(interval), Some(ago)) if ago < interval => {
@@ -610,9 +611,8 @@ impl Machine {
         let Phase::Leasing { reason, takeover } = self.phase else {
             return;
         };
-        match result {
-            Ok(true) => {
-                self.cache_ok();
+        match self.store_answer(result) {
+            Some(true) => {
                 self.phase = Phase::Minting {
                     reason,
                     lease: true,
@@ -620,7 +620,7 @@ impl Machine {
                 fx.push(Effect::HoldLease);
                 fx.push(Effect::Mint(reason));
             }
-            Ok(false) if takeover => {
+            Some(false) if takeover => {
                 self.phase = Phase::Idle;
                 self.fail(
                     &MintError::Coordination(
@@ -631,18 +631,14 @@ impl Machine {
                     now,
                 );
             }
-            Ok(false) => {
-                self.cache_ok();
+            Some(false) => {
                 self.phase = Phase::AwaitingFleet {
                     reason,
                     until: later(now, self.policy.fleet_wait),
                 };
                 fx.push(Effect::PollFleet);
             }
-            Err(e) => {
-                self.cache_error(&e);
-                self.store_failed_during(reason, now, fx);
-            }
+            None => self.store_failed_during(reason, now, fx),
         }
     }
 
