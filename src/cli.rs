@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `mock-tango` and `demo`.
+//! The command line: `serve`, `check-config`, `keygen`, `mock-tango`, `demo` and `healthcheck`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +51,20 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         credentials: MockCredentials,
+    },
+    /// Exit 0 when the admin listener answers 200 on /livez (or /readyz with --ready), else 1:
+    /// for container HEALTHCHECKs and images without curl.
+    Healthcheck {
+        /// Admin address; default: `listen.admin` from $TANGO_PROXY_LISTEN__ADMIN or the config
+        /// file, else 127.0.0.1:9090. An unspecified address (0.0.0.0) is checked on loopback.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Check /readyz (a usable credential for every profile) instead of /livez.
+        #[arg(long)]
+        ready: bool,
+        /// Config file to read `listen.admin` from (else $TANGO_PROXY_CONFIG).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Run the mock and the proxy together on loopback and print example requests.
     Demo {
@@ -151,6 +165,11 @@ impl Cli {
                 credentials,
             } => mock_tango(listen, credentials.into_config()?),
             Command::Demo { listen, admin } => demo(listen, admin),
+            Command::Healthcheck {
+                admin,
+                ready,
+                config,
+            } => Ok(healthcheck(admin, ready, config)),
         }
     }
 }
@@ -246,6 +265,76 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// How long the health check waits for the whole answer.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn healthcheck(admin: Option<SocketAddr>, ready: bool, config: Option<PathBuf>) -> ExitCode {
+    let addr = admin.unwrap_or_else(|| admin_from_config(config));
+    let addr = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let path = if ready { "/readyz" } else { "/livez" };
+    match probe(addr, path) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("tango-auth-proxy healthcheck: http://{addr}{path} answered {status}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("tango-auth-proxy healthcheck: http://{addr}{path}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `listen.admin` as the proxy itself would see it, read without loading the rest of the
+/// configuration (a health check must not need the secrets).
+fn admin_from_config(path: Option<PathBuf>) -> SocketAddr {
+    let default = SocketAddr::from(([127, 0, 0, 1], 9090));
+    if let Some(addr) = std::env::var("TANGO_PROXY_LISTEN__ADMIN")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return addr;
+    }
+    let path = path.or_else(|| std::env::var_os("TANGO_PROXY_CONFIG").map(PathBuf::from));
+    path.and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("listen")?.get("admin")?.as_str()?.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// One HTTP/1.1 GET; the status code.
+fn probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, HEALTHCHECK_TIMEOUT)?;
+    stream.set_read_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    stream.set_write_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < 12 {
+        match stream.read(&mut head[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    std::str::from_utf8(&head[..read])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP answer"))
 }
 
 fn mock_tango(listen: SocketAddr, config: MockConfig) -> anyhow::Result<ExitCode> {
