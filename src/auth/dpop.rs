@@ -401,11 +401,43 @@ pub fn pkcs8_pem(der: &[u8]) -> String {
     out
 }
 
-/// True when a key file can be read by group or others.
+/// True when a key file can be read (or written) by others, or by a group this process is not
+/// in. A group the process belongs to is its own: Kubernetes mounts Secrets as mode 0440 with
+/// the pod's `fsGroup`, which is how a non-root container reads them.
 #[cfg(unix)]
 pub fn is_too_open(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    let mode = m.permissions().mode();
+    if mode & 0o007 != 0 || mode & 0o020 != 0 {
+        return true;
+    }
+    mode & 0o040 != 0 && !own_groups().contains(&m.gid())
+}
+
+/// The process's effective and supplementary groups (from /proc; empty where it is absent, so
+/// a group-readable key is then warned about).
+#[cfg(unix)]
+fn own_groups() -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("Gid:")
+                .map(|v| v.split_whitespace().nth(1).unwrap_or_default())
+                .map(str::to_string)
+                .or_else(|| l.strip_prefix("Groups:").map(str::to_string))
+        })
+        .flat_map(|v| {
+            v.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// True when a key file can be read by group or others.

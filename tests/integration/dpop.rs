@@ -126,6 +126,12 @@ fn keys_of_other_types_are_refused_and_open_files_warned_about() {
     let (code, _, err) = check(&open);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("readable by group or others"), "{err}");
+    // Readable by the process's own group (a Kubernetes Secret: mode 0440 with the pod's
+    // fsGroup) is fine: the file here belongs to this process's group.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let (code, _, err) = check(&open);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("readable by group"), "{err}");
 }
 
 async fn proofs_verify_independently(alg: &str, jose_alg: Algorithm) {
