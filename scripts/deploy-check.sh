@@ -92,6 +92,10 @@ PY
   step "kubernetes: $overlay renders, validates (1.30, strict) and its configs pass check-config"
 done
 grep -rn -i 'BEGIN .*PRIVATE KEY\|eyJ[A-Za-z0-9_-]\{20,\}' deploy/ && fail "a key or token in deploy/"
+# Every TANGO_PROXY_* variable the manifests and the compose file set is one the README documents.
+for var in $(cat "$work"/*.yaml deploy/compose/docker-compose.yml | grep -o 'TANGO_PROXY_[A-Z_]*' | sort -u); do
+  grep -q "$var" README.md || fail "$var is set in deploy/ but not documented in the README"
+done
 
 # ---- Compose ----------------------------------------------------------------------------------
 compose=deploy/compose/docker-compose.yml
