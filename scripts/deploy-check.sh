@@ -106,7 +106,7 @@ done
 compose=deploy/compose/docker-compose.yml
 check-jsonschema --builtin-schema vendor.compose-spec "$compose" >/dev/null || fail "compose schema"
 python3 - "$compose" "$BIN" <<'PY' || fail "compose references"
-import os, subprocess, sys, yaml
+import os, re, subprocess, sys, yaml
 path, binary = sys.argv[1], sys.argv[2]
 doc = yaml.safe_load(open(path))
 base = os.path.dirname(path)
@@ -128,7 +128,8 @@ for name, svc in doc["services"].items():
             if helped.returncode != 0:
                 problems.append(f"{name}: no subcommand {cmd[0]!r}")
             for arg in cmd[1:]:
-                if arg.startswith("--") and arg not in helped.stdout:
+                if arg.startswith("--") and not re.search(
+                        r"(^|[\s,\[])" + re.escape(arg) + r"([\s=,\]]|$)", helped.stdout, re.M):
                     problems.append(f"{name}: {cmd[0]} has no flag {arg}")
     elif ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
         problems.append(f"{name}: third-party image {image!r} is not pinned by tag")

@@ -64,10 +64,12 @@ run() { bh run --isolation chroot "$@"; }
 version=$(run "$ctr" -- /usr/local/bin/tango-auth-proxy --version)
 step "--version: $version"
 
-# Placeholder credentials where the shipped config expects them (mounted secrets in real life).
-for f in client_secret password; do echo "placeholder-$f" > "$work/$f"; done
-bh copy --chown 65532:65532 "$ctr" "$work/client_secret" /run/secrets/tango/client_secret >/dev/null
-bh copy --chown 65532:65532 "$ctr" "$work/password" /run/secrets/tango/password >/dev/null
+# Placeholder credentials where the shipped config expects them, owned as Kubernetes mounts a
+# Secret with fsGroup: root-owned, group 65532, mode 0440 (readable only through the group).
+for f in client_secret password; do
+  echo "placeholder-$f" > "$work/$f"
+  bh copy --chown 0:65532 --chmod 0440 "$ctr" "$work/$f" "/run/secrets/tango/$f" >/dev/null
+done
 run "$ctr" -- /usr/local/bin/tango-auth-proxy check-config >/dev/null
 step "check-config passes on the shipped /etc/tango-auth-proxy/proxy.toml"
 

@@ -56,6 +56,7 @@ pub struct Metrics {
     in_flight: Gauge,
     token_requests: Family<OutcomeLabel, Counter>,
     token_expiry: Family<ProfileLabel, Gauge>,
+    token_lifetime: Family<ProfileLabel, Gauge>,
     upstream_401: Family<ProfileLabel, Counter>,
     cache_unreadable: Family<BackendLabel, Counter>,
     redis_errors: Counter,
@@ -147,6 +148,12 @@ impl Metrics {
             "Unix time at which the profile's current token expires",
             token_expiry.clone(),
         );
+        let token_lifetime = Family::<ProfileLabel, Gauge>::default();
+        registry.register(
+            "token_lifetime_seconds",
+            "How long the profile's current token was valid for when obtained",
+            token_lifetime.clone(),
+        );
         let upstream_401 = Family::<ProfileLabel, Counter>::default();
         registry.register(
             "upstream_401",
@@ -233,6 +240,7 @@ impl Metrics {
             in_flight,
             token_requests,
             token_expiry,
+            token_lifetime,
             upstream_401,
             cache_unreadable,
             redis_errors,
@@ -332,13 +340,42 @@ impl Metrics {
             .inc();
     }
 
-    /// Records the current token's expiry (Unix seconds).
-    pub fn token_expiry(&self, profile: &str, unix_seconds: i64) {
-        self.token_expiry
-            .get_or_create(&ProfileLabel {
+    /// Records the current token's expiry (Unix seconds) and lifetime (seconds).
+    pub fn token_expiry(&self, profile: &str, unix_seconds: i64, lifetime_seconds: i64) {
+        let label = ProfileLabel {
+            profile: profile.to_string(),
+        };
+        self.token_expiry.get_or_create(&label).set(unix_seconds);
+        self.token_lifetime
+            .get_or_create(&label)
+            .set(lifetime_seconds);
+    }
+
+    /// Creates a profile's token series at zero, so alerts can tell "none yet" from "absent"
+    /// (a counter that does not exist cannot be compared with 0, and its first increment
+    /// would not count as an increase).
+    pub fn init_token_profile(&self, profile: &str) {
+        for outcome in [
+            "success",
+            "rate_limited",
+            "rejected",
+            "server_error",
+            "timeout",
+            "unreachable",
+            "invalid_response",
+            "dpop_error",
+        ] {
+            let _ = self.token_requests.get_or_create(&OutcomeLabel {
                 profile: profile.to_string(),
-            })
-            .set(unix_seconds);
+                outcome,
+            });
+        }
+        let label = ProfileLabel {
+            profile: profile.to_string(),
+        };
+        let _ = self.upstream_401.get_or_create(&label);
+        let _ = self.task_restarts.get_or_create(&label);
+        let _ = self.cache_degraded.get_or_create(&label);
     }
 
     /// Records a 401 from Tango.

@@ -284,6 +284,7 @@ impl TokenManager {
             lease_owner: crate::random_hex(16),
             events: events.clone(),
         });
+        ctx.metrics.init_token_profile(&ctx.profile);
         let supervisor = tokio::spawn(supervise(
             ctx,
             policy,
@@ -688,7 +689,8 @@ fn publish_snapshot(
         if changed {
             if let (false, Some(t)) = (same_token, &next.token) {
                 let unix = i64::try_from(t.expires_ms() / 1000).unwrap_or(i64::MAX);
-                ctx.metrics.token_expiry(&ctx.profile, unix);
+                let lifetime = i64::try_from(t.lifetime.as_secs()).unwrap_or(i64::MAX);
+                ctx.metrics.token_expiry(&ctx.profile, unix, lifetime);
             }
             *cur = Arc::new(next);
         }

@@ -93,6 +93,13 @@ async fn healthcheck_exits_by_livez_and_readyz_and_finds_the_admin_address_itsel
     let admin = proxy.admin_url.trim_start_matches("http://").to_string();
     // Alive, but not ready: no token while the token endpoint fails.
     assert_eq!(healthcheck(&["--admin", &admin], &[]).await.0, 0);
+    // The token counters exist at 0 from start, so an alert can see "no success yet".
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(
+        metrics
+            .contains(r#"tango_proxy_token_requests_total{profile="default",outcome="success"} 0"#),
+        "{metrics}"
+    );
     let (code, stderr) = healthcheck(&["--admin", &admin, "--ready"], &[]).await;
     assert_eq!(code, 1);
     assert!(stderr.contains("/readyz answered 503"), "{stderr}");
