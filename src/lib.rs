@@ -20,7 +20,10 @@
 //! * [`admin`] serves `/livez`, `/readyz`, `/status` and `/metrics` on a separate port;
 //!   [`metrics`] holds the Prometheus registry.
 //! * [`mock`] is a mock of Tango for the demo, local development and tests.
-//! * [`app`] wires listeners, proxy and admin together; [`cli`] is the command line.
+//! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`;
+//!   [`secret`] the redacting secret type; [`logging`] the log setup.
+//! * [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
+//!   (`serve`, `check-config`, `keygen`, `mock-tango`, `demo`, `healthcheck`).
 //!
 //! # A request's path
 //!
