@@ -404,6 +404,15 @@ impl UpstreamUrl {
                 "must not contain user information; credentials belong in [profiles]".into(),
             );
         }
+        // The URI parser accepts any digits after the host; a port out of range would silently
+        // become the scheme's default port when connecting.
+        let a = authority.as_str();
+        let after_host = a.rfind(']').map_or(a, |i| &a[i + 1..]);
+        if let Some((_, port)) = after_host.rsplit_once(':') {
+            if !matches!(port.parse::<u16>(), Ok(1..)) {
+                return Err(format!("port must be 1 to 65535: {text:?}"));
+            }
+        }
         if uri.query().is_some() {
             return Err(format!("must not have a query string: {text:?}"));
         }
@@ -1438,6 +1447,27 @@ mod tests {
         assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
         assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn url_ports_must_be_real_ports() {
+        for bad in [
+            "http://127.0.0.1:99999",
+            "https://api.example:0",
+            "https://api.example:",
+            "https://api.example:65536/raas",
+        ] {
+            let e = UpstreamUrl::parse(bad).err();
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("port")),
+                "{bad}: {e:?}"
+            );
+        }
+        assert!(UpstreamUrl::parse("https://api.example:8443").is_ok());
+        assert!(UpstreamUrl::parse("http://127.0.0.1:65535").is_ok());
+        assert!(UpstreamUrl::parse("http://[::1]:8080").is_ok());
+        assert!(UpstreamUrl::parse("http://[::1]").is_ok());
+        assert!(UpstreamUrl::parse("http://[::1]:0").is_err());
     }
 
     #[test]

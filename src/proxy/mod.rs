@@ -152,8 +152,17 @@ impl Proxy {
         let inner = &*self.0;
         let (mut parts, body) = req.into_parts();
 
-        if parts.method == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+        // CONNECT would tunnel past the proxy; TRACE, reflected by an upstream, would show the
+        // app the credential the proxy added.
+        if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+            return Err(ProxyError::MethodNotAllowed(parts.method));
+        }
+        // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host (HTTP/1.0 may omit it).
+        let hosts = parts.headers.get_all(header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+            return Err(ProxyError::BadRequest(format!(
+                "an HTTP/1.1 request needs exactly one Host header, not {hosts}"
+            )));
         }
         let size = headers::header_section_size(&parts.headers, &parts.uri, &parts.method);
         if size > inner.max_header_size {

@@ -109,6 +109,39 @@ async fn connect_is_405() {
 }
 
 #[tokio::test]
+async fn trace_is_405_and_never_reaches_tango() {
+    // An upstream that reflects TRACE would show the app the credential the proxy added.
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = raw_request(
+        proxy.addr(),
+        b"TRACE /raas/v2/catalogs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 405, "{resp}");
+    assert_json_error_shape(&raw_json(&resp), 405, "method_not_allowed");
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_http11_request_without_exactly_one_host_is_400() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    for request in [
+        &b"GET /raas/v2/catalogs HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        &b"GET /raas/v2/catalogs HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"[..],
+    ] {
+        let resp = raw_request(proxy.addr(), request).await;
+        assert_eq!(raw_status(&resp), 400, "{resp}");
+        assert_json_error_shape(&raw_json(&resp), 400, "bad_request");
+    }
+    assert!(upstream.requests().is_empty());
+    // HTTP/1.0 may omit it.
+    let resp = raw_request(proxy.addr(), b"GET /raas/v2/catalogs HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+}
+
+#[tokio::test]
 async fn unreachable_upstream_is_502() {
     // Bind then drop a listener: nothing listens on that port any more.
     let port = {
