@@ -17,6 +17,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const DPOP: HeaderName = HeaderName::from_static("dpop");
+const DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -103,8 +104,17 @@ pub fn sanitize_request(
 /// Cleans an upstream response's headers and stamps the request id.
 ///
 /// Returns Tango's own request id when it sent one, for the access log.
-pub fn sanitize_response(headers: &mut HeaderMap, request_id: &HeaderValue) -> Option<HeaderValue> {
+pub fn sanitize_response(
+    headers: &mut HeaderMap,
+    request_id: &HeaderValue,
+    status: http::StatusCode,
+) -> Option<HeaderValue> {
     strip_hop_by_hop(headers);
+    // DPoP is between the proxy and Tango; the app never sends a proof.
+    headers.remove(DPOP_NONCE);
+    if status == http::StatusCode::UNAUTHORIZED {
+        app_facing_challenges(headers);
+    }
     let upstream_id = headers.remove(X_REQUEST_ID);
     if let Some(id) = &upstream_id {
         if id != request_id {
@@ -113,6 +123,35 @@ pub fn sanitize_response(headers: &mut HeaderMap, request_id: &HeaderValue) -> O
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
     upstream_id
+}
+
+/// A 401 the app receives: DPoP challenges (the proxy's business) are dropped, and when that
+/// leaves none, a Bearer one says what happened (RFC 9110: a 401 carries a challenge).
+fn app_facing_challenges(headers: &mut HeaderMap) {
+    let is_dpop = |v: &HeaderValue| {
+        v.as_bytes()
+            .get(..4)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"dpop"))
+    };
+    let challenges: Vec<HeaderValue> = headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .cloned()
+        .collect();
+    if !challenges.iter().any(is_dpop) {
+        return;
+    }
+    headers.remove(header::WWW_AUTHENTICATE);
+    let kept: Vec<HeaderValue> = challenges.into_iter().filter(|v| !is_dpop(v)).collect();
+    if kept.is_empty() {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+        );
+    }
+    for v in kept {
+        headers.append(header::WWW_AUTHENTICATE, v);
+    }
 }
 
 /// Size of the header section as it came over the wire, approximately (`name: value\r\n`).

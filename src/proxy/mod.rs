@@ -323,7 +323,8 @@ impl Proxy {
     }
 
     fn finish(&self, mut response: Response<Incoming>, request_id: &HeaderValue) -> Forwarded {
-        let upstream_id = headers::sanitize_response(response.headers_mut(), request_id);
+        let status = response.status();
+        let upstream_id = headers::sanitize_response(response.headers_mut(), request_id, status);
         (response, upstream_id)
     }
 

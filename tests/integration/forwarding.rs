@@ -197,3 +197,31 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         "the proxy opened a connection per request"
     );
 }
+
+#[tokio::test]
+async fn dpop_nonces_and_challenges_stay_between_the_proxy_and_tango() {
+    // The app never does DPoP: Tango's nonce is the proxy's business, and a 401 the app
+    // receives carries a challenge it can act on.
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let resp = proxy.get("/raas/v2/401/use_dpop_nonce").await;
+    assert_eq!(resp.status(), 401);
+    assert!(
+        resp.headers().get("dpop-nonce").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    let challenges: Vec<&str> = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(challenges, [r#"Bearer error="invalid_token""#]);
+    // Other challenges pass through unchanged.
+    let resp = proxy.get("/raas/v2/401/bearer").await;
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
+}
