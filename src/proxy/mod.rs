@@ -171,6 +171,16 @@ impl Proxy {
                 limit: inner.max_header_size,
             });
         }
+        // Apps speak plain HTTP to the proxy: an absolute-form target is http:// or refused.
+        if let Some(scheme) = parts
+            .uri
+            .scheme()
+            .filter(|s| *s != &http::uri::Scheme::HTTP)
+        {
+            return Err(ProxyError::BadRequest(format!(
+                "absolute-form request with scheme {scheme} refused: only http:// targets are accepted"
+            )));
+        }
         if let Some(authority) = parts.uri.authority() {
             if !self.is_local(authority) {
                 return Err(ProxyError::BadRequest(format!(

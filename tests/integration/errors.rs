@@ -92,6 +92,30 @@ async fn absolute_form_for_another_authority_is_400() {
 }
 
 #[tokio::test]
+async fn absolute_form_with_a_scheme_other_than_http_is_400() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let me = proxy.addr().to_string();
+    for scheme in ["ftp", "https", "ws"] {
+        let request = format!(
+            "GET {scheme}://{me}/raas/v2/catalogs HTTP/1.1\r\nHost: {me}\r\nConnection: close\r\n\r\n"
+        );
+        let resp = raw_request(proxy.addr(), request.as_bytes()).await;
+        assert_eq!(raw_status(&resp), 400, "{scheme}: {resp}");
+        assert_json_error_shape(&raw_json(&resp), 400, "bad_request");
+    }
+    assert!(upstream.requests().is_empty());
+    // Plain http absolute-form naming the proxy itself is still fine.
+    let request = format!(
+        "GET http://{me}/raas/v2/catalogs HTTP/1.1\r\nHost: {me}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(
+        raw_status(&raw_request(proxy.addr(), request.as_bytes()).await),
+        200
+    );
+}
+
+#[tokio::test]
 async fn connect_is_405() {
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::basic(&upstream).await;
