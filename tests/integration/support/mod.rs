@@ -317,6 +317,21 @@ pub async fn assert_proxy_error(
     body
 }
 
+/// Asserts a proxy-made error read from a raw socket: status, cause header, Tango JSON shape;
+/// returns the body.
+pub fn assert_raw_proxy_error(response: &str, status: u16, cause: &str) -> serde_json::Value {
+    assert_eq!(raw_status(response), status, "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains(&format!("x-tango-proxy-error: {cause}")),
+        "{response}"
+    );
+    let body = raw_json(response);
+    assert_json_error_shape(&body, status, cause);
+    body
+}
+
 pub fn assert_json_error_shape(body: &serde_json::Value, status: u16, cause: &str) {
     assert_eq!(body["httpCode"], status, "{body}");
     assert_eq!(body["i18nKey"], format!("proxy.{cause}"), "{body}");
