@@ -4,10 +4,13 @@
 //! Listeners are bound before anything is served (and may be handed in already bound, as tests do
 //! with port 0), so a port clash is reported at start with the address in the message.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::service::service_fn;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,8 +19,9 @@ use crate::admin::{self, AdminState};
 use crate::auth::{AuthBuildError, Profile};
 use crate::config::CacheBackend;
 use crate::config::Config;
+use crate::listener;
 use crate::metrics::Metrics;
-use crate::proxy::{server, Proxy};
+use crate::proxy::Proxy;
 use crate::tls::TlsError;
 use crate::token::store::{FileStore, MemoryStore, TokenStore};
 use crate::token::RedisStore;
@@ -136,27 +140,58 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         tuning,
     )?;
     let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
-    let admin_state = AdminState::new(config, vec![profile], metrics);
+    let admin_state = AdminState::new(config, vec![profile], metrics.clone());
 
     let (stop, stopped) = watch::channel(false);
     let grace = config.listen.grace_period;
-    let proxy_task = tokio::spawn(server::serve(
-        listeners.proxy,
-        proxy,
-        wait_for(stopped.clone()),
+    let listen = &config.listen;
+    warn_if_descriptors_short(listen.max_connections + listen.admin_max_connections);
+    let (open, refused) = metrics.listener("proxy");
+    let proxy_settings = listener::Settings {
+        name: "proxy",
+        header_timeout: listen.header_timeout,
+        max_connections: listen.max_connections,
+        max_connections_key: "listen.max_connections",
+        // Above `listen.max_header_size`, so an oversized header section reaches the proxy's own
+        // check and gets the JSON 431; only one beyond twice the limit gets hyper's bare 431.
+        read_buffer: usize::try_from(listen.max_header_size)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2)
+            .saturating_add(16 << 10),
         grace,
+        open,
+        refused,
+    };
+    let proxy_task = tokio::spawn(listener::serve(
+        listeners.proxy,
+        proxy_settings,
+        move |remote| {
+            let proxy = proxy.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
+            })
+        },
+        wait_for(stopped.clone()),
     ));
-    let admin_listener = listeners.admin;
-    let admin_stopped = stopped;
-    let admin_task = tokio::spawn(async move {
-        let app = admin::router(admin_state);
-        if let Err(e) = axum::serve(admin_listener, app)
-            .with_graceful_shutdown(wait_for(admin_stopped))
-            .await
-        {
-            tracing::error!("admin listener failed: {e}");
-        }
-    });
+    let (open, refused) = metrics.listener("admin");
+    let admin_settings = listener::Settings {
+        name: "admin",
+        header_timeout: listen.header_timeout,
+        max_connections: listen.admin_max_connections,
+        max_connections_key: "listen.admin_max_connections",
+        read_buffer: 16 << 10,
+        grace,
+        open,
+        refused,
+    };
+    let router = admin::router(admin_state);
+    let admin_task = tokio::spawn(listener::serve(
+        listeners.admin,
+        admin_settings,
+        move |_| TowerToHyperService::new(router.clone()),
+        wait_for(stopped),
+    ));
     let task = tokio::spawn(async move {
         let _ = proxy_task.await;
         let _ = admin_task.await;
@@ -200,6 +235,31 @@ fn local_addr(
     listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, what, source })
+}
+
+/// Warns when the open-file limit cannot hold both listeners' connection caps plus the
+/// descriptors the proxy needs besides (upstream and Redis connections, files): the caps would
+/// then never be reached, and accepts would fail with "Too many open files" instead.
+fn warn_if_descriptors_short(connections: usize) {
+    const RESERVE: usize = 128;
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<usize>().ok());
+    if let Some(soft) = soft {
+        if connections.saturating_add(RESERVE) > soft {
+            tracing::warn!(
+                open_files_limit = soft,
+                "listen.max_connections + listen.admin_max_connections ({connections}) plus {RESERVE} \
+                 for upstream and cache connections exceed the open-file limit; raise it \
+                 (ulimit -n) or lower the caps"
+            );
+        }
+    }
 }
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {

@@ -182,6 +182,9 @@ struct RawListen {
     grace_period: Option<Text>,
     allow_non_loopback: Option<bool>,
     body_idle_timeout: Option<Text>,
+    header_timeout: Option<Text>,
+    max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +196,7 @@ struct RawUpstream {
     allow_http: Option<bool>,
     timeout: Option<Text>,
     replay_max_body: Option<Text>,
+    body_idle_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -332,6 +336,13 @@ pub struct ListenConfig {
     /// Longest wait for the next piece of an app's request body before it gets 408.
     #[serde(serialize_with = "ser_duration")]
     pub body_idle_timeout: Duration,
+    /// Time a client has to send a request head, on either listener.
+    #[serde(serialize_with = "ser_duration")]
+    pub header_timeout: Duration,
+    /// Connections the proxy listener holds open at most.
+    pub max_connections: usize,
+    /// Connections the admin listener holds open at most.
+    pub admin_max_connections: usize,
 }
 
 /// `[upstream]`: where requests go.
@@ -355,6 +366,9 @@ pub struct UpstreamConfig {
     /// replayed once with a fresh token (OAuth profiles only).
     #[serde(serialize_with = "ser_size")]
     pub replay_max_body: u64,
+    /// Longest wait for the next piece of a response body from the upstream.
+    #[serde(serialize_with = "ser_duration")]
+    pub body_idle_timeout: Duration,
 }
 
 /// A parsed upstream URL: scheme, authority and a base path without trailing slash.
@@ -894,6 +908,45 @@ fn value<T>(
     }
 }
 
+/// A duration within `min..=max` (given human-readable in the message); the default when unset.
+fn bounded_duration(
+    raw: Option<Text>,
+    default: &str,
+    key: &str,
+    (min, max): (Duration, Duration),
+    p: &mut Problems,
+) -> Duration {
+    let parsed = value(raw, default, key, parse_duration, p, min);
+    if !(min..=max).contains(&parsed) {
+        p.push(
+            key,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        );
+        return min;
+    }
+    parsed
+}
+
+/// A count within `1..=max`; the default when unset.
+fn bounded_count(
+    raw: Option<usize>,
+    default: usize,
+    key: &str,
+    max: usize,
+    p: &mut Problems,
+) -> usize {
+    let n = raw.unwrap_or(default);
+    if !(1..=max).contains(&n) {
+        p.push(key, format!("must be between 1 and {max}"));
+        return default;
+    }
+    n
+}
+
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     text.trim()
         .parse()
@@ -949,6 +1002,27 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
     if body_idle_timeout.is_zero() && !p.0.iter().any(|x| x.key == "listen.body_idle_timeout") {
         p.push("listen.body_idle_timeout", "must be greater than zero");
     }
+    let header_timeout = bounded_duration(
+        raw.header_timeout,
+        "30s",
+        "listen.header_timeout",
+        (Duration::from_millis(100), Duration::from_secs(600)),
+        p,
+    );
+    let max_connections = bounded_count(
+        raw.max_connections,
+        512,
+        "listen.max_connections",
+        1_000_000,
+        p,
+    );
+    let admin_max_connections = bounded_count(
+        raw.admin_max_connections,
+        32,
+        "listen.admin_max_connections",
+        10_000,
+        p,
+    );
     let allow_non_loopback = raw.allow_non_loopback.unwrap_or(false);
     if !proxy.ip().is_loopback() && !allow_non_loopback {
         p.push(
@@ -976,6 +1050,9 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         grace_period,
         allow_non_loopback,
         body_idle_timeout,
+        header_timeout,
+        max_connections,
+        admin_max_connections,
     }
 }
 
@@ -1034,6 +1111,13 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
         p,
         64 << 10,
     );
+    let body_idle_timeout = bounded_duration(
+        raw.body_idle_timeout,
+        "30s",
+        "upstream.body_idle_timeout",
+        (Duration::from_millis(100), Duration::from_secs(3600)),
+        p,
+    );
     UpstreamConfig {
         environment,
         url,
@@ -1042,6 +1126,7 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
         allow_http,
         timeout,
         replay_max_body,
+        body_idle_timeout,
     }
 }
 
@@ -1591,6 +1676,30 @@ mod tests {
         let c = Config::from_toml(&format!("[listen]\nbody_idle_timeout = \"250ms\"\n{basic}"))
             .unwrap();
         assert_eq!(c.listen.body_idle_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn listener_limits_have_defaults_and_ranges() {
+        let basic =
+            "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+        let c = Config::from_toml(basic).unwrap();
+        assert_eq!(c.listen.header_timeout, Duration::from_secs(30));
+        assert_eq!(c.listen.max_connections, 512);
+        assert_eq!(c.listen.admin_max_connections, 32);
+        assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(30));
+        let found = problems(&format!(
+            "[listen]\nheader_timeout = \"0s\"\nmax_connections = 0\nadmin_max_connections = 20000\n\
+             [upstream]\nbody_idle_timeout = \"2h\"\n{basic}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "listen.header_timeout: must be between 100ms and 10m",
+                "listen.max_connections: must be between 1 and 1000000",
+                "listen.admin_max_connections: must be between 1 and 10000",
+                "upstream.body_idle_timeout: must be between 100ms and 1h",
+            ]
+        );
     }
 
     #[test]

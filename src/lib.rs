@@ -22,7 +22,8 @@
 //! * [`mock`] is a mock of Tango for the demo, local development and tests.
 //! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`;
 //!   [`secret`] the redacting secret type; [`logging`] the log setup.
-//! * [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
+//! * [`listener`] is the accept loop both listeners share: header timeout, connection caps, drain;
+//!   [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
 //!   (`serve`, `check-config`, `keygen`, `mock-tango`, `demo`, `healthcheck`).
 //!
 //! # A request's path
@@ -47,6 +48,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod mock;

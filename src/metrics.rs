@@ -39,6 +39,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -54,6 +59,8 @@ pub struct Metrics {
     upstream_errors: Family<KindLabel, Counter>,
     proxy_errors: Family<CauseLabel, Counter>,
     in_flight: Gauge,
+    connections: Family<ListenerLabel, Gauge>,
+    connections_refused: Family<ListenerLabel, Counter>,
     token_requests: Family<OutcomeLabel, Counter>,
     token_expiry: Family<ProfileLabel, Gauge>,
     token_lifetime: Family<ProfileLabel, Gauge>,
@@ -123,6 +130,22 @@ impl Metrics {
             "Responses produced by the proxy itself, by cause",
             proxy_errors.clone(),
         );
+        let connections = Family::<ListenerLabel, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now, by listener (proxy or admin)",
+            connections.clone(),
+        );
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused with 503 because the listener was at its connection limit",
+            connections_refused.clone(),
+        );
+        for listener in ["proxy", "admin"] {
+            let _ = connections.get_or_create(&ListenerLabel { listener });
+            let _ = connections_refused.get_or_create(&ListenerLabel { listener });
+        }
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_requests",
@@ -238,6 +261,8 @@ impl Metrics {
             upstream_errors,
             proxy_errors,
             in_flight,
+            connections,
+            connections_refused,
             token_requests,
             token_expiry,
             token_lifetime,
@@ -408,9 +433,25 @@ impl Metrics {
             .inc();
     }
 
+    /// The counter behind one kind of `upstream_errors`, for a hot path to keep.
+    pub fn upstream_error_counter(&self, kind: &'static str) -> Counter {
+        self.upstream_errors
+            .get_or_create(&KindLabel { kind })
+            .clone()
+    }
+
     /// Records an answer the proxy produced itself.
     pub fn proxy_error(&self, cause: &'static str) {
         self.proxy_errors.get_or_create(&CauseLabel { cause }).inc();
+    }
+
+    /// The open-connection gauge and refusal counter of one listener (`"proxy"` or `"admin"`).
+    pub fn listener(&self, listener: &'static str) -> (Gauge, Counter) {
+        let label = ListenerLabel { listener };
+        (
+            self.connections.get_or_create(&label).clone(),
+            self.connections_refused.get_or_create(&label).clone(),
+        )
     }
 
     /// Counts a request as in flight until the guard drops.

@@ -11,7 +11,7 @@ mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
-pub mod server;
+mod response;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,9 +33,10 @@ pub use body::{OutboundBody, OutboundBodyError};
 use client::UpstreamClient;
 pub use error::{ProxyError, PROXY_ERROR_HEADER};
 use headers::RequestIds;
+pub use response::{UpstreamBody, UpstreamBodyError};
 
 /// The body of a response to an app: Tango's, streamed, or the proxy's own error JSON.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// A cheaply cloneable handle to the proxy's shared state.
 #[derive(Debug, Clone)]
@@ -51,6 +52,10 @@ struct Inner {
     max_header_size: u64,
     timeout: Duration,
     replay_max_body: u64,
+    /// `upstream.body_idle_timeout`.
+    response_idle_timeout: Duration,
+    /// `tango_proxy_upstream_errors_total{kind="body_stalled"}`.
+    body_stalled: prometheus_client::metrics::counter::Counter,
     /// Authorities an absolute-form request may name: the proxy itself and the upstream.
     local_authorities: Vec<String>,
     metrics: Arc<Metrics>,
@@ -87,15 +92,12 @@ impl Proxy {
             max_header_size: config.listen.max_header_size,
             timeout: config.upstream.timeout,
             replay_max_body: config.upstream.replay_max_body,
+            response_idle_timeout: config.upstream.body_idle_timeout,
+            body_stalled: metrics.upstream_error_counter("body_stalled"),
             local_authorities,
             metrics,
             ids: RequestIds::new(),
         })))
-    }
-
-    /// The limit on the inbound header section, for the listener's buffers.
-    pub fn max_header_size(&self) -> u64 {
-        self.0.max_header_size
     }
 
     /// Handles one app request end to end; always produces a response.
@@ -114,7 +116,11 @@ impl Proxy {
         let path = uri.path();
 
         let (response, upstream_id, cause) = match self.forward(req, remote, &request_id).await {
-            Ok((resp, upstream_id)) => (resp.map(Either::Left), upstream_id, None),
+            Ok((resp, upstream_id)) => {
+                let (idle, stalled) = (inner.response_idle_timeout, inner.body_stalled.clone());
+                let resp = resp.map(|body| Either::Left(UpstreamBody::new(body, idle, stalled)));
+                (resp, upstream_id, None)
+            }
             Err(err) => {
                 inner.metrics.proxy_error(err.cause());
                 if err.status().is_server_error() {

@@ -10,6 +10,7 @@ mod dpop;
 mod errors;
 mod forwarding;
 mod lifecycle;
+mod limits;
 mod logs;
 mod mock;
 mod oauth;

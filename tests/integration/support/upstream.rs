@@ -120,6 +120,15 @@ impl FakeUpstream {
 
 type FakeBody = Either<Full<Bytes>, PatternBody>;
 
+/// Bytes that never end: the first frame, then nothing, ever.
+fn stalled_body(first: usize) -> PatternBody {
+    PatternBody {
+        sent: 0,
+        total: first,
+        stall_after: true,
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -168,7 +177,16 @@ async fn handle(
             .body(Either::Right(PatternBody {
                 sent: 0,
                 total: n as usize,
+                stall_after: false,
             }))
+            .unwrap()
+    } else if path.ends_with("/stall") {
+        // Headers and the first `bytes` of a chunked body, then silence.
+        Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(Either::Right(stalled_body(
+                param("bytes").unwrap_or(10) as usize
+            )))
             .unwrap()
     } else if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(5000))).await;
@@ -219,6 +237,8 @@ fn json(status: u16, body: &str) -> Response<FakeBody> {
 pub struct PatternBody {
     sent: usize,
     total: usize,
+    /// After `total` bytes, stay pending forever instead of ending.
+    stall_after: bool,
 }
 
 impl Body for PatternBody {
@@ -230,7 +250,11 @@ impl Body for PatternBody {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.sent >= self.total {
-            return Poll::Ready(None);
+            return if self.stall_after {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            };
         }
         let n = (self.total - self.sent).min(64 << 10);
         let start = self.sent;
@@ -240,6 +264,9 @@ impl Body for PatternBody {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.stall_after {
+            return http_body::SizeHint::default();
+        }
         http_body::SizeHint::with_exact((self.total - self.sent) as u64)
     }
 }
