@@ -62,9 +62,14 @@ pub fn assert_no_secret_in(logs: &str) {
     }
 }
 
+/// Everything the in-process proxies of this test binary logged so far.
+pub fn captured() -> String {
+    String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned()
+}
+
 /// Panics if anything captured so far holds a known secret.
 pub fn assert_no_secret_captured() {
-    let text = String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned();
+    let text = captured();
     assert!(!text.is_empty(), "no logs were captured");
     assert_no_secret_in(&text);
 }
