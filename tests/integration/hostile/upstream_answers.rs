@@ -31,6 +31,9 @@ fn answer(path: &str) -> Reply {
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         )),
         "length-list" => Reply::Close(text("HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!")),
+        "length-and-chunked" => Reply::Close(text(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )),
         "204-with-body" => Reply::KeepAlive(hidden("204 No Content")),
         "304-with-body" => Reply::KeepAlive(hidden("304 Not Modified")),
         "100-then-junk" => Reply::Close(text("HTTP/1.1 100 Continue\r\n\r\nnot-http-at-all\r\n\r\n")),
@@ -67,6 +70,7 @@ async fn garbage_from_the_upstream_is_a_502_or_a_visibly_cut_answer_never_a_forg
     let cases = [
         ("conflicting-lengths", Sees::BadGateway(LENGTH)),
         ("length-list", Sees::BadGateway(LENGTH)),
+        ("length-and-chunked", Sees::Exactly(200, b"hello")),
         ("204-with-body", Sees::Exactly(204, b"")),
         ("304-with-body", Sees::Exactly(304, b"")),
         ("100-then-junk", Sees::BadGateway(NOT_HTTP)),
