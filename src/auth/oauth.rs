@@ -161,11 +161,7 @@ impl TokenClient {
                 new_nonce = dpop.nonces.update(&self.origin, n);
             }
             let status = response.status().as_u16();
-            let bytes = match response.bytes().await {
-                Ok(b) => b,
-                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
-                Err(e) => return Err(MintError::Transport(describe(&e))),
-            };
+            let bytes = self.read_answer(response).await?;
             if status == 400
                 && new_nonce
                 && !retried
@@ -175,6 +171,35 @@ impl TokenClient {
                 continue;
             }
             return parse_response(status, &bytes);
+        }
+    }
+
+    /// The answer's body, read only up to [`MAX_ANSWER`]: a longer one is refused unread, so a
+    /// broken or hostile endpoint can neither fill the proxy's memory nor hold a mint for
+    /// `token_timeout` while it streams.
+    async fn read_answer(&self, mut response: reqwest::Response) -> Result<Vec<u8>, MintError> {
+        let status = response.status().as_u16();
+        let too_long = || {
+            MintError::InvalidResponse(format!(
+                "the token endpoint answered {status} with more than {} KiB; refused unread",
+                MAX_ANSWER / 1024
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_ANSWER as u64)
+        {
+            return Err(too_long());
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > MAX_ANSWER => return Err(too_long()),
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => return Ok(body),
+                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
+                Err(e) => return Err(MintError::Transport(describe(&e))),
+            }
         }
     }
 
@@ -251,6 +276,10 @@ struct RawError {
     error_description: Option<String>,
     message: Option<String>,
 }
+
+/// The most of a token endpoint answer that is read. Tango's answers are well under 1 KiB, and
+/// tokens longer than 16 KiB are refused anyway.
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// Interprets a token endpoint answer.
 pub fn parse_response(status: u16, body: &[u8]) -> Result<Minted, MintError> {

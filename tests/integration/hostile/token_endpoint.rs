@@ -1,5 +1,5 @@
 //! A hostile token endpoint: odd `expires_in` values, control characters meant to forge log
-//! lines, the wrong `token_type`, a token that could split a header, and an
+//! lines, a 50 MB answer, the wrong `token_type`, a token that could split a header, and an
 //! endpoint that echoes the posted form (client secret and password) back in its error.
 //!
 //! Each case is one proxy whose `token_url` names the case on one scripted endpoint; API
@@ -7,6 +7,9 @@
 
 use super::*;
 use crate::support::raw::{RawRequest, RawServer, Reply};
+
+/// The size of the oversized answer.
+const HUGE: usize = 50 * 1000 * 1000;
 
 /// Text meant to start a log line of its own if a CR or LF got through.
 const FORGED: &str = "FORGED-LINE level=ERROR msg=operator-password-changed";
@@ -70,6 +73,21 @@ fn token_endpoint(r: &RawRequest) -> Reply {
             )
             .into_bytes(),
         ),
+        "huge" => Reply::Stream {
+            head: format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {HUGE}\r\n\r\n"
+            )
+            .into_bytes(),
+            len: HUGE,
+        },
+        "huge-chunked" => Reply::Stream {
+            // No length up front, and a chunk header claiming the whole filler.
+            head: format!(
+                "HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n{HUGE:x}\r\n"
+            )
+            .into_bytes(),
+            len: HUGE,
+        },
         "echo-json" => json(
             "401 Unauthorized",
             &format!(
@@ -216,6 +234,26 @@ async fn control_characters_in_token_errors_cannot_forge_a_log_line() {
             .any(|l| l.trim_start().starts_with("FORGED-LINE")),
         "a token endpoint forged a log line"
     );
+}
+
+#[tokio::test]
+async fn a_50_mb_token_answer_is_refused_without_being_read() {
+    for case in ["huge", "huge-chunked"] {
+        // An endpoint per case: the retries of one case's proxy must not count for the next.
+        let endpoint = RawServer::start(token_endpoint).await;
+        let upstream = FakeUpstream::start().await;
+        let proxy = proxy_for(&endpoint, case, &upstream, "").await;
+        let (_, last_error) = refused(&proxy, &upstream).await;
+        // Socket buffers take a few MB; reading the answer would take all 50.
+        let taken = endpoint.streamed().await;
+        assert!(
+            taken < HUGE / 2,
+            "{case}: the proxy read {taken} of {HUGE} bytes of a token answer"
+        );
+        assert!(last_error.contains("KiB"), "{case}: {last_error}");
+        // It keeps answering (503 again, at once: the endpoint is still broken).
+        refused(&proxy, &upstream).await;
+    }
 }
 
 #[tokio::test]
