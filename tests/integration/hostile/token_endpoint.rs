@@ -62,16 +62,12 @@ fn token_endpoint(r: &RawRequest) -> Reply {
             "400 Bad Request",
             &format!(
                 r#"{{"error":"invalid_grant","error_description":{}}}"#,
-                quoted(&format!(
-                    "bad grant\r\n{FORGED}\n{FORGED}\u{1b}[2J\u{0}\u{85}"
-                ))
+                quoted(&format!("bad grant\r\n{FORGED}\n{FORGED}\u{1b}[2J\u{0}\u{85}"))
             ),
         ),
         "forged-log-text" => Reply::Close(
-            format!(
-                "HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\n\r\nbroken\r\n{FORGED}\n{FORGED}"
-            )
-            .into_bytes(),
+            format!("HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\n\r\nbroken\r\n{FORGED}\n{FORGED}")
+                .into_bytes(),
         ),
         "huge" => Reply::Stream {
             head: format!(
@@ -90,15 +86,27 @@ fn token_endpoint(r: &RawRequest) -> Reply {
         },
         "echo-json" => json(
             "401 Unauthorized",
-            &format!(
-                r#"{{"error":"invalid_client","error_description":{}}}"#,
-                quoted(&form)
-            ),
+            &format!(r#"{{"error":"invalid_client","error_description":{}}}"#, quoted(&form)),
         ),
         "echo-text" => Reply::Close(
             format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n\r\nrejected: {form}")
                 .into_bytes(),
         ),
+        // Padding that puts the 300th byte of the error text ten bytes into a secret, where an
+        // error excerpt would be cut.
+        "echo-cut-client_secret" | "echo-cut-password" => {
+            let field = format!("&{}=", case.trim_start_matches("echo-cut-"));
+            let secret_at = form.find(&field).unwrap() + field.len();
+            let prefix = "invalid_request: ".len();
+            let pad = "x".repeat(300 - prefix - secret_at - 10);
+            json(
+                "400 Bad Request",
+                &format!(
+                    r#"{{"error":"invalid_request","error_description":{}}}"#,
+                    quoted(&format!("{pad}{form}"))
+                ),
+            )
+        }
         _ => json("404 Not Found", r#"{"error":"no such case"}"#),
     }
 }
@@ -259,7 +267,12 @@ async fn a_50_mb_token_answer_is_refused_without_being_read() {
 #[tokio::test]
 async fn a_token_endpoint_echoing_the_form_leaks_no_part_of_a_secret() {
     let endpoint = RawServer::start(token_endpoint).await;
-    for case in ["echo-json", "echo-text"] {
+    for case in [
+        "echo-json",
+        "echo-text",
+        "echo-cut-client_secret",
+        "echo-cut-password",
+    ] {
         let upstream = FakeUpstream::start().await;
         let proxy = proxy_for(&endpoint, case, &upstream, "").await;
         let (message, last_error) = refused(&proxy, &upstream).await;
