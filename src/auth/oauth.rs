@@ -101,15 +101,7 @@ impl TokenClient {
 
     /// Replaces every secret this client sends (as sent, form-encoded, or raw) in an error.
     fn scrub(&self, e: MintError) -> MintError {
-        let secrets: Vec<&str> = self
-            .form
-            .iter()
-            .filter_map(|(_, v)| match v {
-                FormValue::Secret(s) => Some(s.expose()),
-                FormValue::Plain(_) => None,
-            })
-            .filter(|s| !s.is_empty())
-            .collect();
+        let secrets = self.secrets();
         let clean = |text: String| redact_all(text, &secrets);
         match e {
             MintError::RateLimited(m) => MintError::RateLimited(clean(m)),
@@ -161,11 +153,7 @@ impl TokenClient {
                 new_nonce = dpop.nonces.update(&self.origin, n);
             }
             let status = response.status().as_u16();
-            let bytes = match response.bytes().await {
-                Ok(b) => b,
-                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
-                Err(e) => return Err(MintError::Transport(describe(&e))),
-            };
+            let bytes = self.read_answer(response).await?;
             if status == 400
                 && new_nonce
                 && !retried
@@ -174,8 +162,49 @@ impl TokenClient {
                 retried = true;
                 continue;
             }
-            return parse_response(status, &bytes);
+            return parse_answer(status, &bytes, &self.secrets());
         }
+    }
+
+    /// The answer's body, read only up to [`MAX_ANSWER`]: a longer one is refused unread, so a
+    /// broken or hostile endpoint can neither fill the proxy's memory nor hold a mint for
+    /// `token_timeout` while it streams.
+    async fn read_answer(&self, mut response: reqwest::Response) -> Result<Vec<u8>, MintError> {
+        let status = response.status().as_u16();
+        let too_long = || {
+            MintError::InvalidResponse(format!(
+                "the token endpoint answered {status} with more than {} KiB; refused unread",
+                MAX_ANSWER / 1024
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_ANSWER as u64)
+        {
+            return Err(too_long());
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > MAX_ANSWER => return Err(too_long()),
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => return Ok(body),
+                Err(e) if e.is_timeout() => return Err(MintError::Timeout(self.timeout)),
+                Err(e) => return Err(MintError::Transport(describe(&e))),
+            }
+        }
+    }
+
+    /// The secrets this client sends, for redaction.
+    fn secrets(&self) -> Vec<&str> {
+        self.form
+            .iter()
+            .filter_map(|(_, v)| match v {
+                FormValue::Secret(s) => Some(s.expose()),
+                FormValue::Plain(_) => None,
+            })
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 
     fn encoded_form(&self) -> String {
@@ -252,8 +281,18 @@ struct RawError {
     message: Option<String>,
 }
 
+/// The most of a token endpoint answer that is read. Tango's answers are well under 1 KiB, and
+/// tokens longer than 16 KiB are refused anyway.
+const MAX_ANSWER: usize = 64 * 1024;
+
 /// Interprets a token endpoint answer.
 pub fn parse_response(status: u16, body: &[u8]) -> Result<Minted, MintError> {
+    parse_answer(status, body, &[])
+}
+
+/// Interprets a token endpoint answer; `secrets` are redacted from error text before it is
+/// shortened, so no excerpt can end partway through one.
+fn parse_answer(status: u16, body: &[u8], secrets: &[&str]) -> Result<Minted, MintError> {
     if (200..300).contains(&status) {
         let raw: RawSuccess = serde_json::from_slice(body)
             .map_err(|e| MintError::InvalidResponse(format!("not JSON ({e})")))?;
@@ -278,7 +317,7 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<Minted, MintError> {
             expires_in,
         });
     }
-    let message = error_message(body);
+    let message = error_message(body, secrets);
     if message.contains("exceeded the daily rate limit") {
         return Err(MintError::RateLimited(message));
     }
@@ -294,9 +333,9 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<RawError>(body).ok()?.error
 }
 
-/// `error: error_description` from JSON, else a short excerpt of the text.
-fn error_message(body: &[u8]) -> String {
-    printable(&raw_error_message(body))
+/// `error: error_description` from JSON, else the text; `secrets` redacted, then shortened.
+fn error_message(body: &[u8], secrets: &[&str]) -> String {
+    truncate(&printable(&redact_all(raw_error_message(body), secrets)))
 }
 
 /// The message with control characters (CR, LF, escapes) turned into spaces: it reaches text
@@ -314,7 +353,7 @@ fn raw_error_message(body: &[u8]) -> String {
             .flatten()
             .collect();
         if !parts.is_empty() {
-            return truncate(&parts.join(": "));
+            return parts.join(": ");
         }
     }
     let text = String::from_utf8_lossy(body);
@@ -322,7 +361,7 @@ fn raw_error_message(body: &[u8]) -> String {
     if text.is_empty() {
         "(empty body)".into()
     } else {
-        truncate(text)
+        text.to_string()
     }
 }
 
@@ -703,7 +742,7 @@ mod tests {
     #[test]
     fn error_text_is_printable_and_never_echoes_a_secret() {
         let body = b"bad request\r\nINFO forged line: client_secret=s3cr%2Ft&password=pa+ss";
-        let message = error_message(body);
+        let message = error_message(body, &[]);
         assert!(
             !message.contains('\n') && !message.contains('\r'),
             "{message}"
@@ -714,6 +753,16 @@ mod tests {
             "{clean}"
         );
         assert!(clean.contains("client_secret="), "{clean}");
+    }
+
+    #[test]
+    fn a_secret_straddling_the_excerpt_limit_is_redacted_whole() {
+        // The cut at 300 bytes falls eleven bytes into the secret: redacting after cutting
+        // would leave those eleven bytes in the message.
+        let body = format!("{}password=pa55-w0rd-long-secret&x=y", "x".repeat(280));
+        let message = error_message(body.as_bytes(), &["pa55-w0rd-long-secret"]);
+        assert!(!message.contains("pa55"), "{message}");
+        assert!(message.contains(crate::secret::REDACTED), "{message}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Requests lose every credential the app sent (`Authorization`, `Proxy-Authorization`, `DPoP`,
 //! `Cookie`), hop-by-hop headers and every header named in `Connection`, plus `Host` and `Expect`
 //! (the proxy answers `100-continue` itself and the client sets `Host` from the upstream URL).
-//! Responses lose hop-by-hop headers the same way.
+//! Responses lose hop-by-hop headers the same way, and a `Content-Length` that their
+//! `Transfer-Encoding` overrides.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -109,6 +110,12 @@ pub fn sanitize_response(
     request_id: &HeaderValue,
     status: http::StatusCode,
 ) -> Option<HeaderValue> {
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an intermediary removes the
+    // Content-Length before forwarding. The body arrives de-chunked; a stale length passed on
+    // would make the app read a cut body as complete (or wait for bytes that never come).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers);
     // DPoP is between the proxy and Tango; the app never sends a proof.
     headers.remove(DPOP_NONCE);
@@ -274,6 +281,21 @@ mod tests {
             &HeaderValue::from_static("a"),
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn a_response_length_that_transfer_encoding_overrides_is_dropped() {
+        let id = HeaderValue::from_static("a");
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        sanitize_response(&mut h, &id, http::StatusCode::OK);
+        assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
+        // Without Transfer-Encoding the length is the framing, and stays.
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("3"));
+        sanitize_response(&mut h, &id, http::StatusCode::OK);
+        assert_eq!(h["content-length"], "3");
     }
 
     #[test]

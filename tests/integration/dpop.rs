@@ -21,14 +21,11 @@ pub fn keygen(dir: &Path, alg: &str) -> (PathBuf, String) {
 }
 
 pub fn dpop_toml(mock_url: &str, upstream_url: &str, key: &Path) -> String {
-    oauth_toml(
+    oauth_toml_via(
         mock_url,
+        upstream_url,
         "service_account",
         &format!("dpop_key_file = \"{}\"", key.display()),
-    )
-    .replace(
-        &format!("url = \"{mock_url}\"\nallow_http"),
-        &format!("url = \"{upstream_url}\"\nallow_http"),
     )
 }
 

@@ -9,6 +9,7 @@ mod config;
 mod dpop;
 mod errors;
 mod forwarding;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -166,16 +166,11 @@ async fn a_chunked_upload_over_max_body_to_an_oauth_profile_is_refused_without_b
     let (_mock, mock_url) = start_mock(mock_config(1.0)).await;
     let upstream = FakeUpstream::start().await;
     // Tokens come from the mock; requests go to the recording upstream.
-    let toml = oauth_toml(&mock_url, "service_account", "")
-        .replace(
-            &format!("url = \"{mock_url}\"\nallow_http"),
-            &format!("url = \"{}\"\nallow_http", upstream.url()),
-        )
-        .replace(
-            "[listen]\n",
-            "[listen]\nmax_body = \"10MiB\"\nworkers = 1\n",
-        );
-    assert!(toml.contains(&upstream.url()) && toml.contains("workers = 1"));
+    let toml = oauth_toml_via(&mock_url, &upstream.url(), "service_account", "").replace(
+        "[listen]\n",
+        "[listen]\nmax_body = \"10MiB\"\nworkers = 1\n",
+    );
+    assert!(toml.contains("workers = 1"));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("proxy.toml");
     std::fs::write(&cfg, toml).unwrap();

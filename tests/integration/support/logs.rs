@@ -62,7 +62,7 @@ pub fn assert_no_secret_in(logs: &str) {
     }
 }
 
-/// Everything captured so far, from every in-process proxy of this test binary.
+/// Everything the in-process proxies of this test binary logged so far.
 pub fn captured() -> String {
     String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned()
 }

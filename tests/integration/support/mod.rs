@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod raw;
 pub mod redis_server;
 pub mod upstream;
 
@@ -117,6 +118,22 @@ client_secret = "{CLIENT_SECRET}"
 {account}{extra_profile}
 "#
     )
+}
+
+/// [`oauth_toml`] with tokens from the mock at `mock_url` and API requests to `upstream_url`
+/// (a recording fake, or one answering with garbage).
+pub fn oauth_toml_via(
+    mock_url: &str,
+    upstream_url: &str,
+    auth: &str,
+    extra_profile: &str,
+) -> String {
+    let toml = oauth_toml(mock_url, auth, extra_profile).replace(
+        &format!("url = \"{mock_url}\"\nallow_http"),
+        &format!("url = \"{upstream_url}\"\nallow_http"),
+    );
+    assert!(toml.contains(upstream_url), "{toml}");
+    toml
 }
 
 impl Drop for TestProxy {
@@ -245,6 +262,21 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .json()
         .await
         .unwrap()
+}
+
+/// The value of one metric on an admin listener at `admin_url`: `series` is a name with its
+/// labels as exposed (`tango_proxy_proxy_errors_total{cause="bad_request"}`), or a bare name for
+/// the sum of all its series; 0 when it has none yet.
+pub async fn metric(admin_url: &str, series: &str) -> f64 {
+    let text = get_text(&format!("{admin_url}/metrics")).await;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| {
+            *name == series || (!series.contains('{') && name.starts_with(&format!("{series}{{")))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap())
+        .sum()
 }
 
 /// GET `url` and return its body.
@@ -400,9 +432,26 @@ pub struct ProxyProcess {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub logs: Arc<Mutex<String>>,
+    /// The directory of a config written by [`ProxyProcess::start_toml`], removed on drop.
+    config_dir: Option<tempfile::TempDir>,
 }
 
 impl ProxyProcess {
+    /// Writes `toml` to a config file of its own and starts `serve` with it.
+    pub fn start_toml(toml: &str, envs: &[(&str, &str)]) -> ProxyProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("proxy.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let mut proc = Self::start(&cfg, envs);
+        proc.config_dir = Some(dir);
+        proc
+    }
+
+    /// The admin listener's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
     /// Starts `serve --config path` with JSON logs and waits for its listening line.
     pub fn start(config: &Path, envs: &[(&str, &str)]) -> ProxyProcess {
         let mut child = Command::new(BIN)
@@ -446,6 +495,7 @@ impl ProxyProcess {
             proxy_addr: proxy.parse().unwrap(),
             admin_addr: admin.parse().unwrap(),
             logs,
+            config_dir: None,
         }
     }
 

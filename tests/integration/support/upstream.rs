@@ -44,6 +44,7 @@ pub struct FakeUpstream {
     tls: bool,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
+    heads: Arc<AtomicUsize>,
 }
 
 pub fn pattern_byte(i: usize) -> u8 {
@@ -64,11 +65,13 @@ impl FakeUpstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(AtomicUsize::new(0));
         let fake = FakeUpstream {
             addr,
             tls: tls.is_some(),
             seen: seen.clone(),
             connections: connections.clone(),
+            heads: heads.clone(),
         };
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
@@ -77,10 +80,13 @@ impl FakeUpstream {
                     continue;
                 };
                 connections.fetch_add(1, Ordering::SeqCst);
-                let seen = seen.clone();
+                let (seen, heads) = (seen.clone(), heads.clone());
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, seen.clone()));
+                    let svc = service_fn(move |req| {
+                        heads.fetch_add(1, Ordering::SeqCst);
+                        handle(req, seen.clone())
+                    });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match acceptor {
@@ -107,6 +113,11 @@ impl FakeUpstream {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose head arrived, recorded in [`Self::requests`] or still receiving a body.
+    pub fn heads(&self) -> usize {
+        self.heads.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Seen> {
