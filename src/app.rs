@@ -146,7 +146,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let grace = config.listen.grace_period;
     let listen = &config.listen;
     warn_if_descriptors_short(listen.max_connections + listen.admin_max_connections);
-    let (open, refused) = metrics.listener("proxy");
+    let (open, refused, ended) = metrics.listener("proxy");
     let proxy_settings = listener::Settings {
         name: "proxy",
         header_timeout: listen.header_timeout,
@@ -161,6 +161,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         grace,
         open,
         refused,
+        ended,
     };
     let proxy_task = tokio::spawn(listener::serve(
         listeners.proxy,
@@ -174,7 +175,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         },
         wait_for(stopped.clone()),
     ));
-    let (open, refused) = metrics.listener("admin");
+    let (open, refused, ended) = metrics.listener("admin");
     let admin_settings = listener::Settings {
         name: "admin",
         header_timeout: listen.header_timeout,
@@ -184,6 +185,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         grace,
         open,
         refused,
+        ended,
     };
     let router = admin::router(admin_state);
     let admin_task = tokio::spawn(listener::serve(

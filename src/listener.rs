@@ -63,7 +63,13 @@ pub struct Settings {
     pub open: Gauge,
     /// Connections refused at the cap.
     pub refused: Counter,
+    /// Connections the listener itself ended, by why: `malformed` (a bare 400), `too_large`
+    /// (a bare 431) and `header_timeout`.
+    pub ended: [Counter; 3],
 }
+
+/// Why the listener ended a connection itself, for `Settings::ended`.
+pub const ENDED_KINDS: [&str; 3] = ["malformed", "too_large", "header_timeout"];
 
 /// Serves HTTP/1.1 on `listener` with the service `make(remote)` builds for each connection until
 /// `shutdown` resolves, then waits up to `settings.grace` for in-flight requests to finish.
@@ -123,9 +129,24 @@ pub async fn serve<M, S, B>(
                 let conn = builder.serve_connection(TokioIo::new(stream), make(remote));
                 let conn = graceful.watch(conn);
                 let open = settings.open.clone();
+                let ended = settings.ended.clone();
                 open.inc();
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
+                        // Requests the listener refused before the service saw them (smuggling
+                        // attempts, slowloris) would otherwise leave no trace an operator sees.
+                        let kind = if e.is_parse_too_large() {
+                            Some(1)
+                        } else if e.is_parse() {
+                            Some(0)
+                        } else if e.is_timeout() {
+                            Some(2)
+                        } else {
+                            None
+                        };
+                        if let Some(k) = kind {
+                            ended[k].inc();
+                        }
                         tracing::debug!(%remote, "connection ended with an error: {e}");
                     }
                     open.dec();

@@ -44,6 +44,12 @@ struct ListenerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndedLabel {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -61,6 +67,7 @@ pub struct Metrics {
     in_flight: Gauge,
     connections: Family<ListenerLabel, Gauge>,
     connections_refused: Family<ListenerLabel, Counter>,
+    connections_ended: Family<EndedLabel, Counter>,
     token_requests: Family<OutcomeLabel, Counter>,
     token_expiry: Family<ProfileLabel, Gauge>,
     token_lifetime: Family<ProfileLabel, Gauge>,
@@ -142,9 +149,19 @@ impl Metrics {
             "Client connections refused with 503 because the listener was at its connection limit",
             connections_refused.clone(),
         );
+        let connections_ended = Family::<EndedLabel, Counter>::default();
+        registry.register(
+            "connections_ended",
+            "Connections the listener ended itself: a malformed request (bare 400), an oversized \
+             head (bare 431), or a head not sent within listen.header_timeout",
+            connections_ended.clone(),
+        );
         for listener in ["proxy", "admin"] {
             let _ = connections.get_or_create(&ListenerLabel { listener });
             let _ = connections_refused.get_or_create(&ListenerLabel { listener });
+            for reason in crate::listener::ENDED_KINDS {
+                let _ = connections_ended.get_or_create(&EndedLabel { listener, reason });
+            }
         }
         let in_flight = Gauge::default();
         registry.register(
@@ -263,6 +280,7 @@ impl Metrics {
             in_flight,
             connections,
             connections_refused,
+            connections_ended,
             token_requests,
             token_expiry,
             token_lifetime,
@@ -445,12 +463,18 @@ impl Metrics {
         self.proxy_errors.get_or_create(&CauseLabel { cause }).inc();
     }
 
-    /// The open-connection gauge and refusal counter of one listener (`"proxy"` or `"admin"`).
-    pub fn listener(&self, listener: &'static str) -> (Gauge, Counter) {
+    /// The open-connection gauge, refusal counter and ended-connection counters (in
+    /// [`crate::listener::ENDED_KINDS`] order) of one listener (`"proxy"` or `"admin"`).
+    pub fn listener(&self, listener: &'static str) -> (Gauge, Counter, [Counter; 3]) {
         let label = ListenerLabel { listener };
         (
             self.connections.get_or_create(&label).clone(),
             self.connections_refused.get_or_create(&label).clone(),
+            crate::listener::ENDED_KINDS.map(|reason| {
+                self.connections_ended
+                    .get_or_create(&EndedLabel { listener, reason })
+                    .clone()
+            }),
         )
     }
 

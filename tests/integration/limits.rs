@@ -108,6 +108,30 @@ async fn a_request_head_sent_too_slowly_is_cut_off_on_both_listeners() {
         );
     }
     assert_eq!(upstream.requests().len(), 0, "nothing reached Tango");
+
+    // Requests the listener refuses itself leave a trace an operator can see.
+    let smuggle = b"POST /raas/v2/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello";
+    assert_eq!(raw_status(&raw_request(proxy.addr(), smuggle).await), 400);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    assert_eq!(
+        raw_status(&raw_request(proxy.addr(), huge.as_bytes()).await),
+        431
+    );
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    let ended = |listener: &str, reason: &str| {
+        metric(
+            &metrics,
+            &format!("tango_proxy_connections_ended_total{{listener=\"{listener}\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(ended("proxy", "header_timeout"), 2.0);
+    assert_eq!(ended("admin", "header_timeout"), 2.0);
+    assert_eq!(ended("proxy", "malformed"), 1.0);
+    assert_eq!(ended("proxy", "too_large"), 1.0);
+    assert_eq!(upstream.requests().len(), 0, "nothing reached Tango");
     assert_serving(&proxy).await;
 }
 
