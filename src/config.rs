@@ -2,14 +2,23 @@
 //!
 //! Sources, later ones winning: built-in defaults, the TOML file (`--config` or
 //! `$TANGO_PROXY_CONFIG`), then environment variables `TANGO_PROXY_<SECTION>__<KEY>`.
+//! [`Config::load`] reads the file and the environment and hands both to
+//! [`Config::from_sources`], the one path every configuration takes (and a fuzzer's entry point).
 //! Each section is extracted on its own and every value is checked before anything fails, so
-//! `check-config` can list **all** problems at once, each naming its key.
+//! `check-config` can list **all** problems at once, each naming its key as the README does and
+//! saying in plain words what the key takes (never a Rust type).
 //!
 //! Decisions not spelled out in DESIGN.md:
 //! * durations accept humantime strings (`"30s"`, `"4h"`) or a bare number of seconds; sizes accept
 //!   `"10MiB"`, `"512KiB"`, `"1MB"` or a bare number of bytes;
 //! * a secret set both inline and as a `*_file` is an error (which one wins would be a guess);
 //!   secret files have one trailing newline stripped;
+//! * the config file must be a regular file of at most 1 MiB, and every secret, key or CA file at
+//!   most 64 KiB: a FIFO, device or directory is refused without being opened;
+//! * every duration and size has a range (`duration_between`, `size_between`), and a size must
+//!   be a whole number of bytes;
+//! * Redis URLs are checked as strictly as `upstream.url` (`check_redis_url`) and shown only
+//!   through `redact_url_password`;
 //! * `listen.max_header_size` (default 32 KiB), `listen.grace_period` (default 30 s) and
 //!   `listen.allow_non_loopback` (default false) extend the `[listen]` section;
 //! * methods and cache backends that this version does not implement yet are accepted by the parser
@@ -182,9 +191,11 @@ fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
         _ if leaf.ends_with("_file") => "a file path (a string)",
         _ => match serde_expected.unwrap_or_default() {
             e if e.contains("bool") => "true or false",
-            e if ["usize", "u8", "u16", "u32", "u64", "i8", "i16", "i32", "i64", "integer"]
-                .iter()
-                .any(|t| e.contains(t)) =>
+            e if [
+                "usize", "u8", "u16", "u32", "u64", "i8", "i16", "i32", "i64", "integer",
+            ]
+            .iter()
+            .any(|t| e.contains(t)) =>
             {
                 "a whole number"
             }
@@ -769,11 +780,13 @@ const SHOWN_QUERY_PARAMETERS: &[&str] = &["db", "protocol", "user"];
 /// any text, valid URL or not; where it cannot tell what a part is, it redacts it.
 pub fn redact_url_password(url: &str) -> String {
     let redacted = crate::secret::REDACTED;
-    let (before_fragment, fragment) = match url.split_once('#') {
-        Some((b, f)) => (b, Some(f)),
-        None => (url, None),
+    let scheme_ok = |scheme: &str| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    let Some((scheme, rest)) = before_fragment.split_once("://") else {
+    let Some((scheme, mut rest)) = url.split_once("://").filter(|(s, _)| scheme_ok(s)) else {
         // Not `scheme://...`: nothing here can be told apart from a password.
         return if url.contains(['@', '?', '#', ':']) {
             redacted.to_string()
@@ -783,32 +796,32 @@ pub fn redact_url_password(url: &str) -> String {
     };
     let unix = scheme.ends_with("unix");
     let mut out = format!("{scheme}://");
-    let (mut before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (rest, None),
-    };
     if !unix {
         // An '@' after the authority means a password with an unencoded '/', '?' or '#': the
         // user information runs to the last '@'.
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         if let Some(at) = rest.rfind('@').filter(|&at| at > authority_end) {
             out.push_str(redacted);
             out.push('@');
-            let tail = &rest[at + 1..];
-            let (b, q) = match tail.split_once('?') {
-                Some((b, q)) => (b, Some(q)),
-                None => (tail, None),
-            };
-            out.push_str(&redact_authority(b));
-            push_query(&mut out, q);
-            push_fragment(&mut out, fragment);
-            return out;
+            rest = &rest[at + 1..];
         }
-        let (authority, path) = before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
-        out.push_str(&redact_authority(authority));
-        before_query = path;
     }
-    out.push_str(before_query);
+    let (before_fragment, fragment) = match rest.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (rest, None),
+    };
+    let (before_query, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (before_fragment, None),
+    };
+    if unix {
+        out.push_str(before_query);
+    } else {
+        let (authority, path) =
+            before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+        out.push_str(&redact_authority(authority));
+        out.push_str(path);
+    }
     push_query(&mut out, query);
     push_fragment(&mut out, fragment);
     out
@@ -851,7 +864,11 @@ fn push_query(out: &mut String, query: Option<&str>) {
 fn push_fragment(out: &mut String, fragment: Option<&str>) {
     if let Some(f) = fragment {
         out.push('#');
-        out.push_str(if f == "insecure" { f } else { crate::secret::REDACTED });
+        out.push_str(if f == "insecure" {
+            f
+        } else {
+            crate::secret::REDACTED
+        });
     }
 }
 
@@ -921,9 +938,11 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
         return Err(format!("unsupported scheme; use {REDIS_URL_FORMS}"));
     }
     if url.contains('#') {
-        return Err("must not have a #fragment (#insecure, which turns off TLS certificate \
+        return Err(
+            "must not have a #fragment (#insecure, which turns off TLS certificate \
                     checks, is not supported: trust a private CA with cache.redis_ca_file)"
-            .into());
+                .into(),
+        );
     }
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
@@ -933,8 +952,7 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
                   name or password (%40, %2F, %3F, %23)";
     if !unix {
         let authority_end = before_query.find('/').unwrap_or(before_query.len());
-        if before_query[authority_end..].contains('@') || query.is_some_and(|q| q.contains('@'))
-        {
+        if before_query[authority_end..].contains('@') || query.is_some_and(|q| q.contains('@')) {
             return Err(encode.into());
         }
     }
@@ -1013,9 +1031,9 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
             None => authority,
         };
         if hostport.contains(',') {
-            return Err(format!(
-                "has several hosts: use redis+cluster:// or redis+sentinel:// for those"
-            ));
+            return Err(
+                "has several hosts: use redis+cluster:// or redis+sentinel:// for those".into(),
+            );
         }
         check_host_port(hostport)?;
         let db = path.trim_start_matches('/');
@@ -1030,9 +1048,7 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 fn is_database_number(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 9
-        && text.chars().all(|c| c.is_ascii_digit())
+    !text.is_empty() && text.len() <= 9 && text.chars().all(|c| c.is_ascii_digit())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1044,7 +1060,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     const MAX: Duration = Duration::from_secs(400 * 86_400);
     match read_duration(text)? {
         Some(d) if d <= MAX => Ok(d),
-        _ => Err(format!("{} is longer than 400 days", shown_string(text, ""))),
+        _ => Err(format!(
+            "{} is longer than 400 days",
+            shown_string(text, "")
+        )),
     }
 }
 
@@ -1095,7 +1114,12 @@ fn duration_between(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Dur
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let shown = || shown_string(text, "");
-    let bad = || format!("not a size: {}; write it like \"10MiB\" or \"4096\"", shown());
+    let bad = || {
+        format!(
+            "not a size: {}; write it like \"10MiB\" or \"4096\"",
+            shown()
+        )
+    };
     if t.starts_with('-') {
         return Err(format!("must not be negative: {}", shown()));
     }
@@ -1341,7 +1365,10 @@ impl Config {
                 }
             }
         } else if figment.contains("profiles") {
-            problems.push("profiles", format!("expected {}", expected_for("profiles", None)));
+            problems.push(
+                "profiles",
+                format!("expected {}", expected_for("profiles", None)),
+            );
         }
 
         let listen = listen.map(|raw| validate_listen(raw, &mut problems));
@@ -1452,29 +1479,15 @@ pub const MAX_SECRET_FILE: u64 = 64 << 10;
 /// a larger file. `what` names the file in messages ("config file").
 pub fn read_small_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
     use std::io::Read;
+    check_small_file(path, max, what)?;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("{what} {shown} does not exist"),
-        _ => format!("cannot read {what} {shown}: {e}"),
-    })?;
-    let not_regular = |meta: &std::fs::Metadata| -> Option<String> {
-        let kind = file_kind(meta)?;
-        Some(format!("{what} {shown} is {kind}, not a regular file"))
-    };
-    if let Some(m) = not_regular(&meta) {
-        return Err(m);
-    }
-    let too_big = || format!("{what} {shown} is larger than {} (the limit)", format_size(max));
-    if meta.len() > max {
-        return Err(too_big());
-    }
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
     // The path may have been replaced since it was looked at: check what was opened.
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
-    if let Some(m) = not_regular(&meta) {
-        return Err(m);
+    if let Some(kind) = file_kind(&meta) {
+        return Err(format!("{what} {shown} is {kind}, not a regular file"));
     }
     let mut bytes = Vec::new();
     file.take(max.saturating_add(1))
@@ -1482,7 +1495,10 @@ pub fn read_small_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, Str
         .map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
     if bytes.len() as u64 > max {
         bytes.fill(0);
-        return Err(too_big());
+        return Err(format!(
+            "{what} {shown} is larger than {} (the limit)",
+            format_size(max)
+        ));
     }
     Ok(bytes)
 }
@@ -1547,11 +1563,7 @@ fn toml_dict(text: &str) -> Result<figment::value::Dict, String> {
             Some(span) => {
                 let before = text.get(..span.start).unwrap_or(text);
                 let line = before.matches('\n').count() + 1;
-                let column = before
-                    .rsplit('\n')
-                    .next()
-                    .map_or(0, |l| l.chars().count())
-                    + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
                 format!("line {line}, column {column}: {message}")
             }
             None => message,
@@ -1758,14 +1770,12 @@ const WEEK: Duration = Duration::from_secs(7 * 86_400);
 const POSITIVE: Duration = Duration::from_nanos(1);
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| {
-            format!(
-                "not an IP:port address: {}; try \"127.0.0.1:8080\"",
-                shown_string(text, "")
-            )
-        })
+    text.trim().parse().map_err(|_| {
+        format!(
+            "not an IP:port address: {}; try \"127.0.0.1:8080\"",
+            shown_string(text, "")
+        )
+    })
 }
 
 fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
@@ -1995,9 +2005,11 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
         Some(current) => {
             // The sealer reads the files itself; refuse what it must not open or read whole.
             let mut unreadable = false;
-            for (key, f) in std::iter::once(("cache.encryption_key_file", current))
-                .chain(previous.iter().map(|f| ("cache.previous_encryption_key_files", f)))
-            {
+            for (key, f) in std::iter::once(("cache.encryption_key_file", current)).chain(
+                previous
+                    .iter()
+                    .map(|f| ("cache.previous_encryption_key_files", f)),
+            ) {
                 if let Err(e) = check_small_file(f, MAX_SECRET_FILE, "key file") {
                     p.push(key, e);
                     unreadable = true;
@@ -2360,25 +2372,45 @@ mod tests {
     #[test]
     fn redis_url_passwords_are_redacted() {
         for (url, shown) in [
-            ("redis://app:s3cret@redis:6379/0", "redis://app:<redacted>@redis:6379/0"),
+            (
+                "redis://app:s3cret@redis:6379/0",
+                "redis://app:<redacted>@redis:6379/0",
+            ),
             ("rediss://s3cret@redis/0", "rediss://<redacted>@redis/0"),
             ("redis://redis/0", "redis://redis/0"),
             ("redis://h:1/0?protocol=3", "redis://h:1/0?protocol=3"),
-            ("unix:///tmp/r.sock?pass=s3cret", "unix:///tmp/r.sock?pass=<redacted>"),
-            ("unix:///tmp/r.sock?db=2&user=app&pass=s3cret", "unix:///tmp/r.sock?db=2&user=app&pass=<redacted>"),
-            ("unix:///tmp/r.sock?pass=s3@cret#x", "unix:///tmp/r.sock?pass=<redacted>#<redacted>"),
+            (
+                "unix:///tmp/r.sock?pass=s3cret",
+                "unix:///tmp/r.sock?pass=<redacted>",
+            ),
+            (
+                "unix:///tmp/r.sock?db=2&user=app&pass=s3cret",
+                "unix:///tmp/r.sock?db=2&user=app&pass=<redacted>",
+            ),
+            (
+                "unix:///tmp/r.sock?pass=s3@cret#x",
+                "unix:///tmp/r.sock?pass=<redacted>#<redacted>",
+            ),
             ("unix:///tmp/r.sock?s3cret", "unix:///tmp/r.sock?<redacted>"),
-            ("redis://h?password=s3cret&token=s3cret", "redis://h?password=<redacted>&token=<redacted>"),
+            (
+                "redis://h?password=s3cret&token=s3cret",
+                "redis://h?password=<redacted>&token=<redacted>",
+            ),
             (
                 "redis+cluster://u:s3cret1@h1:7000,u:s3cret2@h2:7001,h3:7002",
                 "redis+cluster://u:<redacted>@h1:7000,u:<redacted>@h2:7001,h3:7002",
             ),
-            ("redis+sentinel://:s3cret@s1:1,s2:2/m/0", "redis+sentinel://:<redacted>@s1:1,s2:2/m/0"),
+            (
+                "redis+sentinel://:s3cret@s1:1,s2:2/m/0",
+                "redis+sentinel://:<redacted>@s1:1,s2:2/m/0",
+            ),
             // Passwords that break the URL are still not shown.
             ("redis://u:s3/cret@h:1/0", "redis://<redacted>@h:1/0"),
             ("redis://u:s3?cret@h:1", "redis://<redacted>@h:1"),
-            ("redis://u:s3#cret@h:1", "redis://u:s3#<redacted>"),
+            ("redis://u:s3#cret@h:1", "redis://<redacted>@h:1"),
+            ("redis://u:s3cret@h:1/0#x@y", "redis://<redacted>@y"),
             ("u:s3cret@h", "<redacted>"),
+            ("u:s3cret@redis://h", "<redacted>"),
         ] {
             assert_eq!(redact_url_password(url), shown, "{url}");
         }
@@ -2536,7 +2568,8 @@ mod tests {
         }
     }
 
-    const BASIC: &str = "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+    const BASIC: &str =
+        "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -2556,8 +2589,19 @@ mod tests {
     fn assert_plain(found: &[String]) {
         for p in found {
             for word in [
-                "usize", "u64", "i64", "struct", "enum ", "Raw", "PathBuf", "Option", "invalid type",
-                "sequence", "map", "untagged", "Scalar",
+                "usize",
+                "u64",
+                "i64",
+                "struct",
+                "enum ",
+                "Raw",
+                "PathBuf",
+                "Option",
+                "invalid type",
+                "sequence",
+                "map",
+                "untagged",
+                "Scalar",
             ] {
                 assert!(!p.contains(word), "{word:?} in {p:?}");
             }
@@ -2601,11 +2645,21 @@ mod tests {
             assert_plain(&found);
         }
         let found = problems("[profiles]\ndefault = 5\n");
-        assert_eq!(found, ["profiles.default: expected a table (a [profiles.NAME] section), found 5"]);
+        assert_eq!(
+            found,
+            ["profiles.default: expected a table (a [profiles.NAME] section), found 5"]
+        );
         // Every bad key of a section at once, not only serde's first.
-        let found = problems(&format!("[listen]\nworkers = \"x\"\nproxyy = 1\nallow_non_loopback = 2\n{BASIC}"));
+        let found = problems(&format!(
+            "[listen]\nworkers = \"x\"\nproxyy = 1\nallow_non_loopback = 2\n{BASIC}"
+        ));
         assert_eq!(found.len(), 3, "{found:?}");
-        assert!(found.iter().any(|p| p.starts_with("listen.proxyy: unknown key; expected one of: proxy,")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("listen.proxyy: unknown key; expected one of: proxy,")),
+            "{found:?}"
+        );
         assert_plain(&found);
     }
 
@@ -2628,7 +2682,11 @@ mod tests {
         );
         let found = problems_with_env(BASIC, &[("TANGO_PROXY_UPSTREAM__TIMEOUT", "soon")]);
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].starts_with("upstream.timeout: not a duration") && found[0].ends_with("(from TANGO_PROXY_UPSTREAM__TIMEOUT)"), "{found:?}");
+        assert!(
+            found[0].starts_with("upstream.timeout: not a duration")
+                && found[0].ends_with("(from TANGO_PROXY_UPSTREAM__TIMEOUT)"),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -2643,7 +2701,12 @@ mod tests {
             ]),
         )
         .unwrap();
-        let AuthConfig::Basic { api_key, platform_name, .. } = &c.profiles["default"].auth else {
+        let AuthConfig::Basic {
+            api_key,
+            platform_name,
+            ..
+        } = &c.profiles["default"].auth
+        else {
             panic!("wrong method")
         };
         assert_eq!(api_key.expose(), "000123");
@@ -2653,10 +2716,15 @@ mod tests {
 
     #[test]
     fn environment_order_does_not_matter() {
-        let a = [("TANGO_PROXY_LISTEN", "{ workers = 2 }"), ("TANGO_PROXY_LISTEN__WORKERS", "3")];
+        let a = [
+            ("TANGO_PROXY_LISTEN", "{ workers = 2 }"),
+            ("TANGO_PROXY_LISTEN__WORKERS", "3"),
+        ];
         let b = [a[1], a[0]];
         let workers = |pairs: &[(&str, &str)]| {
-            Config::from_sources(BASIC, &env(pairs)).map(|c| c.listen.workers).ok()
+            Config::from_sources(BASIC, &env(pairs))
+                .map(|c| c.listen.workers)
+                .ok()
         };
         assert_eq!(workers(&a), workers(&b));
         assert!(workers(&a).is_some());
@@ -2672,7 +2740,10 @@ mod tests {
         // The offending line is not echoed: it may hold a secret.
         let found = problems("[profiles.default]\napi_key = \"hunter2\n");
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].starts_with("not valid TOML: line 2, column "), "{found:?}");
+        assert!(
+            found[0].starts_with("not valid TOML: line 2, column "),
+            "{found:?}"
+        );
         assert!(!found[0].contains("hunter2"), "{found:?}");
     }
 
@@ -2708,15 +2779,42 @@ mod tests {
     fn every_duration_and_size_has_a_range() {
         let oauth = "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
         let cases: &[(&str, &str)] = &[
-            ("[listen]\nmax_body = 0", "listen.max_body: must be between 1 and 1GiB, not \"0\""),
-            ("[listen]\nmax_body = \"2GiB\"", "listen.max_body: must be between 1 and 1GiB, not \"2GiB\""),
-            ("[listen]\nmax_header_size = \"512\"", "listen.max_header_size: must be between 1KiB and 1MiB, not \"512\""),
-            ("[listen]\nworkers = 5000", "listen.workers: must be between 0 (one per core) and 1024, not 5000"),
-            ("[listen]\ngrace_period = \"2h\"", "listen.grace_period: must be at most 1h, not \"2h\""),
-            ("[listen]\nbody_idle_timeout = \"2h\"", "listen.body_idle_timeout: must be greater than zero and at most 1h, not \"2h\""),
-            ("[upstream]\ntimeout = 0", "upstream.timeout: must be greater than zero and at most 1h, not \"0\""),
-            ("[upstream]\nreplay_max_body = \"5GiB\"", "upstream.replay_max_body: must be between 0 and 1GiB, not \"5GiB\""),
-            ("[cache]\ncheck_interval = \"10ms\"", "cache.check_interval: must be between 100ms and 1h, not \"10ms\""),
+            (
+                "[listen]\nmax_body = 0",
+                "listen.max_body: must be between 1 and 1GiB, not \"0\"",
+            ),
+            (
+                "[listen]\nmax_body = \"2GiB\"",
+                "listen.max_body: must be between 1 and 1GiB, not \"2GiB\"",
+            ),
+            (
+                "[listen]\nmax_header_size = \"512\"",
+                "listen.max_header_size: must be between 1KiB and 1MiB, not \"512\"",
+            ),
+            (
+                "[listen]\nworkers = 5000",
+                "listen.workers: must be between 0 (one per core) and 1024, not 5000",
+            ),
+            (
+                "[listen]\ngrace_period = \"2h\"",
+                "listen.grace_period: must be at most 1h, not \"2h\"",
+            ),
+            (
+                "[listen]\nbody_idle_timeout = \"2h\"",
+                "listen.body_idle_timeout: must be greater than zero and at most 1h, not \"2h\"",
+            ),
+            (
+                "[upstream]\ntimeout = 0",
+                "upstream.timeout: must be greater than zero and at most 1h, not \"0\"",
+            ),
+            (
+                "[upstream]\nreplay_max_body = \"5GiB\"",
+                "upstream.replay_max_body: must be between 0 and 1GiB, not \"5GiB\"",
+            ),
+            (
+                "[cache]\ncheck_interval = \"10ms\"",
+                "cache.check_interval: must be between 100ms and 1h, not \"10ms\"",
+            ),
         ];
         for (toml, expected) in cases {
             assert_eq!(problems(&format!("{toml}\n{BASIC}")), [*expected], "{toml}");
@@ -2760,7 +2858,7 @@ mod tests {
             format!("{} = 1\n", vec!["a"; 50_000].join(".")),
             format!("a = {}1{}\n", "[".repeat(50_000), "]".repeat(50_000)),
             format!("a = {}\n", "{b = ".repeat(50_000)),
-            format!("[profiles.\"\\u0000\"]\nauth = \"basic\"\n"),
+            "[profiles.\"\\u0000\"]\nauth = \"basic\"\n".to_string(),
             format!("[cache]\nbackend = \"redis\"\nredis_url = \"redis://u:p\\u0000w@h:1\"\n{BASIC}"),
             "\u{feff}[listen]\n".to_string(),
         ];
@@ -2769,13 +2867,26 @@ mod tests {
         }
         let env_cases: Vec<Vec<(String, String)>> = vec![
             env(&[("TANGO_PROXY_LISTEN__WORKERS", &huge)]),
-            env(&[("TANGO_PROXY_LISTEN__WORKERS", "-1"), ("TANGO_PROXY_LISTEN__MAX_BODY", "-1")]),
+            env(&[
+                ("TANGO_PROXY_LISTEN__WORKERS", "-1"),
+                ("TANGO_PROXY_LISTEN__MAX_BODY", "-1"),
+            ]),
             env(&[("TANGO_PROXY_LISTEN__PROXY", &nested_env)]),
             env(&[("TANGO_PROXY_LISTEN__PROXY", "{a = [1, {b = 2}]}")]),
             env(&[(deep_name.as_str(), "1")]),
-            env(&[("TANGO_PROXY_", "1"), ("TANGO_PROXY___", "1"), ("TANGO_PROXY_.", "1")]),
-            env(&[("TANGO_PROXY_LISTEN", "3"), ("TANGO_PROXY_LISTEN__WORKERS", "3")]),
-            env(&[("tango_proxy_profiles__default__api_key", "\0"), ("TANGO_PROXY_\0", "\0")]),
+            env(&[
+                ("TANGO_PROXY_", "1"),
+                ("TANGO_PROXY___", "1"),
+                ("TANGO_PROXY_.", "1"),
+            ]),
+            env(&[
+                ("TANGO_PROXY_LISTEN", "3"),
+                ("TANGO_PROXY_LISTEN__WORKERS", "3"),
+            ]),
+            env(&[
+                ("tango_proxy_profiles__default__api_key", "\0"),
+                ("TANGO_PROXY_\0", "\0"),
+            ]),
             env(&[("TANGO_PROXY_CACHE__REDIS_URL", "unix://\0?pass=\0")]),
             env(&[("TANGO_PROXY_PROFILES__DEFAULT__MIN_TOKEN_INTERVAL", "1e308")]),
             env(&[("TANGO_PROXY_PROFILES", "[1, 2]")]),
@@ -2784,8 +2895,17 @@ mod tests {
             let _ = Config::from_sources(BASIC, pairs);
             let _ = Config::from_sources("", pairs);
         }
-        let found = problems_with_env(BASIC, &env(&[(deep_name.as_str(), "1")]).iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-        assert!(found.iter().any(|p| p.starts_with("a: unknown section")), "{found:?}");
+        let found = problems_with_env(
+            BASIC,
+            &env(&[(deep_name.as_str(), "1")])
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("a: unknown section")),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -2811,7 +2931,10 @@ mod tests {
             let made = std::process::Command::new("mkfifo").arg(&fifo).status();
             if made.is_ok_and(|s| s.success()) {
                 let e = read_secret_file(&fifo).unwrap_err();
-                assert!(e.ends_with("is a named pipe (FIFO), not a regular file"), "{e}");
+                assert!(
+                    e.ends_with("is a named pipe (FIFO), not a regular file"),
+                    "{e}"
+                );
             }
         }
         // Every file-valued key goes through the same checks.
@@ -2824,14 +2947,27 @@ mod tests {
         ] {
             let found = problems(&format!("{toml}{BASIC}"));
             assert_eq!(found.len(), 1, "{found:?}");
-            assert!(found[0].contains("/dev/zero is a device") || found[0].contains("(the limit)"), "{found:?}");
+            assert!(
+                found[0].contains("/dev/zero is a device") || found[0].contains("(the limit)"),
+                "{found:?}"
+            );
         }
         for key in ["client_secret_file", "dpop_key_file"] {
             let found = problems(&format!(
                 "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\n{}{key} = \"/dev/zero\"\n",
                 if key == "client_secret_file" { "" } else { "client_secret = \"s\"\n" }
             ));
-            assert_eq!(found, [format!("profiles.default.{key}: {} file /dev/zero is a device, not a regular file", if key == "dpop_key_file" { "DPoP key" } else { "secret" })]);
+            assert_eq!(
+                found,
+                [format!(
+                    "profiles.default.{key}: {} file /dev/zero is a device, not a regular file",
+                    if key == "dpop_key_file" {
+                        "DPoP key"
+                    } else {
+                        "secret"
+                    }
+                )]
+            );
         }
     }
 
@@ -2860,14 +2996,20 @@ mod tests {
             ("redis://h:", "port must be 1 to 65535"),
             ("redis://h:+80", "port must be 1 to 65535"),
             ("redis://[::1]:65536", "port must be 1 to 65535"),
-            ("redis+cluster://h1:7000,h2:99999", "port must be 1 to 65535"),
+            (
+                "redis+cluster://h1:7000,h2:99999",
+                "port must be 1 to 65535",
+            ),
             ("redis+sentinel://s1:0/m", "port must be 1 to 65535"),
             ("redis://h:6379/0#insecure", "#fragment"),
             ("redis://h/0/1", "database number"),
             ("redis://h/./0", "database number"),
             ("redis://h/x", "database number"),
             ("redis://h?", "empty query parameter"),
-            ("redis://h?password=s3cret", "unknown query parameter \"password\""),
+            (
+                "redis://h?password=s3cret",
+                "unknown query parameter \"password\"",
+            ),
             ("redis://h?protocol=4", "protocol must be"),
             ("unix:///s?db=x", "db must be"),
             ("unix:///s?pass=a&pass=b", "given twice"),
@@ -2881,7 +3023,10 @@ mod tests {
             ("REDIS://h", "unsupported scheme"),
             ("http://h", "unsupported scheme"),
             ("h:6379", "needs a scheme"),
-            ("redis+cluster://u:pw1@h1:7000,u:pw2@h2:7001", "different user names or passwords"),
+            (
+                "redis+cluster://u:pw1@h1:7000,u:pw2@h2:7001",
+                "different user names or passwords",
+            ),
             ("redis+cluster://h1:7000/0", "no /path"),
         ] {
             let e = check_redis_url(bad).err().unwrap_or_default();

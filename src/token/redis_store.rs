@@ -206,9 +206,11 @@ fn multi_host_parts(url: &str, kind: &str) -> Result<Option<MultiHostUrl>, Strin
     }
     let (authority, path_text) = rest.split_once('/').unwrap_or((rest, ""));
     if path_text.contains('@') {
-        return Err("has an '@' after the hosts: percent-encode '@' and '/' in a user name or \
+        return Err(
+            "has an '@' after the hosts: percent-encode '@' and '/' in a user name or \
                     password (%40, %2F)"
-            .into());
+                .into(),
+        );
     }
     let path: Vec<String> = path_text
         .split('/')
@@ -230,7 +232,9 @@ fn multi_host_parts(url: &str, kind: &str) -> Result<Option<MultiHostUrl>, Strin
             Some((userinfo, host)) => {
                 let (user, password) = match userinfo.split_once(':') {
                     Some((user, pass)) => (
-                        (!user.is_empty()).then(|| percent_decode(user)).transpose()?,
+                        (!user.is_empty())
+                            .then(|| percent_decode(user))
+                            .transpose()?,
                         Some(percent_decode(pass)?),
                     ),
                     None => (None, Some(percent_decode(userinfo)?)),
@@ -875,7 +879,9 @@ mod tests {
         assert_eq!(c.hosts, ["10.0.0.1:7000", "10.0.0.2:7001"]);
         let c = parts("rediss+cluster://h:1", "cluster");
         assert!(c.tls && c.user.is_none() && c.password.is_none());
-        assert!(multi_host_parts("redis://h:1", "cluster").unwrap().is_none());
+        assert!(multi_host_parts("redis://h:1", "cluster")
+            .unwrap()
+            .is_none());
         assert!(multi_host_parts("redis+cluster://", "cluster").is_err());
         let s = parts(
             "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/2",
@@ -903,7 +909,10 @@ mod tests {
                 "redis+cluster://u:pw1@h1:7000,u:pw2@h2:7001,h3:7002",
                 "different user names or passwords",
             ),
-            ("redis+cluster://h1:7000,h2:99999", "host 2: port must be 1 to 65535"),
+            (
+                "redis+cluster://h1:7000,h2:99999",
+                "host 2: port must be 1 to 65535",
+            ),
             ("redis+cluster://h1:7000,,h2:7001", "host 2 is empty"),
             ("redis+cluster://h1:7000/0", "no /path"),
             ("redis+cluster://h1:7000?pass=x", "no ?query"),
