@@ -2,14 +2,23 @@
 //!
 //! Sources, later ones winning: built-in defaults, the TOML file (`--config` or
 //! `$TANGO_PROXY_CONFIG`), then environment variables `TANGO_PROXY_<SECTION>__<KEY>`.
+//! [`Config::load`] reads the file and the environment and hands both to
+//! [`Config::from_sources`], the one path every configuration takes (and a fuzzer's entry point).
 //! Each section is extracted on its own and every value is checked before anything fails, so
-//! `check-config` can list **all** problems at once, each naming its key.
+//! `check-config` can list **all** problems at once, each naming its key as the README does and
+//! saying in plain words what the key takes (never a Rust type).
 //!
 //! Decisions not spelled out in DESIGN.md:
 //! * durations accept humantime strings (`"30s"`, `"4h"`) or a bare number of seconds; sizes accept
 //!   `"10MiB"`, `"512KiB"`, `"1MB"` or a bare number of bytes;
 //! * a secret set both inline and as a `*_file` is an error (which one wins would be a guess);
 //!   secret files have one trailing newline stripped;
+//! * the config file must be a regular file of at most 1 MiB, and every secret, key or CA file at
+//!   most 64 KiB: a FIFO, device or directory is refused without being opened;
+//! * every duration and size has a range (`duration_between`, `size_between`), and a size must
+//!   be a whole number of bytes;
+//! * Redis URLs are checked as strictly as `upstream.url` (`check_redis_url`) and shown only
+//!   through `redact_url_password`;
 //! * `listen.max_header_size` (default 32 KiB), `listen.grace_period` (default 30 s) and
 //!   `listen.allow_non_loopback` (default false) extend the `[listen]` section;
 //! * methods and cache backends that this version does not implement yet are accepted by the parser
@@ -21,7 +30,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use http::uri::{Authority, Scheme};
 use rustls::pki_types::pem::PemObject;
@@ -98,35 +106,139 @@ impl Problems {
         });
     }
 
-    fn figment(&mut self, error: figment::Error) {
+    /// Reports a figment error met while reading the section at `section` (`""` for the top
+    /// level, `"listen"`, `"profiles.default"`), each under the key as the README spells it and
+    /// in words an operator knows: never a Rust type name.
+    fn figment(&mut self, error: figment::Error, section: &str) {
         for e in error {
-            let key = e.path.join(".");
-            let mut message = e.kind.to_string();
-            if let Some(md) = &e.metadata {
-                let source = md
-                    .interpolate(&e.profile.clone().unwrap_or_default(), &e.path)
-                    .to_string();
-                let origin = md
-                    .source
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| md.name.to_string());
-                if e.path.is_empty() || source.starts_with(ENV_PREFIX) {
-                    message = format!("{message} (from {origin}{})", env_note(&source));
+            let mut key = section.to_string();
+            for part in &e.path {
+                if part.parse::<usize>().is_ok() {
+                    key = format!("{key}[{part}]");
+                } else if key.is_empty() {
+                    key = part.clone();
                 } else {
-                    message = format!("{message} (in {origin})");
+                    key = format!("{key}.{part}");
                 }
             }
+            let message = match &e.kind {
+                figment::error::Kind::UnknownField(_, expected) => {
+                    format!("unknown key; expected one of: {}", expected.join(", "))
+                }
+                figment::error::Kind::UnknownVariant(found, _) => format!(
+                    "expected {}, found {}",
+                    expected_for(&key, None),
+                    shown_string(found, &key)
+                ),
+                figment::error::Kind::InvalidType(actual, serde_expected)
+                | figment::error::Kind::InvalidValue(actual, serde_expected) => format!(
+                    "expected {}, found {}",
+                    expected_for(&key, Some(serde_expected)),
+                    shown_actual(actual, &key)
+                ),
+                figment::error::Kind::InvalidLength(..)
+                | figment::error::Kind::ISizeOutOfRange(_)
+                | figment::error::Kind::USizeOutOfRange(_)
+                | figment::error::Kind::Unsupported(_)
+                | figment::error::Kind::UnsupportedKey(..)
+                | figment::error::Kind::DuplicateField(_)
+                | figment::error::Kind::MissingField(_) => {
+                    format!("expected {}", expected_for(&key, None))
+                }
+                // Our own deserializers' messages (already plain).
+                figment::error::Kind::Message(m) => m.clone(),
+            };
             self.push(key, message);
         }
     }
 }
 
-fn env_note(source: &str) -> String {
-    if source.starts_with(ENV_PREFIX) {
-        format!(": {source}")
-    } else {
-        String::new()
+/// What a key holds, in an operator's words, for "expected ..." messages. `serde_expected` (what
+/// serde would have said) is only used to pick a plain phrase for keys not listed here.
+fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
+    if key.ends_with(']') {
+        // An element of a list.
+        return if key.starts_with("cache.previous_encryption_key_files[") {
+            "a file path (a string)"
+        } else {
+            "a string"
+        };
+    }
+    const DURATION: &str = "a duration such as \"30s\" or \"1h 30m\"";
+    const SIZE: &str = "a size such as \"10MiB\" or a whole number of bytes";
+    match key {
+        "listen" | "upstream" | "cache" => return "a table (a [section])",
+        "profiles" => return "a table of [profiles.NAME] sections",
+        _ if key.starts_with("profiles.") && key.matches('.').count() == 1 => {
+            return "a table (a [profiles.NAME] section)"
+        }
+        _ => {}
+    }
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    match leaf {
+        "proxy" | "admin" => "an IP:port address such as \"127.0.0.1:8080\"",
+        "max_body" | "max_header_size" | "replay_max_body" => SIZE,
+        "timeout" | "grace_period" | "refresh_window" | "min_token_interval" => DURATION,
+        _ if leaf.ends_with("_timeout") || leaf.ends_with("_interval") => DURATION,
+        "workers" => "a whole number",
+        "allow_non_loopback" | "allow_http" => "true or false",
+        "environment" => "\"sandbox\" or \"production\"",
+        "backend" => "\"memory\", \"file\" or \"redis\"",
+        "auth" => "\"basic\", \"client_credentials\" or \"service_account\"",
+        "url" | "token_url" | "redis_url" => "a URL (a string)",
+        "path" => "a directory path (a string)",
+        "previous_encryption_key_files" => "a list of file paths",
+        _ if leaf.ends_with("_file") => "a file path (a string)",
+        _ => match serde_expected.unwrap_or_default() {
+            e if e.contains("bool") => "true or false",
+            e if [
+                "usize", "u8", "u16", "u32", "u64", "i8", "i16", "i32", "i64", "integer",
+            ]
+            .iter()
+            .any(|t| e.contains(t)) =>
+            {
+                "a whole number"
+            }
+            e if e.contains("f32") || e.contains("f64") || e.contains("float") => "a number",
+            e if e.contains("sequence") => "a list",
+            e if e.contains("struct") || e.contains("map") => "a table",
+            _ => "a string",
+        },
+    }
+}
+
+/// True for keys whose values may be secrets: their values are never repeated in messages.
+fn is_secret_key(key: &str) -> bool {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    matches!(leaf, "api_key" | "client_secret" | "password" | "redis_url")
+}
+
+/// A found string as a message shows it: quoted, cut short, never for a secret key.
+fn shown_string(s: &str, key: &str) -> String {
+    if is_secret_key(key) {
+        return "a string".into();
+    }
+    let mut shown: String = s.chars().take(40).collect();
+    if shown.len() < s.len() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
+}
+
+/// What serde met, in plain words.
+fn shown_actual(actual: &figment::error::Actual, key: &str) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(b) => b.to_string(),
+        Actual::Unsigned(n) => n.to_string(),
+        Actual::Signed(n) => n.to_string(),
+        Actual::Float(f) => format!("{f:?}"),
+        Actual::Char(c) => shown_string(&c.to_string(), key),
+        Actual::Str(s) => shown_string(s, key),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a table".into(),
+        Actual::Unit | Actual::Option => "nothing".into(),
+        _ => "a value of another kind".into(),
     }
 }
 
@@ -136,32 +248,65 @@ fn env_note(source: &str) -> String {
 /// A string that also accepts numbers and booleans: environment overrides arrive parsed, so
 /// `TANGO_PROXY_PROFILES__DEFAULT__CLIENT_ID=12345` would otherwise be a type error.
 pub fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Str(String),
-        Int(i64),
-        UInt(u64),
-        Float(f64),
-        Bool(bool),
-    }
-    Ok(match Scalar::deserialize(d)? {
-        Scalar::Str(s) => s,
-        Scalar::Int(n) => n.to_string(),
-        Scalar::UInt(n) => n.to_string(),
-        Scalar::Float(n) => n.to_string(),
-        Scalar::Bool(b) => b.to_string(),
-    })
+    d.deserialize_any(ScalarVisitor).map(|(s, _)| s)
 }
 
-/// A text value read leniently (see [`lenient_string`]).
+/// Which kind of scalar a [`Text`] was written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scalar {
+    Str,
+    Int,
+    Float,
+    Bool,
+}
+
+struct ScalarVisitor;
+
+impl serde::de::Visitor<'_> for ScalarVisitor {
+    type Value = (String, Scalar);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Str))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok((v, Scalar::Str))
+    }
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Str))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Int))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Int))
+    }
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Int))
+    }
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Int))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        // `{:?}` keeps `1.0` a float (`Display` would print `1`).
+        Ok((format!("{v:?}"), Scalar::Float))
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok((v.to_string(), Scalar::Bool))
+    }
+}
+
+/// A text value read leniently (see [`lenient_string`]), remembering whether it was written as
+/// a string, a whole number, a fractional number or a boolean.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Text(pub String);
+pub struct Text(pub String, #[serde(skip)] Scalar);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        lenient_string(d).map(Text)
+        d.deserialize_any(ScalarVisitor).map(|(s, k)| Text(s, k))
     }
 }
 
@@ -204,7 +349,7 @@ struct RawUpstream {
 struct RawCache {
     backend: Option<CacheBackend>,
     path: Option<PathBuf>,
-    redis_url: Option<Text>,
+    redis_url: Option<RedisUrl>,
     key_prefix: Option<Text>,
     encryption_key_file: Option<PathBuf>,
     previous_encryption_key_files: Option<Vec<PathBuf>>,
@@ -451,9 +596,8 @@ pub struct CacheConfig {
     pub backend: CacheBackend,
     /// File backend location.
     pub path: Option<PathBuf>,
-    /// Redis URL (its password, if any, is redacted when printed).
-    #[serde(serialize_with = "ser_redis_url")]
-    pub redis_url: Option<String>,
+    /// Redis URL (its passwords, if any, are redacted when printed).
+    pub redis_url: Option<RedisUrl>,
     /// Prefix of every cache key.
     pub key_prefix: String,
     /// AES-256-GCM key file for tokens at rest.
@@ -600,31 +744,325 @@ fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_size(*n))
 }
 
-fn ser_redis_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match url {
-        None => s.serialize_none(),
-        Some(u) => s.serialize_str(&redact_url_password(u)),
+/// A Redis URL as configured. Its `Debug`, `Display` and serialized forms redact every password
+/// it carries (see [`redact_url_password`]); [`RedisUrl::expose`] gives the URL itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its passwords. Call only to connect.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 }
 
-/// Replaces the password of `scheme://user:pass@host` with `<redacted>`.
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url_password(&self.0))
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url_password(&self.0))
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_url_password(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(RedisUrl)
+    }
+}
+
+/// Query parameters whose values are shown; every other one's value is redacted.
+const SHOWN_QUERY_PARAMETERS: &[&str] = &["db", "protocol", "user"];
+
+/// A URL with every password replaced by `<redacted>`: the password of each `user:pass@`
+/// (every seed of a cluster or sentinel URL), every query parameter value but `db`, `protocol`
+/// and `user` (so `unix:///run/redis.sock?pass=...` is covered), and any `#fragment`. Works on
+/// any text, valid URL or not; where it cannot tell what a part is, it redacts it.
 pub fn redact_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+    let redacted = crate::secret::REDACTED;
+    let scheme_ok = |scheme: &str| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    let rest = &url[scheme_end + 3..];
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..auth_end].rfind('@') else {
-        return url.to_string();
+    let Some((scheme, mut rest)) = url.split_once("://").filter(|(s, _)| scheme_ok(s)) else {
+        // Not `scheme://...`: nothing here can be told apart from a password.
+        return if url.contains(['@', '?', '#', ':']) {
+            redacted.to_string()
+        } else {
+            url.to_string()
+        };
     };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or_default();
-    let redacted = if userinfo.contains(':') {
-        format!("{user}:{}", crate::secret::REDACTED)
+    let unix = scheme.ends_with("unix");
+    let mut out = format!("{scheme}://");
+    if !unix {
+        // An '@' after the authority means a password with an unencoded '/', '?' or '#': the
+        // user information runs to the last '@'.
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest.rfind('@').filter(|&at| at > authority_end) {
+            out.push_str(redacted);
+            out.push('@');
+            rest = &rest[at + 1..];
+        }
+    }
+    let (before_fragment, fragment) = match rest.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (rest, None),
+    };
+    let (before_query, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (before_fragment, None),
+    };
+    if unix {
+        out.push_str(before_query);
     } else {
-        crate::secret::REDACTED.to_string()
+        let (authority, path) =
+            before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+        out.push_str(&redact_authority(authority));
+        out.push_str(path);
+    }
+    push_query(&mut out, query);
+    push_fragment(&mut out, fragment);
+    out
+}
+
+/// `user:pass@host,user:pass@host2,host3` with each password redacted.
+fn redact_authority(authority: &str) -> String {
+    let redacted = crate::secret::REDACTED;
+    authority
+        .split(',')
+        .map(|seed| match seed.rsplit_once('@') {
+            None => seed.to_string(),
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{redacted}@{host}"),
+                None => format!("{redacted}@{host}"),
+            },
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn push_query(out: &mut String, query: Option<&str>) {
+    let Some(query) = query else { return };
+    let redacted = crate::secret::REDACTED;
+    out.push('?');
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if SHOWN_QUERY_PARAMETERS.contains(&name) => {
+                format!("{name}={value}")
+            }
+            Some((name, _)) if is_plain_name(name) => format!("{name}={redacted}"),
+            _ if pair.is_empty() => String::new(),
+            _ => redacted.to_string(),
+        })
+        .collect();
+    out.push_str(&pairs.join("&"));
+}
+
+fn push_fragment(out: &mut String, fragment: Option<&str>) {
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(if f == "insecure" {
+            f
+        } else {
+            crate::secret::REDACTED
+        });
+    }
+}
+
+/// A short name of letters, digits, '_' and '-': safe to repeat in a message.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The URL forms `cache.redis_url` takes, for messages.
+const REDIS_URL_FORMS: &str = "redis://, rediss://, unix://, redis+cluster://, \
+rediss+cluster://, redis+sentinel:// or rediss+sentinel://";
+
+/// Checks `host[:port]` of a Redis URL: a host, and a port (when given) from 1 to 65535 written
+/// as digits. Messages never repeat the text (it may be a piece of a password).
+pub fn check_host_port(hostport: &str) -> Result<(), String> {
+    let after_host = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some(("", _)) | None => return Err("has a malformed [IPv6] host".into()),
+            Some((_, after)) => after,
+        },
+        None => {
+            let host = hostport.split(':').next().unwrap_or_default();
+            if host.is_empty() {
+                return Err("needs a host".into());
+            }
+            &hostport[host.len()..]
+        }
     };
-    format!("{}{redacted}{}", &url[..scheme_end + 3], &rest[at..])
+    match after_host.strip_prefix(':') {
+        None if after_host.is_empty() => Ok(()),
+        None => Err("has something after the host that is not a :port".into()),
+        Some(port) => {
+            let ok = !port.is_empty()
+                && port.len() <= 5
+                && port.chars().all(|c| c.is_ascii_digit())
+                && matches!(port.parse::<u32>(), Ok(1..=65535));
+            if ok {
+                Ok(())
+            } else {
+                Err("port must be 1 to 65535".into())
+            }
+        }
+    }
+}
+
+/// Checks a Redis URL's form without connecting (the Redis client then checks it too). Every
+/// part the client would drop or read differently from what is written is an error, so what
+/// `check-config` shows is what is used. Messages never repeat the URL.
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("needs a scheme: {REDIS_URL_FORMS}"));
+    };
+    let tcp = matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys");
+    let unix = matches!(scheme, "unix" | "redis+unix" | "valkey+unix");
+    let multi = matches!(
+        scheme,
+        "redis+cluster" | "rediss+cluster" | "redis+sentinel" | "rediss+sentinel"
+    );
+    if !(tcp || unix || multi) {
+        return Err(format!("unsupported scheme; use {REDIS_URL_FORMS}"));
+    }
+    if url.contains('#') {
+        return Err(
+            "must not have a #fragment (#insecure, which turns off TLS certificate \
+                    checks, is not supported: trust a private CA with cache.redis_ca_file)"
+                .into(),
+        );
+    }
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let encode = "has an '@' after the host: percent-encode '@', '/', '?' and '#' in a user \
+                  name or password (%40, %2F, %3F, %23)";
+    if !unix {
+        let authority_end = before_query.find('/').unwrap_or(before_query.len());
+        if before_query[authority_end..].contains('@') || query.is_some_and(|q| q.contains('@')) {
+            return Err(encode.into());
+        }
+    }
+    if multi {
+        // The seeds, their credentials and the path are checked where they are read.
+        return crate::token::check_redis_options(&crate::token::RedisOptions {
+            url: url.to_string(),
+            ..Default::default()
+        });
+    }
+    let allowed: &[&str] = if unix {
+        &["db", "user", "pass", "protocol"]
+    } else {
+        &["protocol"]
+    };
+    if let Some(query) = query {
+        let mut seen = Vec::new();
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name.is_empty() {
+                return Err("has an empty query parameter".into());
+            }
+            if !allowed.contains(&name) {
+                return Err(if is_plain_name(name) {
+                    format!(
+                        "unknown query parameter {name:?}; a {scheme}:// URL takes {}",
+                        allowed.join(", ")
+                    )
+                } else {
+                    format!(
+                        "has an unknown query parameter; a {scheme}:// URL takes {}",
+                        allowed.join(", ")
+                    )
+                });
+            }
+            if seen.contains(&name) {
+                return Err(format!("query parameter {name:?} is given twice"));
+            }
+            seen.push(name);
+            let ok = match name {
+                "protocol" => matches!(value, "2" | "3" | "resp2" | "resp3"),
+                "db" => is_database_number(value),
+                _ => !value.is_empty(),
+            };
+            if !ok {
+                return Err(match name {
+                    "protocol" => "protocol must be 2, 3, resp2 or resp3".to_string(),
+                    "db" => "db must be a database number such as 0".to_string(),
+                    _ => format!("query parameter {name:?} is empty"),
+                });
+            }
+        }
+    }
+    if unix {
+        let path = before_query
+            .strip_prefix("localhost")
+            .unwrap_or(before_query);
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err("needs the socket's absolute path: unix:///run/redis/redis.sock".into());
+        }
+    } else {
+        let (authority, path) =
+            before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+        let hostport = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => {
+                match userinfo.split_once(':') {
+                    Some(("", "")) => {
+                        return Err("has an empty user:password@".into());
+                    }
+                    Some((_, "")) => return Err("has an empty password after user:".into()),
+                    None if userinfo.is_empty() => return Err("has an empty user@".into()),
+                    _ => {}
+                }
+                hostport
+            }
+            None => authority,
+        };
+        if hostport.contains(',') {
+            return Err(
+                "has several hosts: use redis+cluster:// or redis+sentinel:// for those".into(),
+            );
+        }
+        check_host_port(hostport)?;
+        let db = path.trim_start_matches('/');
+        let db = db.strip_suffix('/').unwrap_or(db);
+        if !(db.is_empty() || is_database_number(db)) || path.starts_with("//") {
+            return Err("the path must be a database number such as /0".into());
+        }
+    }
+    // What the Redis client itself parses (the `url` crate): anything else it refuses.
+    reqwest::Url::parse(url).map_err(|e| format!("not a valid URL ({e})"))?;
+    Ok(())
+}
+
+fn is_database_number(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 9 && text.chars().all(|c| c.is_ascii_digit())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -634,28 +1072,76 @@ pub fn redact_url_password(url: &str) -> String {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     // Every configured time ends up added to a clock reading; nothing sensible is longer.
     const MAX: Duration = Duration::from_secs(400 * 86_400);
-    let t = text.trim();
-    let d = match t.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(t)
-            .map_err(|e| format!("not a duration ({e}): {text:?}; try \"30s\""))?,
-    };
-    if d > MAX {
-        return Err(format!("{text:?} is longer than 400 days"));
+    match read_duration(text)? {
+        Some(d) if d <= MAX => Ok(d),
+        _ => Err(format!(
+            "{} is longer than 400 days",
+            shown_string(text, "")
+        )),
     }
-    Ok(d)
 }
 
-/// Parses a size: `"10MiB"`, `"512 KiB"`, `"1MB"`, `"64k"` or a bare number of bytes.
+/// A duration, or `None` for one too long to represent.
+fn read_duration(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    let shown = || shown_string(text, "");
+    if t.starts_with('-') {
+        return Err(format!("must not be negative: {}", shown()));
+    }
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        return Ok(t.parse::<u64>().ok().map(Duration::from_secs));
+    }
+    match humantime::parse_duration(t) {
+        Ok(d) => Ok(Some(d)),
+        Err(humantime::DurationError::NumberOverflow) => Ok(None),
+        Err(_) => Err(format!(
+            "not a duration: {}; write it like \"30s\", \"500ms\" or \"1h 30m\"",
+            shown()
+        )),
+    }
+}
+
+/// A parser for durations from `min` to `max`, saying so when out of range.
+fn duration_between(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> {
+    move |text| {
+        match read_duration(text)? {
+            Some(d) if d >= min && d <= max => return Ok(d),
+            _ => {}
+        }
+        let max_text = humantime::format_duration(max);
+        let shown = shown_string(text, "");
+        Err(if min.is_zero() {
+            format!("must be at most {max_text}, not {shown}")
+        } else if min == POSITIVE {
+            format!("must be greater than zero and at most {max_text}, not {shown}")
+        } else {
+            format!(
+                "must be between {} and {max_text}, not {shown}",
+                humantime::format_duration(min)
+            )
+        })
+    }
+}
+
+/// Parses a size: `"10MiB"`, `"512 KiB"`, `"1MB"`, `"1.5MiB"`, `"64k"` or a bare whole number of
+/// bytes. Exact: a size that is not a whole number of bytes is an error, not rounded.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
+    let shown = || shown_string(text, "");
+    let bad = || {
+        format!(
+            "not a size: {}; write it like \"10MiB\" or \"4096\"",
+            shown()
+        )
+    };
+    if t.starts_with('-') {
+        return Err(format!("must not be negative: {}", shown()));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("not a size: {text:?}; try \"10MiB\"");
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let mult: u128 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
         "ki" | "kib" => 1 << 10,
@@ -665,11 +1151,47 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "gi" | "gib" => 1 << 30,
         _ => return Err(bad()),
     };
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if whole.is_empty() || frac.contains('.') || (num.contains('.') && frac.is_empty()) {
         return Err(bad());
     }
-    Ok(bytes as u64)
+    let too_big = || format!("{} is too large", shown());
+    // At most 18 fraction digits keeps 10^digits in range; more would be no size anyone means.
+    if whole.len() > 30 || frac.len() > 18 {
+        return Err(too_big());
+    }
+    let whole: u128 = whole.parse().map_err(|_| bad())?;
+    let scale = 10u128.pow(frac.len() as u32);
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    let frac_bytes = frac_value.checked_mul(mult).ok_or_else(too_big)?;
+    if frac_bytes % scale != 0 {
+        return Err(format!("{} is not a whole number of bytes", shown()));
+    }
+    let bytes = whole
+        .checked_mul(mult)
+        .and_then(|b| b.checked_add(frac_bytes / scale))
+        .ok_or_else(too_big)?;
+    u64::try_from(bytes).map_err(|_| too_big())
+}
+
+/// A parser for sizes from `min` to `max` bytes, saying so when out of range.
+fn size_between(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> {
+    move |text| {
+        let n = parse_size(text)?;
+        if n < min || n > max {
+            return Err(format!(
+                "must be between {} and {}, not {}",
+                format_size(min),
+                format_size(max),
+                shown_string(text, "")
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Formats a byte count the way config files write it.
@@ -683,8 +1205,12 @@ pub fn format_size(n: u64) -> String {
 }
 
 fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let mut text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = read_small_file(path, MAX_SECRET_FILE, "secret file")?;
+    let mut text = String::from_utf8(bytes).map_err(|e| {
+        let mut bytes = e.into_bytes();
+        bytes.fill(0);
+        format!("secret file {} is not UTF-8 text", path.display())
+    })?;
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {
@@ -698,16 +1224,34 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
     Ok(secret)
 }
 
-/// Loads the PEM certificates of an extra-roots file.
+/// Loads the PEM certificates of an extra-roots file (at most [`MAX_SECRET_FILE`] bytes).
 pub fn load_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let bytes = read_small_file(path, MAX_SECRET_FILE, "CA file")?;
+    pem_certificates(path, &bytes)
+}
+
+fn pem_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{} holds no CERTIFICATE blocks", path.display()));
     }
     Ok(certs)
+}
+
+/// Reads a DPoP key file (at most [`MAX_SECRET_FILE`] bytes).
+fn load_dpop_key(path: &Path) -> Result<crate::auth::dpop::DpopKey, String> {
+    use crate::auth::dpop::{DpopError, DpopKey};
+    let mut bytes = read_small_file(path, MAX_SECRET_FILE, "DPoP key file")?;
+    let key = DpopKey::from_pem(&bytes).map_err(|e| match e {
+        DpopError::Unreadable(m) | DpopError::Unsupported(m) => {
+            format!("{}: {m}", path.display())
+        }
+        other => other.to_string(),
+    });
+    zeroize::Zeroize::zeroize(&mut bytes);
+    key
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -718,29 +1262,85 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
         let path = path.map(Path::to_path_buf).or(from_env);
-        let mut figment = Figment::new();
-        if let Some(p) = &path {
-            if !p.is_file() {
-                return Err(ConfigError {
-                    problems: vec![Problem {
-                        key: String::new(),
-                        message: format!("config file {} does not exist", p.display()),
-                    }],
-                });
-            }
-            figment = figment.merge(Toml::file_exact(p));
-        }
-        let env = Env::prefixed(ENV_PREFIX).split("__").ignore(NON_CONFIG_ENV);
-        Self::from_figment(figment.merge(env))
+        let text = match &path {
+            None => String::new(),
+            Some(p) => read_config_file(p).map_err(|message| ConfigError {
+                problems: vec![Problem {
+                    key: String::new(),
+                    message,
+                }],
+            })?,
+        };
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        Self::load_sources(&text, path.as_deref(), &env)
     }
 
-    /// Loads from TOML text alone (tests, the demo).
+    /// Loads from TOML text alone (tests, the demo): [`Config::from_sources`] without variables.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(text)))
+        Self::from_sources(text, &[])
+    }
+
+    /// Loads from TOML text and environment variables given as `(name, value)` pairs, exactly as
+    /// [`Config::load`] does with the file's text and the process environment (which it calls
+    /// this to do): pairs whose name does not start with `TANGO_PROXY_` are ignored, the rest
+    /// override the file by the same `TANGO_PROXY_<SECTION>__<KEY>` mapping. Deterministic
+    /// (the pairs are applied in name order, whatever their order here) and never panics, so a
+    /// fuzzer can call it with anything. Secret, CA and DPoP key files named in the
+    /// configuration are still read from disk.
+    pub fn from_sources(toml_text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        Self::load_sources(toml_text, None, env)
+    }
+
+    fn load_sources(
+        text: &str,
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        // A file that does not parse is reported alone: nothing after it would be true.
+        let dict = toml_dict(text).map_err(|message| {
+            let message = match file {
+                Some(f) => format!("{} is not valid TOML: {message}", f.display()),
+                None => format!("not valid TOML: {message}"),
+            };
+            ConfigError {
+                problems: vec![Problem {
+                    key: String::new(),
+                    message,
+                }],
+            }
+        })?;
+        let mut figment = Figment::from(Layer(dict));
+        let overrides = env_overrides(env);
+        for (_, dict) in &overrides {
+            figment = figment.merge(Layer(dict.clone()));
+        }
+        let mut result = Self::from_figment(&figment);
+        if let Err(e) = &mut result {
+            // Name the variable a problem's value came from.
+            for problem in &mut e.problems {
+                let from = overrides
+                    .iter()
+                    .filter(|(o, _)| {
+                        problem.key == o.key || problem.key.starts_with(&format!("{}.", o.key))
+                    })
+                    .max_by_key(|(o, _)| o.key.len());
+                if let Some((o, _)) = from {
+                    problem.message = format!("{} (from {})", problem.message, o.var);
+                }
+            }
+        }
+        result
     }
 
     /// Validates whatever the figment holds.
-    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
         let mut problems = Problems::default();
 
         match figment.extract::<BTreeMap<String, figment::value::Value>>() {
@@ -757,29 +1357,32 @@ impl Config {
                     }
                 }
             }
-            Err(e) => problems.figment(e),
+            Err(e) => problems.figment(e, ""),
         }
 
-        let listen = section::<RawListen>(&figment, "listen", &mut problems);
-        let upstream = section::<RawUpstream>(&figment, "upstream", &mut problems);
-        let cache = section::<RawCache>(&figment, "cache", &mut problems);
+        let listen = section::<RawListen>(figment, "listen", &mut problems);
+        let upstream = section::<RawUpstream>(figment, "upstream", &mut problems);
+        let cache = section::<RawCache>(figment, "cache", &mut problems);
         let mut raw_profiles = BTreeMap::new();
         if let Ok(dict) = figment.extract_inner::<figment::value::Dict>("profiles") {
             for name in dict.keys() {
                 if !valid_profile_name(name) {
                     problems.push(
-                        format!("profiles.{name}"),
+                        format!("profiles.{}", shown_string(name, "")),
                         "profile names use letters, digits, '-' and '_' only",
                     );
                     continue;
                 }
                 let key = format!("profiles.{name}");
-                if let Some(raw) = section::<RawProfile>(&figment, &key, &mut problems) {
+                if let Some(raw) = section::<RawProfile>(figment, &key, &mut problems) {
                     raw_profiles.insert(name.clone(), raw);
                 }
             }
         } else if figment.contains("profiles") {
-            problems.push("profiles", "must be a table of [profiles.NAME] sections");
+            problems.push(
+                "profiles",
+                format!("expected {}", expected_for("profiles", None)),
+            );
         }
 
         let listen = listen.map(|raw| validate_listen(raw, &mut problems));
@@ -865,6 +1468,218 @@ impl Config {
     }
 }
 
+/// One source of configuration values, already parsed.
+struct Layer(figment::value::Dict);
+
+impl figment::Provider for Layer {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("configuration")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
+}
+
+/// The largest config file read.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+/// The largest secret, key or CA file read.
+pub const MAX_SECRET_FILE: u64 = 64 << 10;
+
+/// Reads a whole regular file of at most `max` bytes: a directory, FIFO, device or socket is
+/// refused by name (never opened, so a FIFO cannot block and `/dev/zero` is not read), and so is
+/// a larger file. `what` names the file in messages ("config file").
+pub fn read_small_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    check_small_file(path, max, what)?;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    // The path may have been replaced since it was looked at: check what was opened.
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    if let Some(kind) = file_kind(&meta) {
+        return Err(format!("{what} {shown} is {kind}, not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    if bytes.len() as u64 > max {
+        bytes.fill(0);
+        return Err(format!(
+            "{what} {shown} is larger than {} (the limit)",
+            format_size(max)
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks, without opening it, that `path` is a regular file of at most `max` bytes.
+fn check_small_file(path: &Path, max: u64, what: &str) -> Result<(), String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{what} {shown} does not exist"),
+        _ => format!("cannot read {what} {shown}: {e}"),
+    })?;
+    if let Some(kind) = file_kind(&meta) {
+        return Err(format!("{what} {shown} is {kind}, not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "{what} {shown} is larger than {} (the limit)",
+            format_size(max)
+        ));
+    }
+    Ok(())
+}
+
+/// What a non-regular file is, in words; `None` for a regular file.
+fn file_kind(meta: &std::fs::Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return None;
+    }
+    if t.is_dir() {
+        return Some("a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return Some("a named pipe (FIFO)");
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return Some("a device");
+        }
+        if t.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some("not a regular file")
+}
+
+/// Reads the config file: a regular file of at most [`MAX_CONFIG_FILE`] bytes of UTF-8.
+pub fn read_config_file(path: &Path) -> Result<String, String> {
+    let bytes = read_small_file(path, MAX_CONFIG_FILE, "config file")?;
+    String::from_utf8(bytes)
+        .map_err(|_| format!("config file {} is not UTF-8 text", path.display()))
+}
+
+/// Parses TOML text into figment values; the error names the line and column, never the text
+/// (a line may hold a secret).
+fn toml_dict(text: &str) -> Result<figment::value::Dict, String> {
+    toml::from_str::<figment::value::Dict>(text).map_err(|e| {
+        let message = e.message().trim().replace('\n', "; ");
+        match e.span() {
+            Some(span) => {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {column}: {message}")
+            }
+            None => message,
+        }
+    })
+}
+
+/// One `TANGO_PROXY_*` variable that sets a key.
+struct Override {
+    /// The variable's name, as given.
+    var: String,
+    /// The dotted key it sets (`listen.workers`).
+    key: String,
+}
+
+/// The deepest `[`/`{` nesting parsed in a variable's value; a deeper one is taken as text (the
+/// value parser recurses).
+const MAX_ENV_NESTING: usize = 16;
+
+/// The configuration variables among `env`, in name order, each as the table it sets. The
+/// mapping is figment's `Env::prefixed("TANGO_PROXY_").split("__")`: the prefix is matched
+/// without regard to case, the rest is lowercased and `__` (or `.`) separates keys; names with
+/// an empty key part are ignored, as are `TANGO_PROXY_CONFIG` and `TANGO_PROXY_LOG_FORMAT`.
+/// Values are read as figment reads them (numbers, booleans, `[lists]`, `{tables}`), except
+/// that a number whose text would change by being read as one (`007`, `1e3`) stays text.
+fn env_overrides(env: &[(String, String)]) -> Vec<(Override, figment::value::Dict)> {
+    let mut out: Vec<(Override, figment::value::Dict)> = Vec::new();
+    for (var, raw) in env {
+        let name = var.trim();
+        let Some(rest) = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .and_then(|_| name.get(ENV_PREFIX.len()..))
+        else {
+            continue;
+        };
+        let key = rest.replace("__", ".").trim().to_ascii_lowercase();
+        if key.split('.').any(str::is_empty) || NON_CONFIG_ENV.contains(&key.as_str()) {
+            continue;
+        }
+        let (key, value) = if key.split('.').count() > MAX_ENV_NESTING {
+            // No key is this deep: keep the (recursive) nesting from going deeper; what is
+            // left is still reported as an unknown key.
+            let key: Vec<&str> = key.split('.').take(MAX_ENV_NESTING).collect();
+            (key.join("."), figment::value::Value::from(String::new()))
+        } else {
+            let value = env_value(raw);
+            (key, value)
+        };
+        let Some(dict) = figment::util::nest(&key, value).into_dict() else {
+            continue;
+        };
+        out.push((
+            Override {
+                var: name.to_string(),
+                key,
+            },
+            dict,
+        ));
+    }
+    out.sort_by(|(a, _), (b, _)| a.var.cmp(&b.var));
+    out
+}
+
+fn env_value(raw: &str) -> figment::value::Value {
+    use figment::value::{Num, Value};
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    for c in raw.chars() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_ENV_NESTING {
+        return Value::from(raw.to_string());
+    }
+    let value: Value = match raw.parse() {
+        Ok(v) => v,
+        Err(never) => match never {},
+    };
+    if let Value::Num(_, n) = &value {
+        let canonical = match *n {
+            Num::F32(f) => format!("{f:?}"),
+            Num::F64(f) => format!("{f:?}"),
+            n => n
+                .to_i128()
+                .map(|i| i.to_string())
+                .or_else(|| n.to_u128().map(|u| u.to_string()))
+                .unwrap_or_default(),
+        };
+        if canonical != raw.trim() {
+            return Value::from(raw.to_string());
+        }
+    }
+    value
+}
+
 fn valid_profile_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -878,15 +1693,61 @@ fn section<T: DeserializeOwned + Default>(
     key: &str,
     problems: &mut Problems,
 ) -> Option<T> {
-    if !figment.contains(key) {
+    let Ok(mut value) = figment.find_value(key) else {
         return Some(T::default());
-    }
-    match figment.extract_inner::<T>(key) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            problems.figment(e);
-            None
+    };
+    // serde stops at a section's first bad key: drop each one reported and read again, so
+    // every bad key of the section is reported at once.
+    let mut failed = false;
+    loop {
+        match value.deserialize::<T>() {
+            Ok(v) => return (!failed).then_some(v),
+            Err(e) => {
+                failed = true;
+                let paths: Vec<Vec<String>> = e.clone().into_iter().map(|e| e.path).collect();
+                problems.figment(e, key);
+                let mut removed = false;
+                for path in &paths {
+                    removed |= remove_path(&mut value, path);
+                }
+                if !removed {
+                    return None;
+                }
+            }
         }
+    }
+}
+
+/// Removes the value at `path` (dictionary keys and list indices); false when there is none.
+fn remove_path(value: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for part in parents {
+        at = match at {
+            Value::Dict(_, d) => match d.get_mut(part) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(_, a) => match part.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match at {
+        Value::Dict(_, d) => d.remove(last).is_some(),
+        Value::Array(_, a) => match last.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -898,6 +1759,13 @@ fn value<T>(
     problems: &mut Problems,
     fallback: T,
 ) -> T {
+    if let Some(Text(found, Scalar::Float | Scalar::Bool)) = &raw {
+        problems.push(
+            key,
+            format!("expected {}, found {found}", expected_for(key, None)),
+        );
+        return fallback;
+    }
     let text = raw.map(|t| t.0).unwrap_or_else(|| default.to_string());
     match parse(&text) {
         Ok(v) => v,
@@ -908,28 +1776,13 @@ fn value<T>(
     }
 }
 
-/// A duration within `min..=max` (given human-readable in the message); the default when unset.
-fn bounded_duration(
-    raw: Option<Text>,
-    default: &str,
-    key: &str,
-    (min, max): (Duration, Duration),
-    p: &mut Problems,
-) -> Duration {
-    let parsed = value(raw, default, key, parse_duration, p, min);
-    if !(min..=max).contains(&parsed) {
-        p.push(
-            key,
-            format!(
-                "must be between {} and {}",
-                humantime::format_duration(min),
-                humantime::format_duration(max)
-            ),
-        );
-        return min;
-    }
-    parsed
-}
+/// Upper bound of the body sizes: bodies are counted (and replayed ones held) in memory.
+const MAX_BODY: u64 = 1 << 30;
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const WEEK: Duration = Duration::from_secs(7 * 86_400);
+/// As a lower bound: "greater than zero".
+const POSITIVE: Duration = Duration::from_nanos(1);
 
 /// A count within `1..=max`; the default when unset.
 fn bounded_count(
@@ -948,9 +1801,12 @@ fn bounded_count(
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| format!("not an IP:port address: {text:?}; try \"127.0.0.1:8080\""))
+    text.trim().parse().map_err(|_| {
+        format!(
+            "not an IP:port address: {}; try \"127.0.0.1:8080\"",
+            shown_string(text, "")
+        )
+    })
 }
 
 fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
@@ -971,23 +1827,27 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         p,
         unspecified,
     );
-    let max_body = value(raw.max_body, "10MiB", "listen.max_body", parse_size, p, 0);
+    let max_body = value(
+        raw.max_body,
+        "10MiB",
+        "listen.max_body",
+        size_between(1, MAX_BODY),
+        p,
+        0,
+    );
     let max_header_size = value(
         raw.max_header_size,
         "32KiB",
         "listen.max_header_size",
-        parse_size,
+        size_between(1 << 10, 1 << 20),
         p,
         32 << 10,
     );
-    if !(1024..=1 << 20).contains(&max_header_size) {
-        p.push("listen.max_header_size", "must be between 1KiB and 1MiB");
-    }
     let grace_period = value(
         raw.grace_period,
         "30s",
         "listen.grace_period",
-        parse_duration,
+        duration_between(Duration::ZERO, HOUR),
         p,
         Duration::ZERO,
     );
@@ -995,19 +1855,17 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         raw.body_idle_timeout,
         "30s",
         "listen.body_idle_timeout",
-        parse_duration,
+        duration_between(POSITIVE, HOUR),
         p,
         Duration::ZERO,
     );
-    if body_idle_timeout.is_zero() && !p.0.iter().any(|x| x.key == "listen.body_idle_timeout") {
-        p.push("listen.body_idle_timeout", "must be greater than zero");
-    }
-    let header_timeout = bounded_duration(
+    let header_timeout = value(
         raw.header_timeout,
         "30s",
         "listen.header_timeout",
-        (Duration::from_millis(100), Duration::from_secs(600)),
+        duration_between(Duration::from_millis(100), 10 * MINUTE),
         p,
+        Duration::from_secs(30),
     );
     let max_connections = bounded_count(
         raw.max_connections,
@@ -1039,7 +1897,10 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
     }
     let workers = raw.workers.unwrap_or(0);
     if workers > 1024 {
-        p.push("listen.workers", "at most 1024");
+        p.push(
+            "listen.workers",
+            format!("must be between 0 (one per core) and 1024, not {workers}"),
+        );
     }
     ListenConfig {
         proxy,
@@ -1096,27 +1957,25 @@ fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {
         raw.timeout,
         "30s",
         "upstream.timeout",
-        parse_duration,
+        duration_between(POSITIVE, HOUR),
         p,
         Duration::ZERO,
     );
-    if timeout.is_zero() && !p.0.iter().any(|x| x.key == "upstream.timeout") {
-        p.push("upstream.timeout", "must be greater than zero");
-    }
     let replay_max_body = value(
         raw.replay_max_body,
         "64KiB",
         "upstream.replay_max_body",
-        parse_size,
+        size_between(0, MAX_BODY),
         p,
         64 << 10,
     );
-    let body_idle_timeout = bounded_duration(
+    let body_idle_timeout = value(
         raw.body_idle_timeout,
         "30s",
         "upstream.body_idle_timeout",
-        (Duration::from_millis(100), Duration::from_secs(3600)),
+        duration_between(Duration::from_millis(100), HOUR),
         p,
+        Duration::from_secs(30),
     );
     UpstreamConfig {
         environment,
@@ -1143,7 +2002,7 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
             }
         }
         CacheBackend::Redis => {
-            if raw.redis_url.as_ref().is_none_or(|u| u.0.is_empty()) {
+            if raw.redis_url.as_ref().is_none_or(|u| u.expose().is_empty()) {
                 p.push("cache.redis_url", "required for backend = \"redis\"");
             }
         }
@@ -1154,26 +2013,33 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
             .ok()
     });
     let ca_pem = raw.redis_ca_file.as_ref().and_then(|f| {
-        load_pem_certificates(f)
+        read_small_file(f, MAX_SECRET_FILE, "CA file")
+            .and_then(|bytes| pem_certificates(f, &bytes).map(|_| bytes))
             .map_err(|e| p.push("cache.redis_ca_file", e))
             .ok()
-            .and_then(|_| std::fs::read(f).ok())
     });
     let redis = crate::token::RedisOptions {
         url: raw
             .redis_url
             .as_ref()
-            .map(|t| t.0.clone())
+            .map(|u| u.expose().to_string())
             .unwrap_or_default(),
         password,
         ca_pem,
     };
-    if backend == CacheBackend::Redis && !redis.url.is_empty() {
-        if let Err(e) = crate::token::check_redis_options(&redis) {
-            p.push(
-                "cache.redis_url",
-                format!("{} ({})", e, redact_url_password(&redis.url)),
-            );
+    if !redis.url.is_empty() {
+        // A URL that is not checked here could show a password where it is printed.
+        match check_redis_url(&redis.url) {
+            Err(e) => p.push("cache.redis_url", e),
+            Ok(()) if backend == CacheBackend::Redis => {
+                if let Err(e) = crate::token::check_redis_options(&redis) {
+                    p.push(
+                        "cache.redis_url",
+                        format!("{e} ({})", redact_url_password(&redis.url)),
+                    );
+                }
+            }
+            Ok(()) => {}
         }
     }
     let key_prefix = raw
@@ -1201,30 +2067,45 @@ fn validate_cache(raw: RawCache, p: &mut Problems) -> CacheConfig {
             }
             crate::token::Sealer::plaintext()
         }
-        Some(current) => match crate::token::Sealer::from_files(current, &previous) {
-            Ok(s) => s,
-            Err(e) => {
-                p.push("cache.encryption_key_file", e.to_string());
-                crate::token::Sealer::plaintext()
+        Some(current) => {
+            // The sealer reads the files itself; refuse what it must not open or read whole.
+            let mut unreadable = false;
+            for (key, f) in std::iter::once(("cache.encryption_key_file", current)).chain(
+                previous
+                    .iter()
+                    .map(|f| ("cache.previous_encryption_key_files", f)),
+            ) {
+                if let Err(e) = check_small_file(f, MAX_SECRET_FILE, "key file") {
+                    p.push(key, e);
+                    unreadable = true;
+                }
             }
-        },
+            if unreadable {
+                crate::token::Sealer::plaintext()
+            } else {
+                match crate::token::Sealer::from_files(current, &previous) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        p.push("cache.encryption_key_file", e.to_string());
+                        crate::token::Sealer::plaintext()
+                    }
+                }
+            }
+        }
     };
     let check_interval = value(
         raw.check_interval,
         "5s",
         "cache.check_interval",
-        parse_duration,
+        duration_between(Duration::from_millis(100), HOUR),
         p,
         Duration::from_secs(5),
     );
-    if check_interval < Duration::from_millis(100) || check_interval > Duration::from_secs(3600) {
-        p.push("cache.check_interval", "must be between 100ms and 1h");
-    }
     CacheConfig {
         check_interval,
         backend,
         path: raw.path,
-        redis_url: raw.redis_url.map(|t| t.0),
+        redis_url: raw.redis_url.filter(|u| !u.expose().is_empty()),
         key_prefix,
         encryption_key_file: raw.encryption_key_file,
         previous_encryption_key_files: previous,
@@ -1384,14 +2265,14 @@ fn validate_oauth(
     }
     let dpop = match &raw.dpop_key_file {
         None => None,
-        Some(path) => match crate::auth::dpop::DpopKey::load(path) {
+        Some(path) => match load_dpop_key(path) {
             Ok(k) => Some(DpopConfig {
                 key_file: path.clone(),
                 thumbprint: k.thumbprint().to_string(),
                 key: std::sync::Arc::new(k),
             }),
             Err(e) => {
-                p.push(format!("{key}.dpop_key_file"), e.to_string());
+                p.push(format!("{key}.dpop_key_file"), e);
                 None
             }
         },
@@ -1452,7 +2333,7 @@ fn validate_oauth(
         raw.refresh_window,
         "4h",
         &format!("{key}.refresh_window"),
-        parse_duration,
+        duration_between(POSITIVE, WEEK),
         p,
         Duration::from_secs(4 * 3600),
     );
@@ -1467,7 +2348,8 @@ fn validate_oauth(
         raw.min_token_interval,
         default_interval,
         &format!("{key}.min_token_interval"),
-        parse_duration,
+        // The fleet's mint ledger lives 7 days: a longer interval could not be enforced.
+        duration_between(Duration::ZERO, WEEK),
         p,
         Duration::ZERO,
     );
@@ -1475,23 +2357,10 @@ fn validate_oauth(
         raw.token_timeout,
         "10s",
         &format!("{key}.token_timeout"),
-        parse_duration,
+        duration_between(POSITIVE, Duration::from_secs(300)),
         p,
         Duration::from_secs(10),
     );
-    if token_timeout.is_zero() || token_timeout > Duration::from_secs(300) {
-        p.push(
-            format!("{key}.token_timeout"),
-            "must be greater than zero and at most 5m",
-        );
-    }
-    // The fleet's mint ledger lives 7 days: a longer interval could not be enforced.
-    if min_token_interval > Duration::from_secs(7 * 86_400) {
-        p.push(
-            format!("{key}.min_token_interval"),
-            "must be at most 7 days",
-        );
-    }
     let password_ok =
         method != AuthMethod::ServiceAccount || (username.is_some() && password.is_some());
     if !password_ok {
@@ -1567,15 +2436,85 @@ mod tests {
 
     #[test]
     fn redis_url_passwords_are_redacted() {
-        assert_eq!(
-            redact_url_password("redis://app:s3cret@redis:6379/0"),
-            "redis://app:<redacted>@redis:6379/0"
-        );
-        assert_eq!(
-            redact_url_password("rediss://s3cret@redis/0"),
-            "rediss://<redacted>@redis/0"
-        );
-        assert_eq!(redact_url_password("redis://redis/0"), "redis://redis/0");
+        for (url, shown) in [
+            (
+                "redis://app:s3cret@redis:6379/0",
+                "redis://app:<redacted>@redis:6379/0",
+            ),
+            ("rediss://s3cret@redis/0", "rediss://<redacted>@redis/0"),
+            ("redis://redis/0", "redis://redis/0"),
+            ("redis://h:1/0?protocol=3", "redis://h:1/0?protocol=3"),
+            (
+                "unix:///tmp/r.sock?pass=s3cret",
+                "unix:///tmp/r.sock?pass=<redacted>",
+            ),
+            (
+                "unix:///tmp/r.sock?db=2&user=app&pass=s3cret",
+                "unix:///tmp/r.sock?db=2&user=app&pass=<redacted>",
+            ),
+            (
+                "unix:///tmp/r.sock?pass=s3@cret#x",
+                "unix:///tmp/r.sock?pass=<redacted>#<redacted>",
+            ),
+            ("unix:///tmp/r.sock?s3cret", "unix:///tmp/r.sock?<redacted>"),
+            (
+                "redis://h?password=s3cret&token=s3cret",
+                "redis://h?password=<redacted>&token=<redacted>",
+            ),
+            (
+                "redis+cluster://u:s3cret1@h1:7000,u:s3cret2@h2:7001,h3:7002",
+                "redis+cluster://u:<redacted>@h1:7000,u:<redacted>@h2:7001,h3:7002",
+            ),
+            (
+                "redis+sentinel://:s3cret@s1:1,s2:2/m/0",
+                "redis+sentinel://:<redacted>@s1:1,s2:2/m/0",
+            ),
+            // Passwords that break the URL are still not shown.
+            ("redis://u:s3/cret@h:1/0", "redis://<redacted>@h:1/0"),
+            ("redis://u:s3?cret@h:1", "redis://<redacted>@h:1"),
+            ("redis://u:s3#cret@h:1", "redis://<redacted>@h:1"),
+            ("redis://u:s3cret@h:1/0#x@y", "redis://<redacted>@y"),
+            ("u:s3cret@h", "<redacted>"),
+            ("u:s3cret@redis://h", "<redacted>"),
+        ] {
+            assert_eq!(redact_url_password(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn no_config_type_shows_a_redis_password() {
+        for url in [
+            "redis://app:s3cret@127.0.0.1:6379/0",
+            "unix:///tmp/r.sock?pass=s3cret",
+            "redis+cluster://u:s3cret@h1:7000,u:s3cret@h2:7001,h3:7002",
+        ] {
+            let c = Config::from_toml(&format!(
+                "[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n{BASIC}"
+            ))
+            .unwrap();
+            for shown in [
+                format!("{c:?}"),
+                format!("{:?}", c.cache),
+                c.to_redacted_toml(),
+                serde_json::to_string(&c).unwrap_or_default(),
+            ] {
+                assert!(!shown.contains("s3cret"), "{shown}");
+            }
+            assert_eq!(c.cache.redis_url.as_ref().map(RedisUrl::expose), Some(url));
+            assert!(c.to_redacted_toml().contains("<redacted>"));
+        }
+        let c = Config::from_toml(&format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"redis+cluster://u:s3cret@h1:7000,u:s3cret@h2:7001,h3:7002\"\n{BASIC}"
+        ))
+        .unwrap();
+        assert!(c.to_redacted_toml().contains(
+            "redis_url = \"redis+cluster://u:<redacted>@h1:7000,u:<redacted>@h2:7001,h3:7002\""
+        ));
+        // A bad URL's message does not repeat it.
+        let found = problems(&format!(
+            "[cache]\nbackend = \"redis\"\nredis_url = \"redis://app:s3cret@h:99999\"\n{BASIC}"
+        ));
+        assert_eq!(found, ["cache.redis_url: port must be 1 to 65535"]);
     }
 
     #[test]
@@ -1665,7 +2604,7 @@ mod tests {
         let found = problems(&format!("[listen]\nbody_idle_timeout = \"0s\"\n{basic}"));
         assert_eq!(
             found,
-            ["listen.body_idle_timeout: must be greater than zero"],
+            ["listen.body_idle_timeout: must be greater than zero and at most 1h, not \"0s\""],
             "{found:?}"
         );
         let found = problems(&format!("[listen]\nbody_idle_timeout = \"soon\"\n{basic}"));
@@ -1694,12 +2633,495 @@ mod tests {
         assert_eq!(
             found,
             [
-                "listen.header_timeout: must be between 100ms and 10m",
+                "listen.header_timeout: must be between 100ms and 10m, not \"0s\"",
                 "listen.max_connections: must be between 1 and 1000000",
                 "listen.admin_max_connections: must be between 1 and 10000",
-                "upstream.body_idle_timeout: must be between 100ms and 1h",
+                "upstream.body_idle_timeout: must be between 100ms and 1h, not \"2h\"",
             ]
         );
+    }
+
+    #[test]
+    fn hostile_input_never_panics() {
+        let deep_headers = format!("[{}]\nx = 1\n", vec!["a"; 50_000].join("."));
+        let deep_dotted = format!("{} = 1\n", vec!["a"; 50_000].join("."));
+        let deep_inline = format!("a = {}1{}\n", "[".repeat(50_000), "]".repeat(50_000));
+        let deep_tables = format!("a = {}\n", "{b = ".repeat(50_000));
+        for toml in [
+            deep_headers.as_str(),
+            &deep_dotted,
+            &deep_inline,
+            &deep_tables,
+        ] {
+            let _ = Config::from_toml(toml);
+        }
+    }
+
+    const BASIC: &str =
+        "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn problems_with_env(toml: &str, pairs: &[(&str, &str)]) -> Vec<String> {
+        match Config::from_sources(toml, &env(pairs)) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// No message may show how the program is written.
+    fn assert_plain(found: &[String]) {
+        for p in found {
+            for word in [
+                "usize",
+                "u64",
+                "i64",
+                "struct",
+                "enum ",
+                "Raw",
+                "PathBuf",
+                "Option",
+                "invalid type",
+                "sequence",
+                "map",
+                "untagged",
+                "Scalar",
+            ] {
+                assert!(!p.contains(word), "{word:?} in {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_as_written_in_plain_words() {
+        let cases: &[(&str, &str)] = &[
+            ("[listen]\nworkers = \"x\"", "listen.workers: expected a whole number, found \"x\""),
+            ("[listen]\nworkers = -1", "listen.workers: expected a whole number, found -1"),
+            ("[listen]\nallow_non_loopback = \"yes\"", "listen.allow_non_loopback: expected true or false, found \"yes\""),
+            ("[listen]\nmax_body = 1.5", "listen.max_body: expected a size such as \"10MiB\" or a whole number of bytes, found 1.5"),
+            ("[listen]\ngrace_period = true", "listen.grace_period: expected a duration such as \"30s\" or \"1h 30m\", found true"),
+            ("[listen]\nproxy = [1]", "listen.proxy: expected an IP:port address such as \"127.0.0.1:8080\", found a list"),
+            ("[upstream]\ntimeout = 2.5", "upstream.timeout: expected a duration such as \"30s\" or \"1h 30m\", found 2.5"),
+            ("[upstream]\nenvironment = \"prod\"", "upstream.environment: expected \"sandbox\" or \"production\", found \"prod\""),
+            ("[upstream]\nallow_http = 1", "upstream.allow_http: expected true or false, found 1"),
+            ("[upstream]\nca_file = 3", "upstream.ca_file: expected a file path (a string), found 3"),
+            ("[cache]\nbackend = \"disk\"", "cache.backend: expected \"memory\", \"file\" or \"redis\", found \"disk\""),
+            ("[cache]\nprevious_encryption_key_files = \"k\"", "cache.previous_encryption_key_files: expected a list of file paths, found \"k\""),
+            ("[cache]\nprevious_encryption_key_files = [\"k\", 2]", "cache.previous_encryption_key_files[1]: expected a file path (a string), found 2"),
+            ("[cache]\ncheck_interval = {}", "cache.check_interval: expected a duration such as \"30s\" or \"1h 30m\", found a table"),
+            ("[cache]\nredis_url = [\"redis://u:pw@h\"]", "cache.redis_url: expected a URL (a string), found a list"),
+            ("listen = 3", "listen: expected a table (a [section]), found 3"),
+        ];
+        for (toml, expected) in cases {
+            let found = problems(&format!("{toml}\n{BASIC}"));
+            assert_eq!(found, [*expected], "{toml}");
+            assert_plain(&found);
+        }
+        let profile_cases: &[(&str, &str)] = &[
+            ("auth = \"oauth\"", "profiles.default.auth: expected \"basic\", \"client_credentials\" or \"service_account\", found \"oauth\""),
+            ("auth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\nrefresh_window = 1.5", "profiles.default.refresh_window: expected a duration such as \"30s\" or \"1h 30m\", found 1.5"),
+            ("auth = \"basic\"\nplatform_name = \"p\"\napi_key = [\"s3cret\"]", "profiles.default.api_key: expected a string, found a list"),
+            ("auth = \"basic\"\nplatform_name = \"p\"\napi_key_file = {}", "profiles.default.api_key_file: expected a file path (a string), found a table"),
+        ];
+        for (body, expected) in profile_cases {
+            let found = problems(&format!("[profiles.default]\n{body}\n"));
+            assert_eq!(found, [*expected], "{body}");
+            assert_plain(&found);
+        }
+        let found = problems("[profiles]\ndefault = 5\n");
+        assert_eq!(
+            found,
+            ["profiles.default: expected a table (a [profiles.NAME] section), found 5"]
+        );
+        // Every bad key of a section at once, not only serde's first.
+        let found = problems(&format!(
+            "[listen]\nworkers = \"x\"\nproxyy = 1\nallow_non_loopback = 2\n{BASIC}"
+        ));
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("listen.proxyy: unknown key; expected one of: proxy,")),
+            "{found:?}"
+        );
+        assert_plain(&found);
+    }
+
+    #[test]
+    fn environment_type_errors_name_the_variable() {
+        let found = problems_with_env(BASIC, &[("TANGO_PROXY_LISTEN__WORKERS", "abc")]);
+        assert_eq!(
+            found,
+            ["listen.workers: expected a whole number, found \"abc\" (from TANGO_PROXY_LISTEN__WORKERS)"]
+        );
+        let found = problems_with_env("", &[("TANGO_PROXY_PROFILES__DEFAULT__AUTH", "5")]);
+        assert_eq!(
+            found,
+            ["profiles.default.auth: expected \"basic\", \"client_credentials\" or \"service_account\", found 5 (from TANGO_PROXY_PROFILES__DEFAULT__AUTH)"]
+        );
+        let found = problems_with_env(BASIC, &[("TANGO_PROXY_LISTEN__MAX_BODY", "1.5")]);
+        assert_eq!(
+            found,
+            ["listen.max_body: expected a size such as \"10MiB\" or a whole number of bytes, found 1.5 (from TANGO_PROXY_LISTEN__MAX_BODY)"]
+        );
+        let found = problems_with_env(BASIC, &[("TANGO_PROXY_UPSTREAM__TIMEOUT", "soon")]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("upstream.timeout: not a duration")
+                && found[0].ends_with("(from TANGO_PROXY_UPSTREAM__TIMEOUT)"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn environment_values_keep_their_text() {
+        let c = Config::from_sources(
+            "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\n",
+            &env(&[
+                ("TANGO_PROXY_PROFILES__DEFAULT__API_KEY", "000123"),
+                ("TANGO_PROXY_PROFILES__DEFAULT__PLATFORM_NAME", "1e3"),
+                ("TANGO_PROXY_LISTEN__WORKERS", "3"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        let AuthConfig::Basic {
+            api_key,
+            platform_name,
+            ..
+        } = &c.profiles["default"].auth
+        else {
+            panic!("wrong method")
+        };
+        assert_eq!(api_key.expose(), "000123");
+        assert_eq!(platform_name, "1e3");
+        assert_eq!(c.listen.workers, 3);
+    }
+
+    #[test]
+    fn environment_order_does_not_matter() {
+        let a = [
+            ("TANGO_PROXY_LISTEN", "{ workers = 2 }"),
+            ("TANGO_PROXY_LISTEN__WORKERS", "3"),
+        ];
+        let b = [a[1], a[0]];
+        let workers = |pairs: &[(&str, &str)]| {
+            Config::from_sources(BASIC, &env(pairs))
+                .map(|c| c.listen.workers)
+                .ok()
+        };
+        assert_eq!(workers(&a), workers(&b));
+        assert!(workers(&a).is_some());
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_alone() {
+        let found = problems("[listen\nworkers = 1\n");
+        assert_eq!(
+            found,
+            ["not valid TOML: line 1, column 8: invalid table header; expected `.`, `]`"]
+        );
+        // The offending line is not echoed: it may hold a secret.
+        let found = problems("[profiles.default]\napi_key = \"hunter2\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("not valid TOML: line 2, column "),
+            "{found:?}"
+        );
+        assert!(!found[0].contains("hunter2"), "{found:?}");
+    }
+
+    #[test]
+    fn sizes_are_exact_whole_byte_counts() {
+        assert_eq!(parse_size("1.5MiB"), Ok(3 << 19));
+        assert_eq!(parse_size("0.3KB"), Ok(300));
+        assert_eq!(parse_size("1.0"), Ok(1));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        for (bad, expected) in [
+            ("1.5", "not a whole number of bytes"),
+            ("0.1KiB", "not a whole number of bytes"),
+            ("-1", "must not be negative"),
+            ("-1MiB", "must not be negative"),
+            ("18446744073709551616", "too large"),
+            ("99999999999999999999GiB", "too large"),
+            ("1e9", "not a size"),
+            ("1.", "not a size"),
+            (".5KiB", "not a size"),
+            ("1.2.3", "not a size"),
+            ("", "not a size"),
+        ] {
+            let e = parse_size(bad).err().unwrap_or_default();
+            assert!(e.contains(expected), "{bad}: {e}");
+        }
+        assert!(parse_duration("-5s").is_err_and(|e| e.contains("negative")));
+        assert!(parse_duration("9223372036854775807h").is_err());
+        assert!(parse_duration("18446744073709551615").is_err());
+    }
+
+    #[test]
+    fn every_duration_and_size_has_a_range() {
+        let oauth = "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        let cases: &[(&str, &str)] = &[
+            (
+                "[listen]\nmax_body = 0",
+                "listen.max_body: must be between 1 and 1GiB, not \"0\"",
+            ),
+            (
+                "[listen]\nmax_body = \"2GiB\"",
+                "listen.max_body: must be between 1 and 1GiB, not \"2GiB\"",
+            ),
+            (
+                "[listen]\nmax_header_size = \"512\"",
+                "listen.max_header_size: must be between 1KiB and 1MiB, not \"512\"",
+            ),
+            (
+                "[listen]\nworkers = 5000",
+                "listen.workers: must be between 0 (one per core) and 1024, not 5000",
+            ),
+            (
+                "[listen]\ngrace_period = \"2h\"",
+                "listen.grace_period: must be at most 1h, not \"2h\"",
+            ),
+            (
+                "[listen]\nbody_idle_timeout = \"2h\"",
+                "listen.body_idle_timeout: must be greater than zero and at most 1h, not \"2h\"",
+            ),
+            (
+                "[upstream]\ntimeout = 0",
+                "upstream.timeout: must be greater than zero and at most 1h, not \"0\"",
+            ),
+            (
+                "[upstream]\nreplay_max_body = \"5GiB\"",
+                "upstream.replay_max_body: must be between 0 and 1GiB, not \"5GiB\"",
+            ),
+            (
+                "[cache]\ncheck_interval = \"10ms\"",
+                "cache.check_interval: must be between 100ms and 1h, not \"10ms\"",
+            ),
+        ];
+        for (toml, expected) in cases {
+            assert_eq!(problems(&format!("{toml}\n{BASIC}")), [*expected], "{toml}");
+        }
+        let cases: &[(&str, &str)] = &[
+            ("refresh_window = \"0s\"", "profiles.default.refresh_window: must be greater than zero and at most 7days, not \"0s\""),
+            ("min_token_interval = 9223372036854775807", "profiles.default.min_token_interval: must be at most 7days, not \"9223372036854775807\""),
+            ("min_token_interval = \"99999999999999999999999d\"", "profiles.default.min_token_interval: must be at most 7days, not \"99999999999999999999999d\""),
+            ("refresh_window = \"18446744073709551616\"", "profiles.default.refresh_window: must be greater than zero and at most 7days, not \"18446744073709551616\""),
+            ("min_token_interval = \"8d\"", "profiles.default.min_token_interval: must be at most 7days, not \"8d\""),
+            ("token_timeout = \"6m\"", "profiles.default.token_timeout: must be greater than zero and at most 5m, not \"6m\""),
+            ("token_timeout = -1", "profiles.default.token_timeout: must not be negative: \"-1\""),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(problems(&format!("{oauth}{line}\n")), [*expected], "{line}");
+        }
+        // The bounds themselves are accepted.
+        let c = Config::from_toml(&format!(
+            "[listen]\nmax_body = \"1GiB\"\ngrace_period = \"1h\"\n[upstream]\nreplay_max_body = 0\n{oauth}min_token_interval = \"7d\"\ntoken_timeout = \"5m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen.max_body, 1 << 30);
+    }
+
+    #[test]
+    fn from_sources_survives_hostile_input() {
+        let huge = "9".repeat(10_000);
+        let nested_env = "[".repeat(100_000);
+        let deep_name = format!("TANGO_PROXY_{}", vec!["A"; 100_000].join("__"));
+        let toml_cases = [
+            String::from("\0"),
+            format!("[listen]\nworkers = {huge}\n"),
+            format!("[listen]\nmax_body = \"{huge}GiB\"\n{BASIC}"),
+            format!("[listen]\nmax_body = {huge}.5\n{BASIC}"),
+            format!("[listen]\nmax_body = -9223372036854775808\n{BASIC}"),
+            format!("[listen]\nmax_body = 1e308\n{BASIC}"),
+            format!("[listen]\ngrace_period = \"{huge}s\"\n{BASIC}"),
+            format!("[listen]\ngrace_period = \"18446744073709551615s 18446744073709551615s\"\n{BASIC}"),
+            format!("[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\nmin_token_interval = \"{huge}d\"\n"),
+            format!("[{}]\nx = 1\n", vec!["a"; 50_000].join(".")),
+            format!("{} = 1\n", vec!["a"; 50_000].join(".")),
+            format!("a = {}1{}\n", "[".repeat(50_000), "]".repeat(50_000)),
+            format!("a = {}\n", "{b = ".repeat(50_000)),
+            "[profiles.\"\\u0000\"]\nauth = \"basic\"\n".to_string(),
+            format!("[cache]\nbackend = \"redis\"\nredis_url = \"redis://u:p\\u0000w@h:1\"\n{BASIC}"),
+            "\u{feff}[listen]\n".to_string(),
+        ];
+        for toml in &toml_cases {
+            let _ = Config::from_sources(toml, &[]);
+        }
+        let env_cases: Vec<Vec<(String, String)>> = vec![
+            env(&[("TANGO_PROXY_LISTEN__WORKERS", &huge)]),
+            env(&[
+                ("TANGO_PROXY_LISTEN__WORKERS", "-1"),
+                ("TANGO_PROXY_LISTEN__MAX_BODY", "-1"),
+            ]),
+            env(&[("TANGO_PROXY_LISTEN__PROXY", &nested_env)]),
+            env(&[("TANGO_PROXY_LISTEN__PROXY", "{a = [1, {b = 2}]}")]),
+            env(&[(deep_name.as_str(), "1")]),
+            env(&[
+                ("TANGO_PROXY_", "1"),
+                ("TANGO_PROXY___", "1"),
+                ("TANGO_PROXY_.", "1"),
+            ]),
+            env(&[
+                ("TANGO_PROXY_LISTEN", "3"),
+                ("TANGO_PROXY_LISTEN__WORKERS", "3"),
+            ]),
+            env(&[
+                ("tango_proxy_profiles__default__api_key", "\0"),
+                ("TANGO_PROXY_\0", "\0"),
+            ]),
+            env(&[("TANGO_PROXY_CACHE__REDIS_URL", "unix://\0?pass=\0")]),
+            env(&[("TANGO_PROXY_PROFILES__DEFAULT__MIN_TOKEN_INTERVAL", "1e308")]),
+            env(&[("TANGO_PROXY_PROFILES", "[1, 2]")]),
+        ];
+        for pairs in &env_cases {
+            let _ = Config::from_sources(BASIC, pairs);
+            let _ = Config::from_sources("", pairs);
+        }
+        let found = problems_with_env(
+            BASIC,
+            &env(&[(deep_name.as_str(), "1")])
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("a: unknown section")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn config_and_secret_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_config_file(dir.path()).unwrap_err();
+        assert!(e.ends_with("is a directory, not a regular file"), "{e}");
+        let e = read_config_file(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e, "config file /dev/zero is a device, not a regular file");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_FILE + 1) as usize]).unwrap();
+        let e = read_config_file(&big).unwrap_err();
+        assert!(e.ends_with("is larger than 1MiB (the limit)"), "{e}");
+        let e = read_secret_file(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e, "secret file /dev/zero is a device, not a regular file");
+        let big = dir.path().join("big.key");
+        std::fs::write(&big, vec![b'k'; (MAX_SECRET_FILE + 1) as usize]).unwrap();
+        let e = read_secret_file(&big).unwrap_err();
+        assert!(e.ends_with("is larger than 64KiB (the limit)"), "{e}");
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("fifo");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            if made.is_ok_and(|s| s.success()) {
+                let e = read_secret_file(&fifo).unwrap_err();
+                assert!(
+                    e.ends_with("is a named pipe (FIFO), not a regular file"),
+                    "{e}"
+                );
+            }
+        }
+        // Every file-valued key goes through the same checks.
+        for toml in [
+            "[upstream]\nca_file = \"/dev/zero\"\n".to_string(),
+            "[cache]\nredis_ca_file = \"/dev/zero\"\n".to_string(),
+            "[cache]\nredis_password_file = \"/dev/zero\"\n".to_string(),
+            "[cache]\nencryption_key_file = \"/dev/zero\"\n".to_string(),
+            format!("[cache]\nencryption_key_file = \"{}\"\n", big.display()),
+        ] {
+            let found = problems(&format!("{toml}{BASIC}"));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(
+                found[0].contains("/dev/zero is a device") || found[0].contains("(the limit)"),
+                "{found:?}"
+            );
+        }
+        for key in ["client_secret_file", "dpop_key_file"] {
+            let found = problems(&format!(
+                "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\n{}{key} = \"/dev/zero\"\n",
+                if key == "client_secret_file" { "" } else { "client_secret = \"s\"\n" }
+            ));
+            assert_eq!(
+                found,
+                [format!(
+                    "profiles.default.{key}: {} file /dev/zero is a device, not a regular file",
+                    if key == "dpop_key_file" {
+                        "DPoP key"
+                    } else {
+                        "secret"
+                    }
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn redis_urls_are_checked_like_upstream_urls() {
+        for good in [
+            "redis://127.0.0.1:6379/0",
+            "redis://h",
+            "redis://h:6379/",
+            "rediss://app:s3cret@redis.example:6380/1?protocol=resp3",
+            "redis://:s3cret@[::1]:6379/0",
+            "redis://app:p%40ss@h:1",
+            "unix:///run/redis.sock",
+            "unix:///run/redis.sock?db=1&user=app&pass=s3cret",
+            "redis+unix:///run/redis.sock?pass=s3cret",
+            "redis+cluster://a:1,b:2",
+            "redis+cluster://u:pw@h1:7000,u:pw@h2:7001,h3:7002",
+            "rediss+cluster://:pw@h1:7000",
+            "redis+sentinel://s1:26379,s2:26379/mymaster/2",
+        ] {
+            assert_eq!(check_redis_url(good), Ok(()), "{good}");
+        }
+        for (bad, expected) in [
+            ("redis://h:99999", "port must be 1 to 65535"),
+            ("redis://h:0", "port must be 1 to 65535"),
+            ("redis://h:", "port must be 1 to 65535"),
+            ("redis://h:+80", "port must be 1 to 65535"),
+            ("redis://[::1]:65536", "port must be 1 to 65535"),
+            (
+                "redis+cluster://h1:7000,h2:99999",
+                "port must be 1 to 65535",
+            ),
+            ("redis+sentinel://s1:0/m", "port must be 1 to 65535"),
+            ("redis://h:6379/0#insecure", "#fragment"),
+            ("redis://h/0/1", "database number"),
+            ("redis://h/./0", "database number"),
+            ("redis://h/x", "database number"),
+            ("redis://h?", "empty query parameter"),
+            (
+                "redis://h?password=s3cret",
+                "unknown query parameter \"password\"",
+            ),
+            ("redis://h?protocol=4", "protocol must be"),
+            ("unix:///s?db=x", "db must be"),
+            ("unix:///s?pass=a&pass=b", "given twice"),
+            ("unix://", "absolute path"),
+            ("redis://h\t:1", "spaces or control"),
+            (" redis://h", "spaces or control"),
+            ("redis://u:s3cret/x@h", "percent-encode"),
+            ("redis://u:s3cret?x@h", "percent-encode"),
+            ("redis://u:@h", "empty password"),
+            ("redis://h1,h2", "several hosts"),
+            ("REDIS://h", "unsupported scheme"),
+            ("http://h", "unsupported scheme"),
+            ("h:6379", "needs a scheme"),
+            (
+                "redis+cluster://u:pw1@h1:7000,u:pw2@h2:7001",
+                "different user names or passwords",
+            ),
+            ("redis+cluster://h1:7000/0", "no /path"),
+        ] {
+            let e = check_redis_url(bad).err().unwrap_or_default();
+            assert!(e.contains(expected), "{bad}: {e:?}");
+            assert!(!e.contains("s3cret") && !e.contains("pw1"), "{bad}: {e}");
+        }
     }
 
     #[test]

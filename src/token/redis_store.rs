@@ -178,6 +178,8 @@ impl ConnectionLike for Conn {
 
 /// The pieces of a multi-host URL: `redis+cluster://user:pass@h1:p1,h2:p2` or
 /// `redis+sentinel://user:pass@s1:p1,s2:p2/service[/db]` (and their `rediss+` TLS forms).
+/// Each seed may carry the `user:pass@` (the same on every seed that does: a cluster, or a
+/// sentinel's primary, has one); user and password are percent-decoded.
 struct MultiHostUrl {
     tls: bool,
     user: Option<String>,
@@ -186,44 +188,120 @@ struct MultiHostUrl {
     path: Vec<String>,
 }
 
-fn multi_host_parts(url: &str, kind: &str) -> Option<MultiHostUrl> {
+#[derive(PartialEq)]
+struct MultiHostCredentials(Option<String>, Option<String>);
+
+/// `Ok(None)` when `url` is not of this `kind` (`cluster`, `sentinel`). Messages never repeat
+/// any part of the URL.
+fn multi_host_parts(url: &str, kind: &str) -> Result<Option<MultiHostUrl>, String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix(&format!("rediss+{kind}://")) {
         (true, r)
+    } else if let Some(r) = url.strip_prefix(&format!("redis+{kind}://")) {
+        (false, r)
     } else {
-        (false, url.strip_prefix(&format!("redis+{kind}://"))?)
+        return Ok(None);
     };
-    let mut segments = rest.split('/');
-    let authority = segments.next().unwrap_or_default();
-    let path: Vec<String> = segments
+    if rest.contains(['?', '#']) {
+        return Err(format!("a {kind} URL takes no ?query or #fragment"));
+    }
+    let (authority, path_text) = rest.split_once('/').unwrap_or((rest, ""));
+    if path_text.contains('@') {
+        return Err(
+            "has an '@' after the hosts: percent-encode '@' and '/' in a user name or \
+                    password (%40, %2F)"
+                .into(),
+        );
+    }
+    let path: Vec<String> = path_text
+        .split('/')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let (user, password) = match userinfo {
-        None => (None, None),
-        Some(u) => match u.split_once(':') {
-            Some((user, pass)) => (
-                (!user.is_empty()).then(|| user.to_string()),
-                Some(pass.to_string()),
-            ),
-            None => (None, Some(u.to_string())),
-        },
-    };
-    let hosts: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
-        .collect();
-    (!hosts.is_empty()).then_some(MultiHostUrl {
+    if authority.is_empty() {
+        return Err(format!("a {kind} URL needs at least one host:port"));
+    }
+    let mut credentials: Option<MultiHostCredentials> = None;
+    let mut hosts = Vec::new();
+    for (i, seed) in authority.split(',').enumerate() {
+        let n = i + 1;
+        if seed.is_empty() {
+            return Err(format!("host {n} is empty (two commas, or one at an end)"));
+        }
+        let host = match seed.rsplit_once('@') {
+            None => seed,
+            Some((userinfo, host)) => {
+                let (user, password) = match userinfo.split_once(':') {
+                    Some((user, pass)) => (
+                        (!user.is_empty())
+                            .then(|| percent_decode(user))
+                            .transpose()?,
+                        Some(percent_decode(pass)?),
+                    ),
+                    None => (None, Some(percent_decode(userinfo)?)),
+                };
+                if password.as_deref() == Some("") {
+                    return Err(format!("host {n} has an empty password"));
+                }
+                let these = MultiHostCredentials(user, password);
+                match &credentials {
+                    None => credentials = Some(these),
+                    Some(first) if *first != these => {
+                        return Err(format!(
+                            "the hosts carry different user names or passwords; a {kind} \
+                             URL has one: write it once, on the first host"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                host
+            }
+        };
+        crate::config::check_host_port(host).map_err(|e| format!("host {n}: {e}"))?;
+        hosts.push(host.to_string());
+    }
+    match (kind, path.len()) {
+        ("cluster", 0) | ("sentinel", 1 | 2) => {}
+        ("cluster", _) => {
+            return Err("a cluster URL has no /path: Redis Cluster has only database 0".into())
+        }
+        _ => {
+            return Err(
+                "a sentinel URL names the service: redis+sentinel://host:port,.../SERVICE[/DB]"
+                    .into(),
+            )
+        }
+    }
+    let MultiHostCredentials(user, password) =
+        credentials.unwrap_or(MultiHostCredentials(None, None));
+    Ok(Some(MultiHostUrl {
         tls,
         user,
         password,
         hosts,
         path,
-    })
+    }))
+}
+
+/// Decodes `%XX` escapes (as the Redis client does for `redis://` URLs); the result must be
+/// UTF-8.
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a user name or password is not UTF-8 once decoded".into())
 }
 
 fn build_target(options: &RedisOptions) -> Result<Target, String> {
@@ -237,7 +315,7 @@ fn build_target(options: &RedisOptions) -> Result<Target, String> {
         password,
         hosts,
         ..
-    }) = multi_host_parts(&options.url, "cluster")
+    }) = multi_host_parts(&options.url, "cluster")?
     {
         let scheme = if tls { "rediss" } else { "redis" };
         let nodes: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
@@ -264,14 +342,15 @@ fn build_target(options: &RedisOptions) -> Result<Target, String> {
             .map(Target::Cluster)
             .map_err(|e| format!("invalid Redis cluster URL: {e}"));
     }
-    if let Some(url) = multi_host_parts(&options.url, "sentinel") {
+    if let Some(url) = multi_host_parts(&options.url, "sentinel")? {
         let service = url.path.first().cloned().ok_or(
             "a sentinel URL names the service: redis+sentinel://host:port,.../SERVICE[/DB]",
         )?;
         let db = match url.path.get(1) {
-            Some(d) => d
-                .parse()
-                .map_err(|_| format!("bad database number {d:?}"))?,
+            Some(d) if !d.is_empty() && d.len() <= 9 && d.chars().all(|c| c.is_ascii_digit()) => {
+                d.parse().map_err(|_| "bad database number".to_string())?
+            }
+            Some(_) => return Err("the database after the service must be a number".into()),
             None => 0,
         };
         let node = SentinelNodeConnectionInfo {
@@ -789,28 +868,67 @@ mod tests {
 
     #[test]
     fn multi_host_urls_name_every_node() {
-        let c = multi_host_parts(
+        let parts = |url: &str, kind: &str| multi_host_parts(url, kind).unwrap().unwrap();
+        let c = parts(
             "redis+cluster://app:pw@10.0.0.1:7000,10.0.0.2:7001",
             "cluster",
-        )
-        .unwrap();
+        );
         assert!(!c.tls);
         assert_eq!(c.user.as_deref(), Some("app"));
         assert_eq!(c.password.as_deref(), Some("pw"));
         assert_eq!(c.hosts, ["10.0.0.1:7000", "10.0.0.2:7001"]);
-        let c = multi_host_parts("rediss+cluster://h:1", "cluster").unwrap();
+        let c = parts("rediss+cluster://h:1", "cluster");
         assert!(c.tls && c.user.is_none() && c.password.is_none());
-        assert!(multi_host_parts("redis://h:1", "cluster").is_none());
-        assert!(multi_host_parts("redis+cluster://", "cluster").is_none());
-        let s = multi_host_parts(
+        assert!(multi_host_parts("redis://h:1", "cluster")
+            .unwrap()
+            .is_none());
+        assert!(multi_host_parts("redis+cluster://", "cluster").is_err());
+        let s = parts(
             "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/2",
             "sentinel",
-        )
-        .unwrap();
+        );
         assert_eq!(s.hosts, ["s1:26379", "s2:26379"]);
         assert_eq!(s.path, ["mymaster", "2"]);
         assert_eq!(s.password.as_deref(), Some("pw"));
         assert!(s.user.is_none());
+    }
+
+    #[test]
+    fn every_seed_may_carry_the_credentials_but_only_the_same_ones() {
+        let c = multi_host_parts(
+            "redis+cluster://u:p%40w@h1:7000,u:p%40w@h2:7001,h3:7002",
+            "cluster",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.hosts, ["h1:7000", "h2:7001", "h3:7002"]);
+        assert_eq!(c.user.as_deref(), Some("u"));
+        assert_eq!(c.password.as_deref(), Some("p@w"));
+        for (bad, expected) in [
+            (
+                "redis+cluster://u:pw1@h1:7000,u:pw2@h2:7001,h3:7002",
+                "different user names or passwords",
+            ),
+            (
+                "redis+cluster://h1:7000,h2:99999",
+                "host 2: port must be 1 to 65535",
+            ),
+            ("redis+cluster://h1:7000,,h2:7001", "host 2 is empty"),
+            ("redis+cluster://h1:7000/0", "no /path"),
+            ("redis+cluster://h1:7000?pass=x", "no ?query"),
+            ("redis+cluster://u:p/w@h1:7000", "percent-encode"),
+            ("redis+sentinel://s1:26379", "names the service"),
+            ("redis+sentinel://s1:26379/a/b/c", "names the service"),
+        ] {
+            let kind = if bad.contains("sentinel") {
+                "sentinel"
+            } else {
+                "cluster"
+            };
+            let e = multi_host_parts(bad, kind).err().unwrap_or_default();
+            assert!(e.contains(expected), "{bad}: {e}");
+            assert!(!e.contains("pw") && !e.contains("99999"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Configuration as an operator meets it: `check-config` and `serve` on real files and variables.
 
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -137,7 +139,7 @@ api_key_file = "/nonexistent/api_key"
         "listen.max_body: not a size",
         "upstream.url: http://plain.example is plain http",
         "upstream.timeout: not a duration",
-        "profiles.default.api_key_file: cannot read /nonexistent/api_key",
+        "profiles.default.api_key_file: secret file /nonexistent/api_key does not exist",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
@@ -219,6 +221,297 @@ fn a_missing_config_file_is_a_clear_error() {
     assert_ne!(code, 0);
     assert!(
         err.contains("/nonexistent/proxy.toml does not exist"),
+        "{err}"
+    );
+}
+
+/// `run_bin`, but the binary is killed (and the test fails) if it has not exited within 20 s:
+/// for inputs that used to block or read forever.
+fn run_bin_promptly(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(envs.iter().copied())
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{args:?} did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const BASIC: &str =
+    "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+
+/// `check-config` on `toml` (plus variables): exit code, stdout, stderr.
+fn check(toml: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", toml);
+    run_bin_promptly(&["check-config", "--config", &cfg], envs)
+}
+
+#[test]
+fn type_errors_name_the_key_the_way_the_readme_does() {
+    let (code, _, err) = check(&format!("[listen]\nworkers = \"x\"\n{BASIC}"), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("listen.workers: expected a whole number, found \"x\""),
+        "{err}"
+    );
+    assert!(
+        !err.contains("workers.listen") && !err.contains("usize"),
+        "{err}"
+    );
+
+    let (code, _, err) = check(
+        "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\n",
+        &[
+            ("TANGO_PROXY_PROFILES__DEFAULT__API_KEY", "k"),
+            ("TANGO_PROXY_UPSTREAM__ALLOW_HTTP", "maybe"),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "upstream.allow_http: expected true or false, found \"maybe\" \
+             (from TANGO_PROXY_UPSTREAM__ALLOW_HTTP)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("1 problem:"), "{err}");
+
+    let (_, _, err) = check("[profiles.default]\nauth = \"oauth2\"\n", &[]);
+    assert!(
+        err.contains(
+            "profiles.default.auth: expected \"basic\", \"client_credentials\" or \
+             \"service_account\", found \"oauth2\""
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("AuthMethod") && !err.contains("no profile configured"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_is_reported_alone() {
+    let (code, out, err) = check(&format!("[listen\nworkers = 1\n{BASIC}"), &[]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(err.contains("configuration has 1 problem:"), "{err}");
+    assert!(
+        err.contains("c.toml is not valid TOML: line 1, column 8: invalid table header"),
+        "{err}"
+    );
+    assert!(!err.contains("no profile configured"), "{err}");
+}
+
+#[test]
+fn a_config_path_that_is_not_a_regular_file_says_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let dir_path = dir.path().display().to_string();
+    let fifo = fifo.display().to_string();
+    for (path, what) in [
+        (dir_path.as_str(), "is a directory"),
+        (fifo.as_str(), "is a named pipe (FIFO)"),
+        ("/dev/zero", "is a device"),
+    ] {
+        let (code, _, err) = run_bin_promptly(&["check-config", "--config", path], &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!("config file {path} {what}, not a regular file")),
+            "{err}"
+        );
+        // TANGO_PROXY_CONFIG is read the same way.
+        let (code, _, err) = run_bin_promptly(&["check-config"], &[("TANGO_PROXY_CONFIG", path)]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(what), "{err}");
+    }
+    let big = write(dir.path(), "big.toml", &"#\n".repeat(600 << 10));
+    let (code, _, err) = run_bin_promptly(&["check-config", "--config", &big], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is larger than 1MiB (the limit)"), "{err}");
+}
+
+#[test]
+fn a_secret_file_that_is_dev_zero_is_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("secret-fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let fifo = fifo.display().to_string();
+    for (path, what) in [
+        ("/dev/zero", "is a device"),
+        (fifo.as_str(), "is a named pipe (FIFO)"),
+    ] {
+        let (code, _, err) = check(
+            &format!(
+                "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key_file = \"{path}\"\n"
+            ),
+            &[],
+        );
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "profiles.default.api_key_file: secret file {path} {what}, not a regular file"
+            )),
+            "{err}"
+        );
+    }
+    let (code, _, err) = check(
+        &format!("[cache]\nredis_password_file = \"/dev/zero\"\n{BASIC}"),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cache.redis_password_file: secret file /dev/zero is a device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sizes_and_durations_are_exact_and_bounded() {
+    let (code, out, err) = check(&format!("[listen]\nmax_body = 1.5\n{BASIC}"), &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains(
+            "listen.max_body: expected a size such as \"10MiB\" or a whole number of bytes, \
+             found 1.5"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!("[listen]\nmax_body = \"1.5\"\n{BASIC}"), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("listen.max_body: \"1.5\" is not a whole number of bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_absurd_duration_names_the_key_and_its_range() {
+    let (code, _, err) = check(
+        "[profiles.default]\nauth = \"client_credentials\"\nclient_id = \"c\"\nclient_secret = \"s\"\nmin_token_interval = 9223372036854775807\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "profiles.default.min_token_interval: must be at most 7days, not \"9223372036854775807\""
+        ),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        BASIC,
+        &[(
+            "TANGO_PROXY_UPSTREAM__REPLAY_MAX_BODY",
+            "18446744073709551615",
+        )],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "upstream.replay_max_body: must be between 0 and 1GiB, not \"18446744073709551615\" \
+             (from TANGO_PROXY_UPSTREAM__REPLAY_MAX_BODY)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_unix_socket_url_does_not_show_its_pass_parameter() {
+    let redis = |url: &str| format!("[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n{BASIC}");
+    let (code, out, err) = check(&redis("unix:///tmp/r.sock?pass=hunter2"), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("redis_url = \"unix:///tmp/r.sock?pass=<redacted>\""),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"));
+}
+
+#[test]
+fn a_cluster_url_shows_every_seed_and_no_password() {
+    let redis = |url: &str| format!("[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n{BASIC}");
+    let (code, out, err) = check(
+        &redis("redis+cluster://u:hunter2@h1:7000,u:hunter2@h2:7001,h3:7002"),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "redis_url = \"redis+cluster://u:<redacted>@h1:7000,u:<redacted>@h2:7001,h3:7002\""
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"));
+
+    // Different passwords on the seeds: one cluster has one.
+    let (code, _, err) = check(
+        &redis("redis+cluster://u:hunter1@h1:7000,u:hunter2@h2:7001,h3:7002"),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cache.redis_url: the hosts carry different"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter"), "{err}");
+}
+
+#[test]
+fn a_redis_url_with_an_impossible_port_is_refused() {
+    let redis = |url: &str| format!("[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n{BASIC}");
+    // A bad port is refused, with or without the redis backend, and the URL is not repeated.
+    for toml in [
+        redis("redis://app:hunter2@h:99999"),
+        format!("[cache]\nredis_url = \"redis://app:hunter2@h:99999\"\n{BASIC}"),
+    ] {
+        let (code, _, err) = check(&toml, &[]);
+        assert_eq!(code, 1, "{toml}");
+        assert!(
+            err.contains("cache.redis_url: port must be 1 to 65535"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    let (code, _, err) = check(
+        BASIC,
+        &[
+            ("TANGO_PROXY_CACHE__BACKEND", "redis"),
+            ("TANGO_PROXY_CACHE__REDIS_URL", "redis://h:99999"),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "cache.redis_url: port must be 1 to 65535 (from TANGO_PROXY_CACHE__REDIS_URL)"
+        ),
         "{err}"
     );
 }
