@@ -133,7 +133,8 @@ pub fn sanitize_response(
 }
 
 /// A 401 the app receives: DPoP challenges (the proxy's business) are dropped, and when that
-/// leaves none, a Bearer one says what happened (RFC 9110: a 401 carries a challenge).
+/// leaves none — or Tango sent none — a Bearer one says what happened (RFC 9110: a 401 carries a
+/// challenge).
 fn app_facing_challenges(headers: &mut HeaderMap) {
     let is_dpop = |v: &HeaderValue| {
         v.as_bytes()
@@ -145,7 +146,7 @@ fn app_facing_challenges(headers: &mut HeaderMap) {
         .iter()
         .cloned()
         .collect();
-    if !challenges.iter().any(is_dpop) {
+    if !challenges.is_empty() && !challenges.iter().any(is_dpop) {
         return;
     }
     headers.remove(header::WWW_AUTHENTICATE);

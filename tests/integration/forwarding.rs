@@ -224,4 +224,11 @@ async fn dpop_nonces_and_challenges_stay_between_the_proxy_and_tango() {
         resp.headers()["www-authenticate"],
         r#"Bearer error="invalid_token""#
     );
+    // A 401 Tango sent without any challenge gets one (found by the www_authenticate fuzz target).
+    let resp = proxy.get("/raas/v2/401/none").await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
 }
