@@ -9,6 +9,7 @@ mod config;
 mod dpop;
 mod errors;
 mod forwarding;
+mod fuzzing;
 mod hostile;
 mod lifecycle;
 mod limits;
