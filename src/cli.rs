@@ -306,7 +306,8 @@ fn admin_from_config(path: Option<PathBuf>) -> SocketAddr {
         return addr;
     }
     let path = path.or_else(|| std::env::var_os("TANGO_PROXY_CONFIG").map(PathBuf::from));
-    path.and_then(|p| std::fs::read_to_string(p).ok())
+    // The same checks as `serve`: a FIFO or device given as the config never blocks the probe.
+    path.and_then(|p| crate::config::read_config_file(&p).ok())
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("listen")?.get("admin")?.as_str()?.trim().parse().ok())
         .unwrap_or(default)

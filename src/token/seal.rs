@@ -73,9 +73,10 @@ struct RawRecord {
 }
 
 fn load_key(path: &Path) -> Result<SealKey, KeyError> {
+    // Never blocks on a FIFO or reads a device: the same checks and cap as every secret file.
     let bytes = zeroize::Zeroizing::new(
-        std::fs::read(path)
-            .map_err(|e| KeyError(format!("cannot read {}: {e}", path.display())))?,
+        crate::config::read_small_file(path, crate::config::MAX_SECRET_FILE, "key file")
+            .map_err(KeyError)?,
     );
     let text = String::from_utf8_lossy(&bytes);
     let raw = if bytes.len() == 32 {
