@@ -14,6 +14,7 @@ mod logs;
 mod mock;
 mod oauth;
 mod redis;
+mod refusals;
 mod replay;
 mod store;
 mod streaming;
