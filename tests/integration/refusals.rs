@@ -12,22 +12,30 @@ use futures_util::stream;
 use crate::support::h2_upstream::{H2Options, H2Upstream, RefusedBy};
 use crate::support::*;
 
-/// A proxy (Basic profile) in front of `up`, trusting the private CA `ca_pem`.
-async fn proxy_for(
-    up: &H2Upstream,
-    ca_pem: &str,
-    dir: &tempfile::TempDir,
+/// An HTTP/2 edge run with `options` and a proxy (Basic profile) in front of it; `extra` is
+/// more `[upstream]` TOML. The directory holds the file of the edge's private CA.
+async fn edge_and_proxy(
+    options: H2Options,
     extra: &str,
-) -> TestProxy {
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
+) -> (H2Upstream, TestProxy, tempfile::TempDir) {
+    let (up, dir, ca_file) = edge(options).await;
     let toml = config_toml(
         &up.url(),
         "",
         &format!("ca_file = \"{}\"\n{extra}", ca_file.display()),
     )
     .replace("allow_http = true", "allow_http = false");
-    TestProxy::start(&toml).await
+    (up, TestProxy::start(&toml).await, dir)
+}
+
+/// An HTTP/2 edge with a private CA, the CA written to a file in a new directory.
+async fn edge(options: H2Options) -> (H2Upstream, tempfile::TempDir, std::path::PathBuf) {
+    let (ca_pem, tls) = private_ca_server();
+    let up = H2Upstream::start(tls, options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    (up, dir, ca_file)
 }
 
 /// The value of one sample in the proxy's `/metrics`, 0 when absent.
@@ -143,19 +151,13 @@ fn assert_each_processed_once(exchanges: &[Exchange], up: &H2Upstream) {
 async fn rotating_http2_connections_lose_no_request_under_concurrent_load() {
     const WORKERS: usize = 8;
     const PER_WORKER: usize = 40;
-    let (ca_pem, tls) = private_ca_server();
-    let up = H2Upstream::start(
-        tls,
-        H2Options {
-            rotate_after: Some(10),
-            ..Default::default()
-        },
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let options = H2Options {
+        rotate_after: Some(10),
+        ..Default::default()
+    };
     // Room for the 100 KiB bodies below, which outgrow HTTP/2's initial 64 KiB window: the edge
     // holds them unread, so a refusal catches them half-sent.
-    let proxy = proxy_for(&up, &ca_pem, &dir, "replay_max_body = \"256KiB\"").await;
+    let (up, proxy, _dir) = edge_and_proxy(options, "replay_max_body = \"256KiB\"").await;
 
     up.workers(WORKERS);
     let c = client();
@@ -192,6 +194,13 @@ async fn rotating_http2_connections_lose_no_request_under_concurrent_load() {
 
     assert_each_processed_once(&exchanges, &up);
     let refused = up.refused();
+    eprintln!(
+        "{} requests, {} connections, {} GOAWAYs, {} streams refused",
+        exchanges.len(),
+        up.connections(),
+        up.goaways(),
+        refused.len()
+    );
     assert!(
         refused.iter().all(|r| r.by == RefusedBy::GoAway),
         "{refused:?}"
@@ -208,10 +217,7 @@ async fn rotating_http2_connections_lose_no_request_under_concurrent_load() {
 
 #[tokio::test]
 async fn refused_streams_are_sent_once_more_whatever_the_method() {
-    let (ca_pem, tls) = private_ca_server();
-    let up = H2Upstream::start(tls, H2Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy_for(&up, &ca_pem, &dir, "").await;
+    let (up, proxy, _dir) = edge_and_proxy(H2Options::default(), "").await;
     let c = client();
     let methods = ["GET", "POST", "PUT", "DELETE", "PATCH"];
     let sends: Vec<_> = (0..30)
@@ -249,11 +255,8 @@ async fn refused_streams_are_sent_once_more_whatever_the_method() {
 
 #[tokio::test]
 async fn a_refused_request_whose_body_was_not_kept_gets_502_and_is_not_sent_again() {
-    let (ca_pem, tls) = private_ca_server();
-    let up = H2Upstream::start(tls, H2Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
     // upstream.replay_max_body keeps its default, 64 KiB.
-    let proxy = proxy_for(&up, &ca_pem, &dir, "").await;
+    let (up, proxy, _dir) = edge_and_proxy(H2Options::default(), "").await;
     let c = client();
 
     // A declared length over the cap: no copy is kept from the start.
@@ -290,17 +293,11 @@ async fn a_refused_request_whose_body_was_not_kept_gets_502_and_is_not_sent_agai
 
 #[tokio::test]
 async fn a_connection_retired_before_its_first_stream_costs_one_resend() {
-    let (ca_pem, tls) = private_ca_server();
-    let up = H2Upstream::start(
-        tls,
-        H2Options {
-            goaway_first_connection: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy_for(&up, &ca_pem, &dir, "").await;
+    let options = H2Options {
+        goaway_first_connection: true,
+        ..Default::default()
+    };
+    let (up, proxy, _dir) = edge_and_proxy(options, "").await;
 
     let id = "first".to_string();
     let body = body_for(&id, 300);
@@ -325,11 +322,7 @@ fn proof_claims(proof: &str) -> serde_json::Value {
 #[tokio::test]
 async fn a_dpop_request_is_sent_again_with_a_fresh_proof() {
     let (_mock, mock_url) = start_mock(mock_config(1.0)).await;
-    let (ca_pem, tls) = private_ca_server();
-    let up = H2Upstream::start(tls, H2Options::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
+    let (up, dir, ca_file) = edge(H2Options::default()).await;
     let (key, _) = crate::dpop::keygen(dir.path(), "ES256");
     let toml = crate::dpop::dpop_toml(&mock_url, &up.url(), &key).replace(
         "allow_http = true",
