@@ -292,6 +292,28 @@ async fn a_refused_request_whose_body_was_not_kept_gets_502_and_is_not_sent_agai
 }
 
 #[tokio::test]
+async fn a_request_refused_again_on_its_resend_gets_502() {
+    let (up, proxy, _dir) = edge_and_proxy(H2Options::default(), "").await;
+    let resp = client()
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .header("x-test-id", "stubborn")
+        .header("x-refuse", "always")
+        .body(body_for("stubborn", 100))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(resp, 502, "upstream_unreachable").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("refused stream"),
+        "{body}"
+    );
+    // Sent twice, not more; processed never.
+    assert_eq!(up.refused().len(), 2);
+    assert!(up.processed().is_empty());
+    assert_eq!(retries(&proxy, "refused_stream").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_connection_retired_before_its_first_stream_costs_one_resend() {
     let options = H2Options {
         goaway_first_connection: true,

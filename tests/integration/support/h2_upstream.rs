@@ -11,7 +11,8 @@
 //! in order): a stream it opens after the ACK is counted in [`H2Upstream::opened_after_goaway`].
 //!
 //! Refusals happen every run, by rule rather than by timing:
-//! * `x-refuse: once` is answered `REFUSED_STREAM` the first time its `x-test-id` arrives;
+//! * `x-refuse: once` is answered `REFUSED_STREAM` the first time its `x-test-id` arrives,
+//!   `x-refuse: always` every time;
 //! * [`H2Options::rotate_after`] runs the edge in lockstep with the app's workers (see
 //!   [`H2Upstream::workers`]): answers are held until every request the app is waiting for has
 //!   reached the edge. Then each connection that has carried more than that many streams gets a
@@ -412,9 +413,10 @@ async fn handle(
         respond.send_reset(Reason::CANCEL); // dropped by the relay: the GOAWAY said it all
         return;
     }
-    if header("x-refuse").as_deref() == Some("once") {
+    let refusal = header("x-refuse");
+    if let Some(rule @ ("once" | "always")) = refusal.as_deref() {
         let mut state = shared.state.lock().unwrap();
-        if state.seen_once.insert(test_id.clone()) {
+        if state.seen_once.insert(test_id.clone()) || rule == "always" {
             refuse(&mut state, RefusedBy::RefusedStream);
             drop(state);
             respond.send_reset(Reason::REFUSED_STREAM);
