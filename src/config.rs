@@ -507,8 +507,9 @@ pub struct UpstreamConfig {
     /// Time allowed from sending a request until the upstream's response headers arrive.
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
-    /// Request bodies up to this size are buffered so a request rejected with 401 can be
-    /// replayed once with a fresh token (OAuth profiles only).
+    /// Request bodies up to this size keep a copy as they stream, so a request Tango did not
+    /// process (a 401 on OAuth profiles; a stream its HTTP/2 edge refused, on every profile)
+    /// can be sent once more.
     #[serde(serialize_with = "ser_size")]
     pub replay_max_body: u64,
     /// Longest wait for the next piece of a response body from the upstream.

@@ -39,9 +39,11 @@
 //! without being buffered, cut off at `listen.max_body` and `listen.body_idle_timeout`. The
 //! upstream's answer goes back as it is, minus hop-by-hop headers, with the request id echoed; when
 //! the proxy cannot forward, it answers itself in Tango's error shape with `x-tango-proxy-error`
-//! naming the cause. For OAuth profiles, the body keeps a copy of itself as it streams (up to
-//! `upstream.replay_max_body`), so a 401 can be replayed once: with a new token after the owner
-//! replaced a refused one, or with a fresh DPoP proof after a nonce challenge or a refused proof.
+//! naming the cause. The body keeps a copy of itself as it streams (up to
+//! `upstream.replay_max_body`), so a request Tango provably did not process can be sent once
+//! more: a stream its HTTP/2 edge refused (GOAWAY, `REFUSED_STREAM`), on every profile; and for
+//! OAuth profiles a 401, with a new token after the owner replaced a refused one, or with a fresh
+//! DPoP proof after a nonce challenge or a refused proof.
 
 pub mod admin;
 pub mod app;

@@ -23,6 +23,14 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    reason: &'static str,
+}
+
+/// Why a request was sent to Tango once more (`proxy::client::Refusal`).
+const RETRY_REASONS: [&str; 3] = ["goaway", "refused_stream", "unsent"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
     cause: &'static str,
 }
@@ -63,6 +71,7 @@ pub struct Metrics {
     by_class: [Counter; 6],
     duration: Histogram,
     upstream_errors: Family<KindLabel, Counter>,
+    upstream_retries: Family<RetryLabel, Counter>,
     proxy_errors: Family<CauseLabel, Counter>,
     in_flight: Gauge,
     connections: Family<ListenerLabel, Gauge>,
@@ -130,6 +139,15 @@ impl Metrics {
             "upstream_errors",
             "Forwarded requests that got no response from the upstream, by kind",
             upstream_errors.clone(),
+        );
+        let upstream_retries = Family::<RetryLabel, Counter>::default();
+        for reason in RETRY_REASONS {
+            let _ = upstream_retries.get_or_create(&RetryLabel { reason });
+        }
+        registry.register(
+            "upstream_retries",
+            "Requests sent to Tango once more because Tango provably had not processed them, by reason",
+            upstream_retries.clone(),
         );
         let proxy_errors = Family::<CauseLabel, Counter>::default();
         registry.register(
@@ -276,6 +294,7 @@ impl Metrics {
             by_class,
             duration,
             upstream_errors,
+            upstream_retries,
             proxy_errors,
             in_flight,
             connections,
@@ -456,6 +475,14 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&KindLabel { kind })
             .clone()
+    }
+
+    /// Records a request sent to Tango once more; `reason` is one of `goaway`, `refused_stream`,
+    /// `unsent`.
+    pub fn upstream_retry(&self, reason: &'static str) {
+        self.upstream_retries
+            .get_or_create(&RetryLabel { reason })
+            .inc();
     }
 
     /// Records an answer the proxy produced itself.

@@ -8,18 +8,24 @@
 //! * fails it when the app sends nothing for `listen.body_idle_timeout` while the proxy is waiting
 //!   for more. The clock starts when the wrapper finds no frame ready, not when the last frame
 //!   arrived, so time Tango spends not reading (back-pressure) is never blamed on the app;
-//! * for profiles that replay after a 401, keeps a copy of the frames while their total stays within
-//!   `upstream.replay_max_body`, and drops it as soon as it would grow past that.
+//! * keeps a copy of the frames while their total stays within `upstream.replay_max_body`, for a
+//!   second send (a 401 replay, or a resend of a request Tango refused unprocessed), and drops it
+//!   as soon as it would grow past that. The copy shares the frames' `Bytes`: nothing is copied,
+//!   the frames just live until the response headers arrive;
+//! * when the client gives up on the body before its end (Tango refused the stream while it was
+//!   still being sent), hands what is left of the app's body, with the copy so far, to the
+//!   forwarder: a second send reads the rest from the app, within the same limits.
 //!
 //! The wrapper is owned by the HTTP client once sent, so it reports through a [`BodyWatch`]: the
 //! forwarder reads it to turn a failed upstream call into 413, 408 or 400 rather than 502 (over
-//! HTTP/2 the client's error does not carry the body's), and to get the copy for a replay. Bodies
-//! that are already at their end (GETs) never get here: [`OutboundBody::empty`] costs nothing.
+//! HTTP/2 the client's error does not carry the body's), and to get the copy for another send
+//! ([`Kept`]). Bodies that are already at their end (GETs) never get here:
+//! [`OutboundBody::empty`] costs nothing.
 //!
 //! ```ignore
 //! let (body, watch) = OutboundBody::streaming(incoming, limits);
 //! let response = client.request(Request::from_parts(parts, body)).await;
-//! if let Some(copy) = watch.replay(limits.idle_timeout).await { /* send `copy` again */ }
+//! if let Ok(copy) = watch.replay(limits.idle_timeout).await { /* send `copy` again */ }
 //! ```
 
 use std::future::Future;
@@ -32,6 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
@@ -58,8 +65,8 @@ pub(crate) struct BodyLimits {
     pub max_body: u64,
     /// `listen.body_idle_timeout`.
     pub idle_timeout: Duration,
-    /// `upstream.replay_max_body` when the profile replays after a 401; `None` keeps no copy.
-    pub replay_cap: Option<u64>,
+    /// `upstream.replay_max_body`: a copy is kept while the body stays within it.
+    pub replay_cap: u64,
 }
 
 /// Why the app's body failed, as the forwarder learns it.
@@ -73,43 +80,57 @@ pub(crate) enum BodyFailure {
     Broken,
 }
 
-/// The frames of a body read whole, for one more send.
-#[derive(Debug, Default)]
+/// The frames of a body read whole, for more sends. Cloning shares the frames.
+#[derive(Debug, Default, Clone)]
 pub(crate) struct BodyCopy {
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     len: u64,
 }
 
-/// What the body tells the forwarder; written at most a few times per request, never per frame.
-#[derive(Debug, Default)]
-struct Report {
-    failure: Option<BodyFailure>,
-    copy: CopyState,
+impl BodyCopy {
+    /// Keeps `data`, which brings the body read so far to `read` bytes; false, keeping
+    /// nothing, once that is past `cap`.
+    fn keep(&mut self, data: &Bytes, read: u64, cap: u64) -> bool {
+        if read > cap {
+            return false;
+        }
+        self.chunks.push(data.clone());
+        self.len = read;
+        true
+    }
 }
 
-#[derive(Debug, Default)]
-enum CopyState {
+/// What the body tells the forwarder; written at most a few times per request, never per frame.
+#[derive(Debug)]
+struct Report<B> {
+    failure: Option<BodyFailure>,
+    copy: CopyState<B>,
+}
+
+#[derive(Debug)]
+enum CopyState<B> {
     /// Still reading, copy within the cap so far.
-    #[default]
     Pending,
     /// Read to the end within the cap.
     Ready(BodyCopy),
-    /// Past the cap, failed, never kept, or abandoned by the client.
+    /// Given up by the client before its end, within the cap so far: the rest is with the app.
+    Unfinished(Box<Unfinished<B>>),
+    /// Past the cap, failed, or never kept.
     Gone,
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    report: Mutex<Report>,
+#[derive(Debug)]
+struct Shared<B> {
+    report: Mutex<Report<B>>,
     changed: Notify,
     /// True while the wrapper waits for the app's next frame: written when a wait starts and
     /// ends, never for frames that were already there.
     waiting_on_app: AtomicBool,
 }
 
-impl Shared {
-    fn update(&self, f: impl FnOnce(&mut Report)) {
+impl<B> Shared<B> {
+    fn update(&self, f: impl FnOnce(&mut Report<B>)) {
         // A poisoned lock only means another holder panicked; the report itself stays valid.
         f(&mut self.report.lock().unwrap_or_else(PoisonError::into_inner));
         self.changed.notify_one();
@@ -118,13 +139,17 @@ impl Shared {
 
 /// The forwarder's side of a streamed body.
 #[derive(Debug)]
-pub(crate) struct BodyWatch {
-    shared: Arc<Shared>,
+pub(crate) struct BodyWatch<B = Incoming> {
+    shared: Arc<Shared<B>>,
     keeps_copy: bool,
 }
 
-impl BodyWatch {
-    /// True when the body started out small enough to be kept for a replay.
+impl<B> BodyWatch<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// True when the body started out small enough to be kept for another send.
     pub fn keeps_copy(&self) -> bool {
         self.keeps_copy
     }
@@ -140,39 +165,137 @@ impl BodyWatch {
         self.shared.waiting_on_app.load(Ordering::Acquire)
     }
 
-    fn report(&self) -> std::sync::MutexGuard<'_, Report> {
+    fn report(&self) -> std::sync::MutexGuard<'_, Report<B>> {
         self.shared
             .report
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The body to send again: only when the first send read the app's body to its end and the
-    /// copy stayed within the cap. Tango may answer before the client has finished sending a
-    /// small body, so this waits for that, at most `wait`; it answers at once when the copy is
-    /// already gone (past the cap, failed, or given up by the client).
-    pub async fn replay<B>(self, wait: Duration) -> Option<OutboundBody<B>> {
+    /// The whole body, for another send, when the copy stayed within the cap. Tango may answer
+    /// before the client has finished sending a small body, so this waits for that; a body the
+    /// client gave up on is read on from the app. Both take at most `wait`. `Err(None)` when the
+    /// body was not kept (past the cap, or not done in time), `Err(Some(_))` when the app's body
+    /// failed.
+    pub async fn replay(self, wait: Duration) -> Result<BodyCopy, Option<BodyFailure>> {
         let deadline = Instant::now() + wait;
-        loop {
+        let rest = loop {
             {
                 let mut report = self.report();
-                if !matches!(report.copy, CopyState::Pending) {
-                    return match std::mem::replace(&mut report.copy, CopyState::Gone) {
-                        CopyState::Ready(copy) => Some(OutboundBody::replay(copy)),
-                        _ => None,
-                    };
+                match std::mem::replace(&mut report.copy, CopyState::Gone) {
+                    CopyState::Pending => report.copy = CopyState::Pending,
+                    CopyState::Ready(copy) => return Ok(copy),
+                    CopyState::Unfinished(rest) => break rest,
+                    CopyState::Gone => return Err(report.failure),
                 }
             }
             // notify_one keeps a permit, so a change between the check and here is not lost.
             tokio::time::timeout_at(deadline, self.shared.changed.notified())
                 .await
-                .ok()?;
+                .map_err(|_| None)?;
+        };
+        tokio::time::timeout_at(deadline, rest.read_on())
+            .await
+            .unwrap_or(Err(None))
+    }
+}
+
+/// The app's body as sends after the first need it: taken once from the first send's
+/// [`BodyWatch`], then shared by every later send.
+#[derive(Debug)]
+pub(crate) enum Kept<B = Incoming> {
+    /// The request has no body.
+    Empty,
+    /// The first send's body, until a later send asks for it.
+    Watch(BodyWatch<B>),
+    /// The whole body.
+    Copy(BodyCopy),
+    /// Not kept whole; why, when the app's body failed.
+    Lost(Option<BodyFailure>),
+}
+
+impl<B> Kept<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// The watch on the first send's body, while it is being sent.
+    pub fn watch(&self) -> Option<&BodyWatch<B>> {
+        match self {
+            Kept::Watch(watch) => Some(watch),
+            _ => None,
+        }
+    }
+
+    /// False when the body is known from the start to be too large to keep.
+    pub fn may_resend(&self) -> bool {
+        match self {
+            Kept::Watch(watch) => watch.keeps_copy(),
+            _ => true,
+        }
+    }
+
+    /// The body for one more send (see [`BodyWatch::replay`] for `wait` and the errors).
+    pub async fn body(&mut self, wait: Duration) -> Result<OutboundBody<B>, Option<BodyFailure>> {
+        *self = match std::mem::replace(self, Kept::Lost(None)) {
+            Kept::Watch(watch) => match watch.replay(wait).await {
+                Ok(copy) => Kept::Copy(copy),
+                Err(failure) => Kept::Lost(failure),
+            },
+            other => other,
+        };
+        match self {
+            Kept::Empty => Ok(OutboundBody::empty()),
+            Kept::Copy(copy) => Ok(OutboundBody::replay(copy.clone())),
+            Kept::Lost(failure) => Err(*failure),
+            Kept::Watch(_) => Err(None),
         }
     }
 }
 
+/// The rest of a body the client gave up on, and the copy of what it had read.
+#[derive(Debug)]
+struct Unfinished<B> {
+    inner: B,
+    copy: BodyCopy,
+    read: u64,
+    limits: BodyLimits,
+}
+
+impl<B> Unfinished<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Reads the rest from the app into the copy, within the same limits.
+    async fn read_on(mut self) -> Result<BodyCopy, Option<BodyFailure>> {
+        while !self.inner.is_end_stream() {
+            let frame =
+                match tokio::time::timeout(self.limits.idle_timeout, self.inner.frame()).await {
+                    Err(_) => return Err(Some(BodyFailure::Stalled)),
+                    Ok(None) => break,
+                    Ok(Some(Err(_))) => return Err(Some(BodyFailure::Broken)),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+            match frame.into_data() {
+                Ok(data) => {
+                    self.read = self.read.saturating_add(data.len() as u64);
+                    if self.read > self.limits.max_body {
+                        return Err(Some(BodyFailure::TooLarge));
+                    }
+                    if !self.copy.keep(&data, self.read, self.limits.replay_cap) {
+                        return Err(None);
+                    }
+                }
+                Err(frame) => self.copy.trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok(self.copy)
+    }
+}
+
 /// The body sent upstream: nothing, the app's body streamed through the limits, or a copy
-/// being replayed. Production bodies wrap hyper's [`Incoming`]; tests feed anything else.
+/// being sent again. Production bodies wrap hyper's [`Incoming`]; tests feed anything else.
 #[derive(Debug)]
 pub struct OutboundBody<B = Incoming>(Kind<B>);
 
@@ -186,13 +309,14 @@ enum Kind<B> {
 
 #[derive(Debug)]
 struct Streaming<B> {
-    inner: B,
+    /// Taken on drop when the client gave up before the end, for another send to read on.
+    inner: Option<B>,
     limits: BodyLimits,
     /// Bytes read so far.
     read: u64,
-    /// Present while the body may still be replayed.
+    /// Present while the body may still be sent again.
     copy: Option<BodyCopy>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<B>>,
     /// Set once the body has ended, however it ended.
     done: bool,
     /// Armed when the app had no frame ready; created on first need, since most small bodies
@@ -227,12 +351,8 @@ impl<B> OutboundBody<B> {
 impl<B: Body<Data = Bytes>> OutboundBody<B> {
     /// Streams `inner` within `limits`. A copy is kept only when the body's own size hint
     /// allows it to fit the cap; what is actually read decides the rest.
-    pub(crate) fn streaming(inner: B, limits: BodyLimits) -> (Self, BodyWatch) {
-        let copy = limits
-            .replay_cap
-            .filter(|cap| inner.size_hint().lower() <= *cap)
-            .map(|_| BodyCopy::default());
-        let keeps_copy = copy.is_some();
+    pub(crate) fn streaming(inner: B, limits: BodyLimits) -> (Self, BodyWatch<B>) {
+        let keeps_copy = inner.size_hint().lower() <= limits.replay_cap;
         let shared = Arc::new(Shared {
             report: Mutex::new(Report {
                 failure: None,
@@ -246,10 +366,10 @@ impl<B: Body<Data = Bytes>> OutboundBody<B> {
             waiting_on_app: AtomicBool::new(false),
         });
         let body = Self(Kind::Stream(Box::new(Streaming {
-            inner,
+            inner: Some(inner),
             limits,
             read: 0,
-            copy,
+            copy: keeps_copy.then(BodyCopy::default),
             shared: shared.clone(),
             done: false,
             idle: None,
@@ -268,10 +388,10 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, OutboundBodyError>>> {
-        if self.done {
+        let (false, Some(inner)) = (self.done, self.inner.as_mut()) else {
             return Poll::Ready(None);
-        }
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        };
+        let poll = Pin::new(inner).poll_frame(cx);
         if self.waiting && poll.is_ready() {
             self.waiting = false;
             self.shared.waiting_on_app.store(false, Ordering::Release);
@@ -284,26 +404,19 @@ where
                         let err = OutboundBodyError::TooLarge(self.limits.max_body);
                         return Poll::Ready(Some(Err(self.fail(BodyFailure::TooLarge, err))));
                     }
-                    let within_cap = self.limits.replay_cap.is_some_and(|cap| self.read <= cap);
-                    match &mut self.copy {
-                        Some(copy) if within_cap => {
-                            copy.chunks.push(data.clone());
-                            copy.len = self.read;
-                        }
-                        // Past the cap the copy is useless: free it now, and say so now, so a
-                        // 401 that arrives mid-upload goes back without waiting for the rest.
-                        Some(_) => {
-                            self.copy = None;
-                            self.shared.update(|r| r.copy = CopyState::Gone);
-                        }
-                        None => {}
+                    let (read, cap) = (self.read, self.limits.replay_cap);
+                    // Past the cap the copy is useless: free it now, and say so now, so a
+                    // 401 that arrives mid-upload goes back without waiting for the rest.
+                    if self.copy.as_mut().is_some_and(|c| !c.keep(data, read, cap)) {
+                        self.copy = None;
+                        self.shared.update(|r| r.copy = CopyState::Gone);
                     }
                 } else if let (Some(trailers), Some(copy)) = (frame.trailers_ref(), &mut self.copy)
                 {
                     copy.trailers = Some(trailers.clone());
                 }
                 // The client may stop polling once the body says it is done, so report now.
-                if self.inner.is_end_stream() {
+                if self.inner.as_ref().is_some_and(Body::is_end_stream) {
                     self.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -361,9 +474,21 @@ where
 
 impl<B> Drop for Streaming<B> {
     fn drop(&mut self) {
-        // The client gave up on an unfinished body (Tango closed the connection): no replay.
-        if !self.done && self.copy.is_some() {
-            self.shared.update(|r| r.copy = CopyState::Gone);
+        // The client gave up on an unfinished body (Tango refused the stream, or closed the
+        // connection). When the copy still holds all that was read, the rest is with the app:
+        // hand both over, so another send can read on.
+        if self.done {
+            return;
+        }
+        if let (Some(copy), Some(inner)) = (self.copy.take(), self.inner.take()) {
+            let rest = Unfinished {
+                inner,
+                copy,
+                read: self.read,
+                limits: self.limits,
+            };
+            self.shared
+                .update(|r| r.copy = CopyState::Unfinished(Box::new(rest)));
         }
     }
 }
@@ -404,7 +529,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Empty => true,
-            Kind::Stream(s) => s.done || s.inner.is_end_stream(),
+            Kind::Stream(s) => s.done || s.inner.as_ref().is_none_or(Body::is_end_stream),
             Kind::Replay(r) => r.is_end_stream(),
         }
     }
@@ -412,7 +537,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Empty => SizeHint::with_exact(0),
-            Kind::Stream(s) => s.inner.size_hint(),
+            Kind::Stream(s) => s.inner.as_ref().map(Body::size_hint).unwrap_or_default(),
             Kind::Replay(r) => SizeHint::with_exact(r.remaining),
         }
     }
@@ -458,7 +583,7 @@ mod tests {
         }
     }
 
-    fn limits(max_body: u64, replay_cap: Option<u64>) -> BodyLimits {
+    fn limits(max_body: u64, replay_cap: u64) -> BodyLimits {
         BodyLimits {
             max_body,
             idle_timeout: Duration::from_secs(30),
@@ -487,7 +612,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn crossing_max_body_fails_the_body_and_reports_too_large() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(10, Some(64)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(10, 64));
         for _ in 0..2 {
             send(&tx, b"abcd");
             assert_eq!(next(&mut body).await.unwrap().unwrap(), "abcd");
@@ -504,7 +629,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_exactly_at_max_body_passes_and_its_copy_replays_the_same_frames() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(8, Some(8)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(8, 8));
         assert!(watch.keeps_copy());
         send(&tx, b"abcd");
         send(&tx, b"efgh");
@@ -512,7 +637,7 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "abcd");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "efgh");
         assert!(next(&mut body).await.is_none());
-        let replay: OutboundBody<AppBody> = watch.replay(Duration::ZERO).await.unwrap();
+        let replay = OutboundBody::<AppBody>::replay(watch.replay(Duration::ZERO).await.unwrap());
         assert_eq!(replay.size_hint().exact(), Some(8));
         assert_eq!(collect(replay).await, "abcdefgh");
     }
@@ -520,7 +645,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_copy_is_dropped_past_the_cap_while_the_body_keeps_streaming() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(6)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, 6));
         assert!(watch.keeps_copy(), "no length up front: start copying");
         send(&tx, b"abcd");
         send(&tx, b"efgh");
@@ -528,10 +653,10 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "efgh");
         // The upload goes on, but a 401 arriving now is passed on without waiting for its end.
         let asked = Instant::now();
-        assert!(watch
-            .replay::<AppBody>(Duration::from_secs(30))
-            .await
-            .is_none());
+        assert_eq!(
+            watch.replay(Duration::from_secs(30)).await.unwrap_err(),
+            None
+        );
         assert_eq!(asked.elapsed(), Duration::ZERO);
         send(&tx, b"ijkl");
         drop(tx);
@@ -541,55 +666,111 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_whose_size_hint_exceeds_the_cap_is_never_copied() {
         let (tx, app) = app_body(SizeHint::with_exact(100));
-        let (body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(64)));
+        let (body, watch) = OutboundBody::streaming(app, limits(1 << 20, 64));
         assert!(!watch.keeps_copy());
         tx.send(Ok(Bytes::from(vec![b'x'; 100]))).unwrap();
         drop(tx);
         assert_eq!(collect(body).await.len(), 100);
-        assert!(watch.replay::<AppBody>(Duration::ZERO).await.is_none());
-
-        // And a profile that does not replay keeps nothing, however small the body.
-        let (tx, app) = app_body(SizeHint::with_exact(1));
-        let (body, watch) = OutboundBody::streaming(app, limits(1 << 20, None));
-        assert!(!watch.keeps_copy());
-        send(&tx, b"x");
-        drop(tx);
-        assert_eq!(collect(body).await, "x");
-        assert!(watch.replay::<AppBody>(Duration::ZERO).await.is_none());
+        assert_eq!(watch.replay(Duration::ZERO).await.unwrap_err(), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_replay_waits_for_the_first_send_to_finish_reading() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(64)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, 64));
         send(&tx, b"abcd");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "abcd");
         // Tango answered already; the client is still sending the rest.
-        let replay = tokio::spawn(watch.replay::<AppBody>(Duration::from_secs(30)));
+        let replay = tokio::spawn(watch.replay(Duration::from_secs(30)));
         send(&tx, b"efgh");
         drop(tx);
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "efgh");
         assert!(next(&mut body).await.is_none());
-        assert_eq!(collect(replay.await.unwrap().unwrap()).await, "abcdefgh");
+        let copy = replay.await.unwrap().unwrap();
+        assert_eq!(
+            collect(OutboundBody::<AppBody>::replay(copy)).await,
+            "abcdefgh"
+        );
+    }
 
-        // A body the client gave up on half-way is not replayable.
+    /// A body whose first frame, "abcd", the client read before giving up on it.
+    async fn given_up_after_abcd(
+        limits: BodyLimits,
+    ) -> (
+        mpsc::UnboundedSender<Result<Bytes, &'static str>>,
+        BodyWatch<AppBody>,
+    ) {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(64)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits);
         send(&tx, b"abcd");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "abcd");
+        // Tango refused the stream half-way: the client drops the body; the app goes on.
         drop(body);
+        (tx, watch)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_the_client_gave_up_on_is_read_on_from_the_app_for_the_next_send() {
+        let (tx, watch) = given_up_after_abcd(limits(1 << 20, 64)).await;
+        let replay = tokio::spawn(watch.replay(Duration::from_secs(30)));
+        send(&tx, b"efgh");
+        drop(tx);
+        let copy = replay.await.unwrap().unwrap();
+        let again = OutboundBody::<AppBody>::replay(copy);
+        assert_eq!(again.size_hint().exact(), Some(8));
+        assert_eq!(collect(again).await, "abcdefgh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reading_on_keeps_the_limits_of_the_first_send() {
+        // The rest crosses the cap: not kept, at once.
+        let (tx, watch) = given_up_after_abcd(limits(1 << 20, 6)).await;
+        send(&tx, b"efgh");
+        assert_eq!(
+            watch.replay(Duration::from_secs(30)).await.unwrap_err(),
+            None
+        );
+
+        // The rest crosses listen.max_body: the app's fault.
+        let (tx, watch) = given_up_after_abcd(limits(6, 64)).await;
+        send(&tx, b"efgh");
+        let failure = watch.replay(Duration::from_secs(30)).await.unwrap_err();
+        assert_eq!(failure, Some(BodyFailure::TooLarge));
+
+        // The app stops sending: stalled after listen.body_idle_timeout (30 s here).
+        let (_tx, watch) = given_up_after_abcd(limits(1 << 20, 64)).await;
         let asked = Instant::now();
-        assert!(watch
-            .replay::<AppBody>(Duration::from_secs(30))
-            .await
-            .is_none());
-        assert_eq!(asked.elapsed(), Duration::ZERO);
+        let failure = watch.replay(Duration::from_secs(60)).await.unwrap_err();
+        assert_eq!(failure, Some(BodyFailure::Stalled));
+        assert_eq!(asked.elapsed(), Duration::from_secs(30));
+
+        // The app breaks off.
+        let (tx, watch) = given_up_after_abcd(limits(1 << 20, 64)).await;
+        tx.send(Err("reset by peer")).unwrap();
+        let failure = watch.replay(Duration::from_secs(60)).await.unwrap_err();
+        assert_eq!(failure, Some(BodyFailure::Broken));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_body_serves_every_later_send() {
+        let (tx, app) = app_body(SizeHint::new());
+        let (body, watch) = OutboundBody::streaming(app, limits(1 << 20, 64));
+        let mut kept = Kept::Watch(watch);
+        send(&tx, b"abcd");
+        drop(tx);
+        assert_eq!(collect(body).await, "abcd");
+        for _ in 0..2 {
+            let again = kept.body(Duration::ZERO).await.unwrap();
+            assert_eq!(collect(again).await, "abcd");
+        }
+        let mut none = Kept::<AppBody>::Empty;
+        assert!(none.body(Duration::ZERO).await.unwrap().is_end_stream());
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_idle_timeout_fires_only_after_the_app_sent_nothing_for_that_long() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(64)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, 64));
         send(&tx, b"a");
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "a");
 
@@ -617,14 +798,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_broken_app_body_is_reported_and_not_replayable() {
         let (tx, app) = app_body(SizeHint::new());
-        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, Some(64)));
+        let (mut body, watch) = OutboundBody::streaming(app, limits(1 << 20, 64));
         send(&tx, b"abcd");
         tx.send(Err("reset by peer")).unwrap();
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "abcd");
         let err = next(&mut body).await.unwrap().unwrap_err();
         assert!(err.to_string().contains("reset by peer"), "{err}");
         assert_eq!(watch.failure(), Some(BodyFailure::Broken));
-        assert!(watch.replay::<AppBody>(Duration::ZERO).await.is_none());
+        let failure = watch.replay(Duration::ZERO).await.unwrap_err();
+        assert_eq!(failure, Some(BodyFailure::Broken));
     }
 
     #[tokio::test]

@@ -3,7 +3,16 @@
 //! [`Proxy::handle`] is the whole request path. It never reads a body whole: request and response
 //! bodies stream frame by frame, so memory per request stays small whatever the transfer size.
 //! Request bodies go through [`OutboundBody`], which enforces `listen.max_body` and
-//! `listen.body_idle_timeout` on every profile and keeps the capped copy a 401 replay needs.
+//! `listen.body_idle_timeout` on every profile and keeps the capped copy a second send needs.
+//!
+//! A request is sent to Tango again only when Tango provably did not act on it: a 401 (replayed
+//! once with a new credential, OAuth profiles), or a stream its HTTP/2 edge refused — above a
+//! GOAWAY's last-stream-id, `REFUSED_STREAM`, or a request that never left the proxy
+//! ([`client::Refusal`]). Each send that is refused so is sent once more, whatever the method,
+//! with a credential authorized anew (a DPoP proof is never reused) and the kept body; a body
+//! too large to keep, or any other failure (a timeout, a reset once Tango started answering),
+//! keeps its 502 or 504. A stream refused for `REFUSED_STREAM` may go again on the same
+//! connection, as RFC 9113 §8.7 allows; after a GOAWAY the pool never reuses that connection.
 //! The upstream origin comes only from configuration; absolute-form requests naming any other
 //! authority are refused rather than forwarded somewhere unexpected.
 
@@ -28,9 +37,9 @@ use crate::auth::{AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
 use crate::metrics::Metrics;
-use body::{BodyFailure, BodyLimits, BodyWatch};
+use body::{BodyFailure, BodyLimits, BodyWatch, Kept};
 pub use body::{OutboundBody, OutboundBodyError};
-use client::UpstreamClient;
+use client::{Refusal, UpstreamClient};
 pub use error::{ProxyError, PROXY_ERROR_HEADER};
 use headers::RequestIds;
 pub use response::{UpstreamBody, UpstreamBodyError};
@@ -64,6 +73,15 @@ struct Inner {
 
 /// What the upstream call produced.
 type Forwarded = (Response<Incoming>, Option<HeaderValue>);
+
+/// How one send to Tango failed.
+#[derive(Debug)]
+enum SendFailure {
+    /// Tango provably did not process the request: it may be sent once more.
+    Refused(Refusal, ProxyError),
+    /// Anything else: the answer to the app.
+    Failed(ProxyError),
+}
 
 impl Proxy {
     /// Builds the proxy for one profile; `bound` is the address the proxy listener really has.
@@ -220,25 +238,32 @@ impl Proxy {
         // The pooled client picks HTTP/2 itself when ALPN negotiates it.
         parts.version = Version::HTTP_11;
 
-        let replays = authorizer.replays();
         // Most calls (GETs) have no body: they skip the wrapper, its timer and its report.
-        let (body, watch) = if body.is_end_stream() {
-            (OutboundBody::empty(), None)
+        let (body, mut kept) = if body.is_end_stream() {
+            (OutboundBody::empty(), Kept::Empty)
         } else {
             let limits = BodyLimits {
                 max_body: inner.max_body,
                 idle_timeout: inner.body_idle_timeout,
-                replay_cap: replays.then_some(inner.replay_max_body),
+                replay_cap: inner.replay_max_body,
             };
             let (body, watch) = OutboundBody::streaming(body, limits);
-            (body, Some(watch))
+            (body, Kept::Watch(watch))
         };
-        // The request is kept for a replay only when its body can be: none, or a copy is kept.
-        let template =
-            (replays && watch.as_ref().is_none_or(BodyWatch::keeps_copy)).then(|| parts.clone());
+        // Any request may need a second send (refused unprocessed, or a 401): its parts are
+        // kept when its body can be.
+        let template = kept.may_resend().then(|| parts.clone());
         let sent_to = parts.uri.clone();
-        let response = self
-            .send(with_credential(parts, &credential), body, watch.as_ref())
+        let first = with_credential(parts, &credential);
+        let (response, credential) = self
+            .send_resending(
+                first,
+                body,
+                credential,
+                template.as_ref(),
+                &mut kept,
+                request_id,
+            )
             .await?;
         authorizer.observe(&sent_to, response.headers());
         if response.status() != StatusCode::UNAUTHORIZED {
@@ -248,22 +273,16 @@ impl Proxy {
         // so the next request does not reuse it (that happens before `rejected` returns; the
         // future only waits for a fresh credential and may be dropped).
         let fresh_coming = authorizer.rejected(&credential, response.headers());
-        let Some(template) = template else {
+        let Some(template) = template.filter(|_| authorizer.replays()) else {
             return Ok(self.finish(response, request_id));
         };
         if !fresh_coming.await {
             return Ok(self.finish(response, request_id));
         }
-        // Replay only a body the first send read to its end, within `upstream.replay_max_body`.
-        let body = match watch {
-            None => OutboundBody::empty(),
-            Some(watch) => match watch.replay(inner.body_idle_timeout).await {
-                Some(body) => body,
-                None => {
-                    tracing::debug!(request_id = ?request_id, "401 passed on: the request body was not kept whole for a replay");
-                    return Ok(self.finish(response, request_id));
-                }
-            },
+        // Replay only a body kept whole, within `upstream.replay_max_body`.
+        let Ok(body) = kept.body(inner.body_idle_timeout).await else {
+            tracing::debug!(request_id = ?request_id, "401 passed on: the request body was not kept whole for a replay");
+            return Ok(self.finish(response, request_id));
         };
         let fresh = authorizer
             .authorize(Target {
@@ -278,14 +297,71 @@ impl Proxy {
             .filter(|f| f.authorization != credential.authorization || f.dpop != credential.dpop)
         {
             tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");
-            let sent_to = template.uri.clone();
-            let replay = self
-                .send(with_credential(template, &fresh), body, None)
+            let replay = with_credential(template.clone(), &fresh);
+            let (replay, _) = self
+                .send_resending(replay, body, fresh, Some(&template), &mut kept, request_id)
                 .await?;
             authorizer.observe(&sent_to, replay.headers());
             return Ok(self.finish(replay, request_id));
         }
         Ok(self.finish(response, request_id))
+    }
+
+    /// Sends `parts` (carrying `credential`); when Tango refuses it unprocessed, sends it once
+    /// more from `template` with a credential authorized anew and the kept body, if both were
+    /// kept. Returns Tango's response and the credential it answers.
+    async fn send_resending(
+        &self,
+        parts: http::request::Parts,
+        body: OutboundBody,
+        credential: Credential,
+        template: Option<&http::request::Parts>,
+        kept: &mut Kept,
+        request_id: &HeaderValue,
+    ) -> Result<(Response<Incoming>, Credential), ProxyError> {
+        let inner = &*self.0;
+        let (refusal, err) = match self.send(parts, body, kept.watch()).await {
+            Ok(response) => return Ok((response, credential)),
+            Err(SendFailure::Failed(err)) => return Err(err),
+            Err(SendFailure::Refused(refusal, err)) => (refusal, err),
+        };
+        // Sent again only with its parts and its whole body.
+        let body = match template {
+            Some(_) => kept.body(inner.body_idle_timeout).await,
+            None => Err(None),
+        };
+        let (template, body) = match (template, body) {
+            (Some(template), Ok(body)) => (template, body),
+            (_, Err(Some(failure))) => return Err(self.body_failed(failure, None)),
+            _ => {
+                tracing::debug!(request_id = ?request_id, reason = refusal.label(), "not sent again: the request body was not kept whole");
+                inner.metrics.upstream_error("io");
+                return Err(err);
+            }
+        };
+        let fresh = inner
+            .profile
+            .authorizer
+            .authorize(Target {
+                method: &template.method,
+                uri: &template.uri,
+            })
+            .resolve()
+            .await
+            .map_err(token_unavailable)?;
+        inner.metrics.upstream_retry(refusal.label());
+        tracing::debug!(request_id = ?request_id, reason = refusal.label(), "Tango did not process the request ({err}); sending it once more");
+        match self
+            .send(with_credential(template.clone(), &fresh), body, None)
+            .await
+        {
+            Ok(response) => Ok((response, fresh)),
+            Err(SendFailure::Failed(err)) => Err(err),
+            Err(SendFailure::Refused(_, err)) => {
+                inner.metrics.upstream_error("io");
+                Err(err)
+            }
+        }
     }
 
     /// Sends one request upstream within `upstream.timeout`. When the call fails because the
@@ -296,45 +372,61 @@ impl Proxy {
         parts: http::request::Parts,
         body: OutboundBody,
         watch: Option<&BodyWatch>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendFailure> {
         let inner = &*self.0;
         let outbound = Request::from_parts(parts, body);
         match tokio::time::timeout(inner.timeout, inner.client.request(outbound)).await {
             // The timeout covers sending the body too; the idle clock starts later, so with equal
             // settings a stalled app would otherwise be reported as a slow Tango.
             Err(_) if watch.is_some_and(BodyWatch::waiting_on_app) => {
-                Err(ProxyError::RequestTimeout {
+                Err(SendFailure::Failed(ProxyError::RequestTimeout {
                     limit: inner.timeout,
                     key: "upstream.timeout",
-                })
+                }))
             }
             Err(_) => {
                 inner.metrics.upstream_error("timeout");
-                Err(ProxyError::UpstreamTimeout(inner.timeout))
+                Err(SendFailure::Failed(ProxyError::UpstreamTimeout(
+                    inner.timeout,
+                )))
             }
             Ok(Err(e)) => {
                 // A body that failed reported why before the client saw the failure.
-                match watch.and_then(BodyWatch::failure) {
-                    Some(BodyFailure::TooLarge) => {
-                        return Err(ProxyError::BodyTooLarge {
-                            limit: inner.max_body,
-                        })
-                    }
-                    Some(BodyFailure::Stalled) => {
-                        return Err(ProxyError::RequestTimeout {
-                            limit: inner.body_idle_timeout,
-                            key: "listen.body_idle_timeout",
-                        })
-                    }
-                    Some(BodyFailure::Broken) => return Err(ProxyError::BadRequest(describe(&e))),
-                    None => {}
+                if let Some(failure) = watch.and_then(BodyWatch::failure) {
+                    return Err(SendFailure::Failed(self.body_failed(failure, Some(&e))));
+                }
+                let err = ProxyError::UpstreamUnreachable(describe(&e));
+                if let Some(refusal) = Refusal::of(&e) {
+                    return Err(SendFailure::Refused(refusal, err));
                 }
                 inner
                     .metrics
                     .upstream_error(if e.is_connect() { "connect" } else { "io" });
-                Err(ProxyError::UpstreamUnreachable(describe(&e)))
+                Err(SendFailure::Failed(err))
             }
             Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// The answer when the app's body failed; `e` is the upstream call it broke, if any.
+    fn body_failed(
+        &self,
+        failure: BodyFailure,
+        e: Option<&hyper_util::client::legacy::Error>,
+    ) -> ProxyError {
+        let inner = &*self.0;
+        match failure {
+            BodyFailure::TooLarge => ProxyError::BodyTooLarge {
+                limit: inner.max_body,
+            },
+            BodyFailure::Stalled => ProxyError::RequestTimeout {
+                limit: inner.body_idle_timeout,
+                key: "listen.body_idle_timeout",
+            },
+            BodyFailure::Broken => ProxyError::BadRequest(
+                e.map(|e| describe(e))
+                    .unwrap_or_else(|| "cannot read the request body".into()),
+            ),
         }
     }
 

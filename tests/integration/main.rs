@@ -17,6 +17,7 @@ mod logs;
 mod mock;
 mod oauth;
 mod redis;
+mod refusals;
 mod replay;
 mod store;
 mod streaming;

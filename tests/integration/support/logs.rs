@@ -73,3 +73,8 @@ pub fn assert_no_secret_captured() {
     assert!(!text.is_empty(), "no logs were captured");
     assert_no_secret_in(&text);
 }
+
+/// Everything captured so far from in-process proxies, as text.
+pub fn captured() -> String {
+    String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned()
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod h2_upstream;
 pub mod logs;
 pub mod raw;
 pub mod redis_server;
