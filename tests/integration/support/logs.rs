@@ -74,7 +74,3 @@ pub fn assert_no_secret_captured() {
     assert_no_secret_in(&text);
 }
 
-/// Everything captured so far from in-process proxies, as text.
-pub fn captured() -> String {
-    String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned()
-}
