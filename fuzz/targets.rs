@@ -26,8 +26,11 @@ use tango_auth_proxy::auth::oauth::{parse_response, Challenge};
 use tango_auth_proxy::config::{AuthConfig, Config};
 use tango_auth_proxy::proxy::headers::{sanitize_request, sanitize_response, RequestIds};
 
+/// A target: panics when a property does not hold for the input.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the corpus replay.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("request_head", request_head),
     ("token_answer", token_answer),
