@@ -143,26 +143,20 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let admin_state = AdminState::new(config, vec![profile], metrics.clone());
 
     let (stop, stopped) = watch::channel(false);
-    let grace = config.listen.grace_period;
     let listen = &config.listen;
     warn_if_descriptors_short(listen.max_connections + listen.admin_max_connections);
-    let (open, refused, ended) = metrics.listener("proxy");
-    let proxy_settings = listener::Settings {
-        name: "proxy",
-        header_timeout: listen.header_timeout,
-        max_connections: listen.max_connections,
-        max_connections_key: "listen.max_connections",
+    let proxy_settings = listener::Settings::new(
+        "proxy",
+        (listen.max_connections, "listen.max_connections"),
         // Above `listen.max_header_size`, so an oversized header section reaches the proxy's own
         // check and gets the JSON 431; only one beyond twice the limit gets hyper's bare 431.
-        read_buffer: usize::try_from(listen.max_header_size)
+        usize::try_from(listen.max_header_size)
             .unwrap_or(usize::MAX)
             .saturating_mul(2)
             .saturating_add(16 << 10),
-        grace,
-        open,
-        refused,
-        ended,
-    };
+        listen,
+        &metrics,
+    );
     let proxy_task = tokio::spawn(listener::serve(
         listeners.proxy,
         proxy_settings,
@@ -175,18 +169,13 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         },
         wait_for(stopped.clone()),
     ));
-    let (open, refused, ended) = metrics.listener("admin");
-    let admin_settings = listener::Settings {
-        name: "admin",
-        header_timeout: listen.header_timeout,
-        max_connections: listen.admin_max_connections,
-        max_connections_key: "listen.admin_max_connections",
-        read_buffer: 16 << 10,
-        grace,
-        open,
-        refused,
-        ended,
-    };
+    let admin_settings = listener::Settings::new(
+        "admin",
+        (listen.admin_max_connections, "listen.admin_max_connections"),
+        16 << 10,
+        listen,
+        &metrics,
+    );
     let router = admin::router(admin_state);
     let admin_task = tokio::spawn(listener::serve(
         listeners.admin,

@@ -37,6 +37,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::config::ListenConfig;
+use crate::metrics::Metrics;
+
 /// Header fields hyper accepts before the proxy's own size check sees the request.
 const MAX_HEADER_FIELDS: usize = 512;
 /// Shortest gap between two log lines about refused connections or failed accepts.
@@ -66,6 +69,31 @@ pub struct Settings {
     /// Connections the listener itself ended, by why: `malformed` (a bare 400), `too_large`
     /// (a bare 431) and `header_timeout`.
     pub ended: [Counter; 3],
+}
+
+impl Settings {
+    /// The settings of listener `name` (`"proxy"` or `"admin"`): its cap and the key that sets
+    /// it, its read buffer, the shared `[listen]` timeouts and its metrics.
+    pub fn new(
+        name: &'static str,
+        (max_connections, max_connections_key): (usize, &'static str),
+        read_buffer: usize,
+        listen: &ListenConfig,
+        metrics: &Metrics,
+    ) -> Self {
+        let (open, refused, ended) = metrics.listener(name);
+        Self {
+            name,
+            header_timeout: listen.header_timeout,
+            max_connections,
+            max_connections_key,
+            read_buffer,
+            grace: listen.grace_period,
+            open,
+            refused,
+            ended,
+        }
+    }
 }
 
 /// Why the listener ended a connection itself, for `Settings::ended`.
