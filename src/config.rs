@@ -843,19 +843,42 @@ pub fn redact_url_password(url: &str) -> String {
 }
 
 /// `user:pass@host,user:pass@host2,host3` with each password redacted.
+///
+/// A password may hold `,` (and `@` percent-encoded), so seeds are not split on `,` first: the
+/// text is cut at each `@`. Before the first `@` is the first seed's user information; each later
+/// piece is a host list up to its first `,`, then the next seed's user information. Whatever is
+/// taken for user information shows only what precedes its first `:` — conservative: a password
+/// is never shown, at worst a host is shown as a user name.
 fn redact_authority(authority: &str) -> String {
     let redacted = crate::secret::REDACTED;
-    authority
-        .split(',')
-        .map(|seed| match seed.rsplit_once('@') {
-            None => seed.to_string(),
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:{redacted}@{host}"),
-                None => format!("{redacted}@{host}"),
-            },
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    let userinfo = |info: &str| match info.split_once(':') {
+        Some((user, _)) => format!("{user}:{redacted}"),
+        None => redacted.to_string(),
+    };
+    let pieces: Vec<&str> = authority.split('@').collect();
+    let Some((last, userinfos)) = pieces.split_last() else {
+        return authority.to_string();
+    };
+    let mut out = String::with_capacity(authority.len());
+    for (i, piece) in userinfos.iter().enumerate() {
+        let info = if i == 0 {
+            piece
+        } else {
+            // The hosts of the previous seed, then this seed's user information.
+            match piece.split_once(',') {
+                Some((host, info)) => {
+                    out.push_str(host);
+                    out.push(',');
+                    info
+                }
+                None => piece,
+            }
+        };
+        out.push_str(&userinfo(info));
+        out.push('@');
+    }
+    out.push_str(last);
+    out
 }
 
 fn push_query(out: &mut String, query: Option<&str>) {
@@ -2465,6 +2488,16 @@ mod tests {
             (
                 "redis+cluster://u:s3cret1@h1:7000,u:s3cret2@h2:7001,h3:7002",
                 "redis+cluster://u:<redacted>@h1:7000,u:<redacted>@h2:7001,h3:7002",
+            ),
+            // A password holding ',' is one password, not a seed boundary.
+            (
+                "redis://u:pa,s3cret@host:6379/0",
+                "redis://u:<redacted>@host:6379/0",
+            ),
+            // Ambiguous (is "h2:7001" a seed or part of a password?): redacted, never shown.
+            (
+                "redis+cluster://u:p,s3cret@h1:7000,h2:7001,u:q,s3cret@h3:7002",
+                "redis+cluster://u:<redacted>@h1:7000,h2:<redacted>@h3:7002",
             ),
             (
                 "redis+sentinel://:s3cret@s1:1,s2:2/m/0",
