@@ -73,4 +73,3 @@ pub fn assert_no_secret_captured() {
     assert!(!text.is_empty(), "no logs were captured");
     assert_no_secret_in(&text);
 }
-
