@@ -50,6 +50,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod idle;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

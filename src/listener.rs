@@ -19,8 +19,10 @@ use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,11 +35,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::ListenConfig;
+use crate::idle::IdleClock;
 use crate::metrics::Metrics;
 
 /// Header fields hyper accepts before the proxy's own size check sees the request.
@@ -54,6 +57,8 @@ pub struct Settings {
     pub name: &'static str,
     /// Time a client has to send a request head.
     pub header_timeout: Duration,
+    /// Longest an app may take no part of a response it is being sent.
+    pub write_idle_timeout: Duration,
     /// Connections held open at most.
     pub max_connections: usize,
     /// The configuration key of `max_connections`, for the log line.
@@ -66,9 +71,8 @@ pub struct Settings {
     pub open: Gauge,
     /// Connections refused at the cap.
     pub refused: Counter,
-    /// Connections the listener itself ended, by why: `malformed` (a bare 400), `too_large`
-    /// (a bare 431) and `header_timeout`.
-    pub ended: [Counter; 3],
+    /// Connections the listener itself ended, by why (in [`ENDED_KINDS`] order).
+    pub ended: [Counter; 5],
 }
 
 impl Settings {
@@ -85,6 +89,7 @@ impl Settings {
         Self {
             name,
             header_timeout: listen.header_timeout,
+            write_idle_timeout: listen.body_idle_timeout,
             max_connections,
             max_connections_key,
             read_buffer,
@@ -96,8 +101,21 @@ impl Settings {
     }
 }
 
-/// Why the listener ended a connection itself, for `Settings::ended`.
-pub const ENDED_KINDS: [&str; 3] = ["malformed", "too_large", "header_timeout"];
+/// Why the listener ended a connection itself, for `Settings::ended`: a malformed request (a
+/// bare 400), an oversized head (a bare 431), a head started but not finished within
+/// `listen.header_timeout` (or never started on a new connection), a kept-alive connection idle
+/// that long, and an app that took no part of its response for `listen.body_idle_timeout`.
+pub const ENDED_KINDS: [&str; 5] = [
+    "malformed",
+    "too_large",
+    "header_timeout",
+    "idle",
+    "write_stalled",
+];
+
+/// Refusals at the cap in progress at once; beyond it a connection is closed without its 503,
+/// so a flood costs no more than this many descriptors and tasks.
+const MAX_REFUSING: usize = 64;
 
 /// Serves HTTP/1.1 on `listener` with the service `make(remote)` builds for each connection until
 /// `shutdown` resolves, then waits up to `settings.grace` for in-flight requests to finish.
@@ -122,6 +140,7 @@ pub async fn serve<M, S, B>(
         .keep_alive(true);
 
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let refusals = Quiet::default();
     let accept_failures = Quiet::default();
     let graceful = GracefulShutdown::new();
@@ -150,11 +169,19 @@ pub async fn serve<M, S, B>(
                             settings.max_connections_key,
                         );
                     }
-                    tokio::spawn(refuse(stream, refusal(settings.max_connections_key)));
+                    // Past MAX_REFUSING the stream is dropped here: closed without an answer.
+                    if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                        let answer = refusal(settings.max_connections_key);
+                        tokio::spawn(async move {
+                            refuse(stream, answer).await;
+                            drop(permit);
+                        });
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), make(remote));
+                let (io, progress) = AppIo::new(stream, settings.write_idle_timeout);
+                let conn = builder.serve_connection(TokioIo::new(io), make(remote));
                 let conn = graceful.watch(conn);
                 let open = settings.open.clone();
                 let ended = settings.ended.clone();
@@ -168,7 +195,9 @@ pub async fn serve<M, S, B>(
                         } else if e.is_parse() {
                             Some(0)
                         } else if e.is_timeout() {
-                            Some(2)
+                            Some(if progress.idle() { 3 } else { 2 })
+                        } else if progress.write_stalled() {
+                            Some(4)
                         } else {
                             None
                         };
@@ -228,9 +257,10 @@ fn refusal(key: &str) -> Bytes {
 async fn refuse(mut stream: TcpStream, answer: Bytes) {
     let _ = tokio::time::timeout(REFUSAL_WRITE_LIMIT, async {
         let mut scratch = [0u8; 4096];
-        while let Ok(n) = stream.try_read(&mut scratch) {
-            if n == 0 {
-                break;
+        for _ in 0..16 {
+            match stream.try_read(&mut scratch) {
+                Ok(n) if n > 0 => {}
+                _ => break,
             }
         }
         let _ = stream.write_all(&answer).await;
@@ -243,6 +273,134 @@ async fn refuse(mut stream: TcpStream, answer: Bytes) {
         }
     })
     .await;
+}
+
+/// An app's connection as hyper sees it: reads and writes pass through, and it keeps what the
+/// accept loop needs to know when the connection ends — whether it was between requests (an idle
+/// close, not a slow client) and whether a write to the app stalled past the idle limit, which
+/// ends the connection: an app that stops reading its response would otherwise hold its
+/// connection slot (and Tango's stream) for ever.
+#[derive(Debug)]
+struct AppIo {
+    stream: TcpStream,
+    clock: IdleClock,
+    progress: Arc<Progress>,
+}
+
+/// What [`AppIo`] saw, shared with the accept loop's connection task.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Bytes arrived since the last write (a request head has begun).
+    read_since_write: AtomicBool,
+    /// Something was written (a response was sent).
+    wrote: AtomicBool,
+    /// A write to the app made no progress for the idle limit.
+    stalled: AtomicBool,
+}
+
+impl Progress {
+    /// The connection ended between requests: a response went out and nothing has arrived since.
+    fn idle(&self) -> bool {
+        self.wrote.load(Ordering::Relaxed) && !self.read_since_write.load(Ordering::Relaxed)
+    }
+
+    fn write_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+impl AppIo {
+    fn new(stream: TcpStream, write_idle: Duration) -> (Self, Arc<Progress>) {
+        let progress = Arc::new(Progress::default());
+        let io = Self {
+            stream,
+            clock: IdleClock::new(write_idle),
+            progress: progress.clone(),
+        };
+        (io, progress)
+    }
+
+    /// A write that is pending: fails once the app has taken nothing for the idle limit.
+    fn write_pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        if !self.clock.expired(cx) {
+            return Poll::Pending;
+        }
+        self.progress.stalled.store(true, Ordering::Relaxed);
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the app took no part of its response for {} (listen.body_idle_timeout)",
+                humantime::format_duration(self.clock.limit())
+            ),
+        )))
+    }
+
+    fn wrote(
+        &mut self,
+        result: Poll<std::io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        match result {
+            Poll::Pending => self.write_pending(cx),
+            ready => {
+                self.clock.progressed();
+                self.progress.wrote.store(true, Ordering::Relaxed);
+                self.progress
+                    .read_since_write
+                    .store(false, Ordering::Relaxed);
+                ready
+            }
+        }
+    }
+}
+
+impl AsyncRead for AppIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.progress
+                .read_since_write
+                .store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for AppIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(result, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// Rate limit for a repeated log line: `note` counts an event and says whether to log now, with

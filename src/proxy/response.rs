@@ -12,7 +12,6 @@
 //! Tango answers) never arms a timer, and time the app spends not reading (back-pressure) is never
 //! blamed on Tango.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,7 +20,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
-use tokio::time::{Instant, Sleep};
+
+use crate::idle::IdleClock;
 
 /// Why a response body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +39,7 @@ pub enum UpstreamBodyError {
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    idle: Duration,
-    /// Made when the body first has nothing ready, then reset for each later wait.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the timer counts the current wait.
-    armed: bool,
+    clock: IdleClock,
     stalled: Counter,
 }
 
@@ -51,9 +47,7 @@ impl UpstreamBody {
     pub(crate) fn new(inner: Incoming, idle: Duration, stalled: Counter) -> Self {
         Self {
             inner,
-            idle,
-            timer: None,
-            armed: false,
+            clock: IdleClock::new(idle),
             stalled,
         }
     }
@@ -70,24 +64,14 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                // The next wait starts counting when it starts, not now.
-                this.armed = false;
+                this.clock.progressed();
                 Poll::Ready(frame.map(|f| f.map_err(UpstreamBodyError::from)))
             }
             Poll::Pending => {
-                let idle = this.idle;
-                let timer = match (&mut this.timer, this.armed) {
-                    (Some(timer), true) => timer,
-                    (Some(timer), false) => {
-                        timer.as_mut().reset(Instant::now() + idle);
-                        timer
-                    }
-                    (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep(idle))),
-                };
-                this.armed = true;
-                if timer.as_mut().poll(cx).is_pending() {
+                if !this.clock.expired(cx) {
                     return Poll::Pending;
                 }
+                let idle = this.clock.limit();
                 this.stalled.inc();
                 tracing::warn!(
                     "the upstream stopped sending a response body for {} (upstream.body_idle_timeout); \

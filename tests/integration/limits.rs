@@ -109,6 +109,15 @@ async fn a_request_head_sent_too_slowly_is_cut_off_on_both_listeners() {
     }
     assert_eq!(upstream.requests().len(), 0, "nothing reached Tango");
 
+    // A kept-alive connection left idle is closed too, and counted as idle, not as a slow client.
+    let mut kept = TcpStream::connect(proxy.addr()).await.unwrap();
+    let get = "GET /raas/v2/catalogs HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(raw_status(&request_on(&mut kept, get).await), 200);
+    assert!(
+        read_until_closed(&mut kept).await.is_some(),
+        "an idle kept-alive connection stays open"
+    );
+
     // Requests the listener refuses itself leave a trace an operator can see.
     let smuggle = b"POST /raas/v2/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello";
     assert_eq!(raw_status(&raw_request(proxy.addr(), smuggle).await), 400);
@@ -129,9 +138,14 @@ async fn a_request_head_sent_too_slowly_is_cut_off_on_both_listeners() {
     };
     assert_eq!(ended("proxy", "header_timeout"), 2.0);
     assert_eq!(ended("admin", "header_timeout"), 2.0);
+    assert_eq!(ended("proxy", "idle"), 1.0);
     assert_eq!(ended("proxy", "malformed"), 1.0);
     assert_eq!(ended("proxy", "too_large"), 1.0);
-    assert_eq!(upstream.requests().len(), 0, "nothing reached Tango");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the kept-alive request reached Tango"
+    );
     assert_serving(&proxy).await;
 }
 
@@ -248,4 +262,42 @@ async fn a_response_body_tango_stops_sending_is_cut_off() {
     assert!(crate::support::logs::captured()
         .contains("the upstream stopped sending a response body for 500ms"));
     assert_serving(&proxy).await;
+}
+
+#[tokio::test]
+async fn an_app_that_stops_reading_its_response_loses_the_connection_not_the_slot() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::start(&config_toml(
+        &upstream.url(),
+        "body_idle_timeout = \"500ms\"\nmax_connections = 1",
+        "",
+    ))
+    .await;
+    // 64 MiB the app never reads: the socket buffers fill and the proxy's writes stall.
+    let mut stuck = TcpStream::connect(proxy.addr()).await.unwrap();
+    stuck
+        .write_all(b"GET /raas/v2/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let series = "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"write_stalled\"}";
+    let deadline = Instant::now() + HANG;
+    loop {
+        let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+        if metric(&metrics, series) == 1.0 {
+            assert_eq!(
+                metric(&metrics, "tango_proxy_open_connections{listener=\"proxy\"}"),
+                0.0,
+                "the stalled connection still holds its slot"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stalled write is never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The only slot is free again for the next app connection.
+    assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
+    drop(stuck);
 }
