@@ -24,7 +24,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tango_auth_proxy::auth::dpop::NonceCache;
 use tango_auth_proxy::auth::oauth::{parse_response, Challenge};
 use tango_auth_proxy::config::{AuthConfig, Config};
-use tango_auth_proxy::proxy::headers::{sanitize_request, sanitize_response, RequestIds};
+use tango_auth_proxy::proxy::headers::{
+    app_challenge, sanitize_request, sanitize_response, RequestIds,
+};
 
 /// A target: panics when a property does not hold for the input.
 pub type Target = fn(&[u8]);
@@ -198,7 +200,13 @@ pub fn www_authenticate(data: &[u8]) {
         assert!(has_code("invalid_dpop_proof"));
     }
     let id = HeaderValue::from_static("fuzz-request");
-    sanitize_response(&mut headers, &id, http::StatusCode::UNAUTHORIZED);
+    let basic = data.first().is_some_and(|b| b & 1 == 1);
+    sanitize_response(
+        &mut headers,
+        &id,
+        http::StatusCode::UNAUTHORIZED,
+        &app_challenge(basic),
+    );
     assert!(!headers.contains_key("dpop-nonce"));
     let challenges: Vec<&HeaderValue> = headers
         .get_all(http::header::WWW_AUTHENTICATE)

@@ -109,6 +109,7 @@ pub fn sanitize_response(
     headers: &mut HeaderMap,
     request_id: &HeaderValue,
     status: http::StatusCode,
+    challenge: &HeaderValue,
 ) -> Option<HeaderValue> {
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an intermediary removes the
     // Content-Length before forwarding. The body arrives de-chunked; a stale length passed on
@@ -120,7 +121,7 @@ pub fn sanitize_response(
     // DPoP is between the proxy and Tango; the app never sends a proof.
     headers.remove(DPOP_NONCE);
     if status == http::StatusCode::UNAUTHORIZED {
-        app_facing_challenges(headers);
+        app_facing_challenges(headers, challenge);
     }
     let upstream_id = headers.remove(X_REQUEST_ID);
     if let Some(id) = &upstream_id {
@@ -132,10 +133,21 @@ pub fn sanitize_response(
     upstream_id
 }
 
+/// The challenge a 401 carries to the app when Tango's own are all DPoP ones, or Tango sent
+/// none: the scheme of the profile's credential, `Basic realm="Tango RaaS"` or
+/// `Bearer error="invalid_token"`.
+pub fn app_challenge(basic: bool) -> HeaderValue {
+    HeaderValue::from_static(if basic {
+        r#"Basic realm="Tango RaaS""#
+    } else {
+        r#"Bearer error="invalid_token""#
+    })
+}
+
 /// A 401 the app receives: DPoP challenges (the proxy's business) are dropped, and when that
-/// leaves none — or Tango sent none — a Bearer one says what happened (RFC 9110: a 401 carries a
+/// leaves none — or Tango sent none — `challenge` says what happened (RFC 9110: a 401 carries a
 /// challenge).
-fn app_facing_challenges(headers: &mut HeaderMap) {
+fn app_facing_challenges(headers: &mut HeaderMap, challenge: &HeaderValue) {
     let is_dpop = |v: &HeaderValue| {
         v.as_bytes()
             .get(..4)
@@ -152,10 +164,7 @@ fn app_facing_challenges(headers: &mut HeaderMap) {
     headers.remove(header::WWW_AUTHENTICATE);
     let kept: Vec<HeaderValue> = challenges.into_iter().filter(|v| !is_dpop(v)).collect();
     if kept.is_empty() {
-        headers.insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(r#"Bearer error="invalid_token""#),
-        );
+        headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
     }
     for v in kept {
         headers.append(header::WWW_AUTHENTICATE, v);
@@ -290,12 +299,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-length", HeaderValue::from_static("3"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        sanitize_response(&mut h, &id, http::StatusCode::OK);
+        sanitize_response(&mut h, &id, http::StatusCode::OK, &app_challenge(true));
         assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
         // Without Transfer-Encoding the length is the framing, and stays.
         let mut h = HeaderMap::new();
         h.insert("content-length", HeaderValue::from_static("3"));
-        sanitize_response(&mut h, &id, http::StatusCode::OK);
+        sanitize_response(&mut h, &id, http::StatusCode::OK, &app_challenge(true));
         assert_eq!(h["content-length"], "3");
     }
 

@@ -63,6 +63,8 @@ struct Inner {
     replay_max_body: u64,
     /// `upstream.body_idle_timeout`.
     response_idle_timeout: Duration,
+    /// What a 401 tells the app when Tango gave no challenge it can act on.
+    challenge: HeaderValue,
     /// `tango_proxy_upstream_errors_total{kind="body_stalled"}`.
     body_stalled: prometheus_client::metrics::counter::Counter,
     /// Authorities an absolute-form request may name: the proxy itself and the upstream.
@@ -92,6 +94,7 @@ impl Proxy {
         bound: SocketAddr,
     ) -> Result<Self, crate::tls::TlsError> {
         let client = client::build(&config.upstream)?;
+        let challenge = headers::app_challenge(profile.method == crate::config::AuthMethod::Basic);
         let mut local_authorities = vec![
             bound.to_string(),
             format!("localhost:{}", bound.port()),
@@ -111,6 +114,7 @@ impl Proxy {
             timeout: config.upstream.timeout,
             replay_max_body: config.upstream.replay_max_body,
             response_idle_timeout: config.upstream.body_idle_timeout,
+            challenge,
             body_stalled: metrics.upstream_error_counter("body_stalled"),
             local_authorities,
             metrics,
@@ -432,7 +436,12 @@ impl Proxy {
 
     fn finish(&self, mut response: Response<Incoming>, request_id: &HeaderValue) -> Forwarded {
         let status = response.status();
-        let upstream_id = headers::sanitize_response(response.headers_mut(), request_id, status);
+        let upstream_id = headers::sanitize_response(
+            response.headers_mut(),
+            request_id,
+            status,
+            &self.0.challenge,
+        );
         (response, upstream_id)
     }
 

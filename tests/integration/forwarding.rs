@@ -201,7 +201,8 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 #[tokio::test]
 async fn dpop_nonces_and_challenges_stay_between_the_proxy_and_tango() {
     // The app never does DPoP: Tango's nonce is the proxy's business, and a 401 the app
-    // receives carries a challenge it can act on.
+    // receives carries a challenge it can act on, in the scheme of the profile's credential
+    // (Basic here; Bearer for OAuth profiles, see lifecycle.rs).
     let upstream = FakeUpstream::start().await;
     let proxy = TestProxy::basic(&upstream).await;
     let resp = proxy.get("/raas/v2/401/use_dpop_nonce").await;
@@ -217,7 +218,7 @@ async fn dpop_nonces_and_challenges_stay_between_the_proxy_and_tango() {
         .iter()
         .map(|v| v.to_str().unwrap())
         .collect();
-    assert_eq!(challenges, [r#"Bearer error="invalid_token""#]);
+    assert_eq!(challenges, [r#"Basic realm="Tango RaaS""#]);
     // Other challenges pass through unchanged.
     let resp = proxy.get("/raas/v2/401/bearer").await;
     assert_eq!(
@@ -229,6 +230,6 @@ async fn dpop_nonces_and_challenges_stay_between_the_proxy_and_tango() {
     assert_eq!(resp.status(), 401);
     assert_eq!(
         resp.headers()["www-authenticate"],
-        r#"Bearer error="invalid_token""#
+        r#"Basic realm="Tango RaaS""#
     );
 }

@@ -335,7 +335,17 @@ async fn each_class_of_401_is_handled_by_its_www_authenticate() {
         &upstream.url(),
     );
     let p = ProxyProcess::start(&write_config(&dir, &toml), &[]);
-    assert_eq!(get_status(&p, "/raas/v2/401/none").await, 401);
+    let resp = client()
+        .get(format!("{}/raas/v2/401/none", p.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // Tango gave no challenge: the app gets one in the scheme of the profile's credential.
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
     let seen = seen_on(&upstream, "/401/none");
     assert_eq!(seen.len(), 2);
     assert_ne!(seen[0].0, seen[1].0);
