@@ -79,6 +79,7 @@ pub fn mock_config(time_scale: f64) -> MockConfig {
         time_scale,
         client_credentials_limit: Some(1),
         dpop_nonces: false,
+        token_failure_rate: 0.0,
     }
 }
 
