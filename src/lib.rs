@@ -41,6 +41,7 @@
 //! naming the cause. For OAuth profiles, the body keeps a copy of itself as it streams (up to
 //! `upstream.replay_max_body`), so a 401 can be replayed once: with a new token after the owner
 //! replaced a refused one, or with a fresh DPoP proof after a nonce challenge or a refused proof.
+//! When no replacement token can be had, the app gets `token_unavailable`, not the 401.
 
 pub mod admin;
 pub mod app;

@@ -24,7 +24,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::{AuthError, Credential, Profile, Target};
+use crate::auth::{AfterRejection, AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
 use crate::metrics::Metrics;
@@ -245,8 +245,10 @@ impl Proxy {
         let Some(template) = template else {
             return Ok(self.finish(response, request_id));
         };
-        if !fresh_coming.await {
-            return Ok(self.finish(response, request_id));
+        match fresh_coming.await {
+            AfterRejection::Replay => {}
+            AfterRejection::PassOn => return Ok(self.finish(response, request_id)),
+            AfterRejection::Unavailable(e) => return Err(token_unavailable(e)),
         }
         // Replay only a body the first send read to its end, within `upstream.replay_max_body`.
         let body = match watch {
