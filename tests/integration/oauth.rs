@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tango_auth_proxy::mock::{FailMode, SEED_ACCOUNT};
+use tango_auth_proxy::mock::FailMode;
 
 use crate::support::*;
 
@@ -201,19 +201,7 @@ async fn a_revoked_token_is_replaced_once_and_the_request_replayed() {
     let proxy = TestProxy::start(&oauth_toml(&url, "service_account", "")).await;
     assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
     mock.revoke_all();
-    let order = serde_json::json!({
-        "accountIdentifier": SEED_ACCOUNT,
-        "customerIdentifier": "demo-customer",
-        "amount": 5,
-        "utid": "U561593",
-        "externalRefID": "replay1"
-    });
-    let resp = client()
-        .post(format!("{}/raas/v2/orders", proxy.url))
-        .json(&order)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_order(&proxy.url, "replay1").await;
     assert_eq!(resp.status(), 201);
     let stats = mock.stats();
     assert_eq!(stats.total_token_requests(), 2, "{stats:?}");
@@ -238,19 +226,7 @@ async fn a_revoked_token_that_cannot_be_replaced_answers_token_unavailable_not_t
     // what any request without a usable token gets, not a 401 it would read as bad credentials.
     mock.revoke_all();
     mock.fail_token_requests(FailMode::ServerError, 1000);
-    let order = serde_json::json!({
-        "accountIdentifier": SEED_ACCOUNT,
-        "customerIdentifier": "demo-customer",
-        "amount": 5,
-        "utid": "U561593",
-        "externalRefID": "unreplaced1"
-    });
-    let resp = client()
-        .post(format!("{}/raas/v2/orders", proxy.url))
-        .json(&order)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_order(&proxy.url, "unreplaced1").await;
     assert!(resp.headers().contains_key("retry-after"));
     let body = assert_proxy_error(resp, 503, "token_unavailable").await;
     assert!(
