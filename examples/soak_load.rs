@@ -238,6 +238,7 @@ fn summary(shared: &mut Shared, wall: Duration) -> Value {
                 "unauthorized": t.unauthorized,
                 "transport_errors": t.transport_errors,
                 "p99_ms": percentile(&t.latencies_us, 0.99),
+                "max_ms": percentile(&t.latencies_us, 1.0),
             }),
         );
         total.sent += t.sent;

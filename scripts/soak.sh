@@ -167,13 +167,14 @@ cols() { # $1 = label, $2 = jq path under per_target.NAME, $3 = jq path in the t
 }
 cols "requests sent" ".sent" ".sent"
 for s in $(jq -r '.by_status | keys[]' "$L"); do cols "answers $s" ".by_status[\"$s\"]" ".by_status[\"$s\"]"; done
-for c in $(jq -r '.by_cause | keys[]' "$L"); do cols "proxy-made: $c" ".by_cause[\"$c\"]" ".by_cause[\"$c\"]"; done
+for c in $(jq -r '.by_cause + {token_unavailable: 0} | keys[]' "$L"); do cols "proxy-made: $c" ".by_cause[\"$c\"]" ".by_cause[\"$c\"]"; done
 cols "&nbsp;of which token endpoint failing" ".token_unavailable_endpoint_failing" ".token_unavailable_endpoint_failing"
 cols "&nbsp;of which anything else" ".token_unavailable_other" ".token_unavailable_other"
 cols "seconds with token_unavailable" ".token_unavailable_seconds" ".token_unavailable_seconds"
 cols "connection failures, timeouts" ".transport_errors" ".transport_errors"
 cols "401 reaching the app" ".unauthorized" ".unauthorized"
 cols "p99 latency (ms)" ".p99_ms" ".p99_ms"
+cols "max latency (ms)" ".max_ms" ".max_ms"
 v=(); tot=0
 for n in "${names[@]}"; do x=$(metric "$n" 'tango_proxy_proxy_errors_total'); v+=("$x"); tot=$(( tot + x )); done
 row "proxy_errors_total (/metrics)" "${v[@]}" "$tot"
