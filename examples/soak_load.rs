@@ -11,7 +11,8 @@
 //! new `externalRefID`, a small body the proxy keeps for a replay after a 401. The summary
 //! counts answers by status and by the proxy's own cause (`x-tango-proxy-error`), and splits
 //! `token_unavailable` by its message: the token endpoint failing (no token could be had) or
-//! anything else. Every answer that is not 2xx is written to the events file with its time.
+//! anything else. Every answer that is not 2xx, or took over 250 ms, is written to the events
+//! file with its time.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,8 @@ use serde_json::{json, Value};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many events are written (a broken run should not fill the disk).
 const MAX_EVENTS: usize = 50_000;
+/// Answers slower than this are written to the events file too, whatever their status.
+const SLOW: Duration = Duration::from_millis(250);
 /// The message the proxy gives when the token endpoint itself failed.
 const ENDPOINT_FAILING: &str = "token endpoint failed with";
 
@@ -206,7 +209,7 @@ async fn client_loop(
             }
         }
         let failed = status.is_none_or(|c| !(200..300).contains(&c));
-        if failed && s.events.len() < MAX_EVENTS {
+        if (failed || elapsed > SLOW) && s.events.len() < MAX_EVENTS {
             s.events.push(json!({
                 "t_s": (sent_at - started).as_secs_f64(),
                 "unix_ms": unix_ms() as u64,
