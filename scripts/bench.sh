@@ -83,17 +83,9 @@ start_proxy() { # $1 = RUST_LOG, $2 = basic | bearer | dpop
   port=$(free_port); admin=$(free_port)
   proxy_toml "$port" "$admin" "$2" > "$work/proxy.toml"
   RUST_LOG=$1 $SUT "$BIN" serve --config "$work/proxy.toml" >/dev/null 2>"$work/proxy-$port.log" &
-  PROXY_PID=$!; pids+=($PROXY_PID); PROXY_PORT=$port
+  PROXY_PID=$!; pids+=("$PROXY_PID"); PROXY_PORT=$port
   wait_port "$port"
-  # Ready means a token is in hand for the OAuth modes.
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$admin"; printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3; grep -q ' 200 ' <&3) 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "bench.sh: the proxy never became ready" >&2
-  exit 1
+  wait_ready "$admin" # for the OAuth modes: a token in hand
 }
 
 # Runs wrk against $2 and appends "name rps p50 p99 rss" to the results; $3 = pid for RSS.

@@ -1,4 +1,5 @@
-# Helpers shared by scripts/bench.sh and scripts/callgrind.sh (sourced, not run).
+# shellcheck shell=bash
+# Helpers shared by the scripts under scripts/ (sourced, not run).
 # After sourcing: $work is a fresh temporary directory, every PID appended to `pids` is killed on
 # exit, and the directory is removed.
 
@@ -32,12 +33,40 @@ wait_port() {
   exit 1
 }
 
-# The [profiles.default] body of a benchmark proxy: $1 = basic | bearer | dpop. The OAuth ones
-# take their token from the mock Tango on $IDP_PORT (its demo service account); dpop signs with
-# $work/dpop.pem.
+# Waits until the proxy whose admin listener is on 127.0.0.1:$1 answers /readyz with 200 (for
+# OAuth profiles: a token in hand), at most 10 s.
+wait_ready() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1"; printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3; grep -q ' 200 ' <&3) 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "$(basename "$0"): the proxy with admin port $1 never became ready" >&2
+  exit 1
+}
+
+# Signals child $1 (with signal $2, default TERM), reaps it and drops it from `pids`, so the
+# exit cleanup never signals a PID the system may have handed to another process since.
+stop_pid() {
+  local p=$1 q keep=()
+  kill -"${2:-TERM}" "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  for q in "${pids[@]}"; do
+    if [ "$q" != "$p" ]; then keep+=("$q"); fi
+  done
+  pids=("${keep[@]}")
+}
+
+# The [profiles.default] body of a test proxy: $1 = basic | bearer | dpop | client_credentials.
+# The OAuth ones take their token from the mock Tango on $IDP_PORT (its demo client; bearer and
+# dpop as its service account); dpop signs with $work/dpop.pem.
 profile_toml() {
   case $1 in
     basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
+    client_credentials)
+      printf 'auth = "client_credentials"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
+      printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n' ;;
     *)
       printf 'auth = "service_account"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
       printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n'
@@ -46,14 +75,15 @@ profile_toml() {
   esac
 }
 
-# A benchmark proxy's whole config, one worker, in front of the upstream on $UP_PORT:
-# $1 = proxy port, $2 = admin port, $3 = basic | bearer | dpop.
+# A test proxy's whole config, $WORKERS worker threads (default 1), in front of the upstream on
+# $UP_PORT: $1 = proxy port, $2 = admin port, $3 = a kind of profile_toml. The profile table
+# comes last, so a caller may append more profile keys.
 proxy_toml() {
   cat <<TOML
 [listen]
 proxy = "127.0.0.1:$1"
 admin = "127.0.0.1:$2"
-workers = 1
+workers = ${WORKERS:-1}
 [upstream]
 url = "http://127.0.0.1:$UP_PORT"
 allow_http = true

@@ -129,12 +129,18 @@ struct MockCredentials {
     /// Demand DPoP server nonces (answers use_dpop_nonce until proofs carry the current one).
     #[arg(long)]
     dpop_nonces: bool,
+    /// Answer this share of token requests (0 to 1, at random) with 503 temporarily_unavailable.
+    #[arg(long, default_value_t = 0.0)]
+    token_failure_rate: f64,
 }
 
 impl MockCredentials {
     fn into_config(self) -> anyhow::Result<MockConfig> {
         if !(self.time_scale > 0.0 && self.time_scale.is_finite()) {
             anyhow::bail!("--time-scale must be a positive number");
+        }
+        if !(0.0..=1.0).contains(&self.token_failure_rate) {
+            anyhow::bail!("--token-failure-rate must be between 0 and 1");
         }
         Ok(MockConfig {
             platform_name: self.platform_name,
@@ -149,6 +155,7 @@ impl MockCredentials {
             client_credentials_limit: (self.client_credentials_limit > 0)
                 .then_some(self.client_credentials_limit),
             dpop_nonces: self.dpop_nonces,
+            token_failure_rate: self.token_failure_rate,
         })
     }
 }
@@ -435,4 +442,32 @@ Press Ctrl-C to stop.
         running.wait().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mock_config(args: &[&str]) -> anyhow::Result<MockConfig> {
+        let cli = Cli::try_parse_from(["tango-auth-proxy", "mock-tango"].iter().chain(args))?;
+        match cli.command {
+            Command::MockTango { credentials, .. } => credentials.into_config(),
+            other => anyhow::bail!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mock_tango_takes_a_token_failure_rate_between_zero_and_one() {
+        assert_eq!(mock_config(&[]).unwrap().token_failure_rate, 0.0);
+        let c = mock_config(&["--token-failure-rate", "0.2"]).unwrap();
+        assert_eq!(c.token_failure_rate, 0.2);
+        for bad in ["1.5", "-0.1", "NaN"] {
+            let err = mock_config(&[&format!("--token-failure-rate={bad}")]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("--token-failure-rate must be between 0 and 1"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

@@ -44,6 +44,7 @@
 //! more: a stream its HTTP/2 edge refused (GOAWAY, `REFUSED_STREAM`), on every profile; and for
 //! OAuth profiles a 401, with a new token after the owner replaced a refused one, or with a fresh
 //! DPoP proof after a nonce challenge or a refused proof.
+//! When no replacement token can be had, the app gets `token_unavailable`, not the 401.
 
 pub mod admin;
 pub mod app;

@@ -90,9 +90,22 @@ impl Authorization<'_> {
     }
 }
 
-/// Resolves once a fresh credential is available for a replay (true), or to false when the 401
-/// should be passed on.
-pub type Replay<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+/// What becomes of a request Tango answered 401, once the authorizer has decided.
+#[derive(Debug)]
+pub enum AfterRejection {
+    /// A credential worth one replay is ready (a new token, or a fresh DPoP proof).
+    Replay,
+    /// Tango's 401 goes back to the app (nothing better to send: Tango refuses fresh tokens
+    /// too, or the profile has no other credential).
+    PassOn,
+    /// The refused token cannot be replaced now (the token endpoint is failing): the app gets
+    /// `token_unavailable`, as every request without a usable token does, rather than a 401 it
+    /// would take for bad credentials.
+    Unavailable(AuthError),
+}
+
+/// Resolves once the authorizer knows what becomes of a request Tango answered 401.
+pub type Replay<'a> = Pin<Box<dyn Future<Output = AfterRejection> + Send + 'a>>;
 
 /// The request a credential is for; DPoP proofs sign the method and target URL.
 #[derive(Debug, Clone, Copy)]
@@ -133,12 +146,13 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
         false
     }
     /// Tango answered 401 (`response` holds its headers) to a request sent with `used`. Acts
-    /// at once (a rejected token is evicted before this returns); the future resolves to true
-    /// once [`Authorizer::authorize`] would give a credential worth one replay (a new token, or
-    /// the same token with a fresh DPoP proof), false to pass the 401 on. Dropping it (a
-    /// request that cannot be replayed) is fine.
+    /// at once (a rejected token is evicted before this returns); the future resolves to
+    /// [`AfterRejection::Replay`] once [`Authorizer::authorize`] would give a credential worth
+    /// one replay (a new token, or the same token with a fresh DPoP proof), to `PassOn` to pass
+    /// the 401 on, or to `Unavailable` when no replacement can be had. Dropping it (a request
+    /// that cannot be replayed) is fine.
     fn rejected<'a>(&'a self, _used: &Credential, _response: &http::HeaderMap) -> Replay<'a> {
-        Box::pin(async { false })
+        Box::pin(async { AfterRejection::PassOn })
     }
     /// Sees every upstream response to a request sent to `uri` (DPoP reads `DPoP-Nonce` here).
     fn observe(&self, _uri: &http::Uri, _headers: &http::HeaderMap) {}

@@ -18,7 +18,9 @@ use http::{header, HeaderMap, HeaderValue};
 use serde::Deserialize;
 
 use super::dpop::{self, htu, origin, Dpop};
-use super::{AuthError, Authorization, Authorizer, Credential, ProfileStatus, Replay, Target};
+use super::{
+    AfterRejection, AuthError, Authorization, Authorizer, Credential, ProfileStatus, Replay, Target,
+};
 use crate::config::{AuthMethod, OAuthConfig, UpstreamConfig};
 use crate::describe;
 use crate::metrics::Metrics;
@@ -608,22 +610,28 @@ impl Authorizer for OAuthAuthorizer {
                 self.warn_proof_refused(response);
             }
             // Same token, fresh proof (with the nonce `observe` recorded).
-            return Box::pin(async { true });
+            return Box::pin(async { AfterRejection::Replay });
         }
         self.metrics.upstream_401(&self.profile);
         match self.manager.current() {
             Some(t) if self.authorization(&t) == used.authorization => {
                 let ticket = self.manager.reject(t.ath());
                 Box::pin(async move {
-                    matches!(
-                        self.manager.replacement(&t, ticket).await,
-                        Need::Replaced(_)
-                    )
+                    match self.manager.replacement(&t, ticket).await {
+                        Need::Replaced(_) => AfterRejection::Replay,
+                        Need::Declined => AfterRejection::PassOn,
+                        Need::Unavailable(u) => AfterRejection::Unavailable(self.unavailable(u)),
+                    }
                 })
             }
             // Another request already had it replaced.
-            Some(_) => Box::pin(async { true }),
-            None => Box::pin(async move { self.manager.usable().await.is_ok() }),
+            Some(_) => Box::pin(async { AfterRejection::Replay }),
+            None => Box::pin(async move {
+                match self.manager.usable().await {
+                    Ok(_) => AfterRejection::Replay,
+                    Err(u) => AfterRejection::Unavailable(self.unavailable(u)),
+                }
+            }),
         }
     }
 

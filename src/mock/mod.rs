@@ -13,6 +13,10 @@
 //! | `POST /mock/reject-bearer?on=true\|false` | every Bearer or DPoP token is refused with 401 while on |
 //! | `POST /mock/dpop-nonce/rotate` | a new DPoP server nonce (nonce mode); the old one stops working |
 //!
+//! Besides the hooks, [`MockConfig::token_failure_rate`] (`mock-tango --token-failure-rate`)
+//! answers a random share of token requests with 503 `temporarily_unavailable`, for soak runs
+//! against an identity provider that fails now and then.
+//!
 //! DPoP is checked strictly on both the token endpoint and the RaaS routes (see [`dpop`]); a
 //! token request with a valid proof gets a DPoP-bound token (`token_type` `DPoP`), which then
 //! only works as `Authorization: DPoP` with a proof from the same key.
@@ -77,6 +81,9 @@ pub struct MockConfig {
     pub client_credentials_limit: Option<u32>,
     /// Demand DPoP server nonces (`use_dpop_nonce`) on both endpoints.
     pub dpop_nonces: bool,
+    /// The share of token requests (0 to 1), drawn at random, answered 503
+    /// `temporarily_unavailable` instead of a token: an identity provider that fails now and then.
+    pub token_failure_rate: f64,
 }
 
 impl Default for MockConfig {
@@ -95,6 +102,7 @@ impl Default for MockConfig {
             time_scale: 1.0,
             client_credentials_limit: Some(1),
             dpop_nonces: false,
+            token_failure_rate: 0.0,
         }
     }
 }
@@ -112,6 +120,11 @@ pub struct MockStats {
     pub token_requests: BTreeMap<String, u64>,
     /// Tokens issued.
     pub tokens_issued: u64,
+    /// Token requests answered with a failure that was asked for (`token_failure_rate` or the
+    /// `/mock/token-endpoint/fail` hook) instead of a token.
+    pub token_failures: u64,
+    /// Times every issued token was revoked (`/mock/revoke`).
+    pub revocations: u64,
     /// Orders created.
     pub orders: u64,
 }
@@ -165,6 +178,7 @@ impl MockTango {
     /// Invalidates every issued token.
     pub fn revoke_all(&self) {
         self.0.tokens.revoke_all();
+        self.count(|s| s.revocations += 1);
     }
 
     /// Makes the next `count` token requests fail with `mode`.

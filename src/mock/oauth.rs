@@ -3,7 +3,8 @@
 //! Accepts `grant_type=password` (service accounts) and `client_credentials` as Tango does, with
 //! lifetimes by audience (24 h, or 5 min for the five-minute audiences) scaled by `time_scale`.
 //! Client-credentials minting is limited per 20-hour (scaled) window and answers Tango's 400
-//! rate-limit text beyond it. Failures can be injected for the next N requests.
+//! rate-limit text beyond it. Failures can be injected for the next N requests, or for a random
+//! share of all requests (`MockConfig::token_failure_rate`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -189,6 +190,21 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
     let config = &mock.0.config;
 
     let injected = lock(&tokens.failures).pop_front();
+    let failing = matches!(
+        injected,
+        Some(FailMode::ServerError | FailMode::Timeout | FailMode::RateLimit)
+    );
+    if failing {
+        mock.count(|s| s.token_failures += 1);
+    }
+    if !failing && chance(config.token_failure_rate) {
+        mock.count(|s| s.token_failures += 1);
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "The token endpoint is temporarily unavailable (mock token failure rate)",
+        );
+    }
     match injected {
         Some(FailMode::ServerError) => {
             return oauth_error(
@@ -290,6 +306,18 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
         "token_type": token_type,
     }))
     .into_response()
+}
+
+/// True with probability `rate` (0 never, 1 always), from the system's random source.
+fn chance(rate: f64) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    let mut b = [0u8; 4];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return false;
+    }
+    f64::from(u32::from_le_bytes(b)) < rate * f64::from(u32::MAX) + 1.0
 }
 
 fn rate_limited(name: &str, id: &str) -> Response {

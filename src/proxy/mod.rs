@@ -33,7 +33,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::{AuthError, Credential, Profile, Target};
+use crate::auth::{AfterRejection, AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
 use crate::metrics::Metrics;
@@ -280,8 +280,10 @@ impl Proxy {
         let Some(template) = template.filter(|_| authorizer.replays()) else {
             return Ok(self.finish(response, request_id));
         };
-        if !fresh_coming.await {
-            return Ok(self.finish(response, request_id));
+        match fresh_coming.await {
+            AfterRejection::Replay => {}
+            AfterRejection::PassOn => return Ok(self.finish(response, request_id)),
+            AfterRejection::Unavailable(e) => return Err(token_unavailable(e)),
         }
         // Replay only a body kept whole, within `upstream.replay_max_body`.
         let Ok(body) = kept.body(inner.body_idle_timeout).await else {

@@ -418,10 +418,14 @@ impl Machine {
     }
 
     fn plan(&mut self, now: Instant, fx: &mut Vec<Effect>) {
-        if self.phase != Phase::Idle {
+        let backing_off = self.retry_at.is_some_and(|r| now < r);
+        // A periodic check in flight never holds up a refresh that requests wait for (it can
+        // hang for the store's timeouts while Redis comes back): the refresh starts now and the
+        // owner drops the check. Backing off, the check goes on: it may find a peer's token.
+        let preempt = self.phase == Phase::Checking && !backing_off && self.urgent(now);
+        if self.phase != Phase::Idle && !preempt {
             return;
         }
-        let backing_off = self.retry_at.is_some_and(|r| now < r);
         if let (false, Some(reason)) = (backing_off, self.due(now)) {
             self.begin(reason, now, fx);
             return;
@@ -706,7 +710,9 @@ impl Machine {
         self.token = None;
         self.refresh_at = None;
         fx.push(Effect::Background(vec![StoreOp::Evict(ath)]));
-        if self.phase == Phase::Idle {
+        // A periodic check in flight is given up (the owner drops its future when the refresh
+        // starts its own I/O): requests are waiting, and the refresh reads the store itself.
+        if matches!(self.phase, Phase::Idle | Phase::Checking) {
             self.begin(Reason::Rejected, now, fx);
         }
     }
@@ -1296,6 +1302,51 @@ mod tests {
         assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
         assert_eq!(names(&step(&mut m, loaded(None))), ["Background(Save)"]);
         assert!(!m.cache_degraded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_periodic_check_in_flight_never_holds_up_a_refresh_requests_wait_for() {
+        // A replica coordinating in-process while Redis is down keeps checking the store; such a
+        // check can hang for the store's timeouts while Redis comes back.
+        let mut m = Machine::new(policy(true, None), 43);
+        step(&mut m, Event::Tick);
+        step(&mut m, Event::Loaded(Err(down())));
+        step(&mut m, Event::Minted(Ok(fresh("t1"))));
+        step(&mut m, Event::Bookkept(Err(down())));
+        let wake = m.next_wake(Instant::now()).unwrap();
+        tokio::time::advance(wake - Instant::now()).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(m.phase, Phase::Checking);
+        // Tango rejects the token meanwhile: the replacement is minted at once (no store call
+        // first while the store is failing), and counted as what it is.
+        let t1 = m.token.clone().unwrap();
+        let fx = step(&mut m, Event::Rejected(t1.ath().to_string()));
+        assert_eq!(names(&fx), ["Background(Evict)", "Mint(rejected)"]);
+        // The check's late answer (its future is dropped; were it not) changes nothing.
+        assert!(step(&mut m, Event::Loaded(Err(down()))).is_empty());
+        assert_eq!(
+            m.phase,
+            Phase::Minting {
+                reason: Reason::Rejected,
+                lease: false
+            }
+        );
+
+        // Likewise a token that becomes unusable while a check is in flight. With a healthy
+        // store the refresh reads it first, as any refresh does. (The mint budget keeps the
+        // token from renewing in its window, so only its expiry is due.)
+        let mut m = Machine::new(policy(true, Some(25 * HOUR)), 47);
+        step(&mut m, Event::Tick);
+        let short = token("short", Duration::from_secs(40), DAY);
+        step(&mut m, loaded(Some(short)));
+        assert_eq!(m.phase, Phase::Idle);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(m.phase, Phase::Checking);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(m.usable(Instant::now()).is_none());
+        assert_eq!(names(&step(&mut m, Event::Tick)), ["Load"]);
+        assert_eq!(m.phase, Phase::Loading(Reason::Expired));
     }
 
     #[tokio::test(start_paused = true)]

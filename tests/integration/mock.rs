@@ -1,6 +1,6 @@
 //! The mock Tango behind the proxy, as the demo runs it.
 
-use tango_auth_proxy::mock::{MockTango, SEED_ACCOUNT};
+use tango_auth_proxy::mock::{MockConfig, MockTango, SEED_ACCOUNT};
 
 use crate::support::*;
 
@@ -117,4 +117,108 @@ async fn customers_and_validation_errors() {
     assert_eq!(missing.status(), 400);
     let body: serde_json::Value = missing.json().await.unwrap();
     assert_eq!(body["errors"][0]["path"], "utid");
+}
+
+/// One service-account token request straight to the mock's token endpoint.
+async fn token_request(url: &str) -> reqwest::Response {
+    client()
+        .post(format!("{url}/oauth/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("username", USERNAME),
+            ("password", PASSWORD),
+            ("scope", "raas.all"),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_failure_rate_of_one_fails_every_token_request_in_oauth_shape() {
+    let (mock, url) = start_mock(MockConfig {
+        token_failure_rate: 1.0,
+        ..mock_config(1.0)
+    })
+    .await;
+    for _ in 0..3 {
+        let resp = token_request(&url).await;
+        assert_eq!(resp.status(), 503);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+    }
+    let stats = mock.stats();
+    assert_eq!(
+        (stats.token_failures, stats.tokens_issued),
+        (3, 0),
+        "{stats:?}"
+    );
+
+    // The proxy cannot get a token: it says so itself, naming the endpoint's answer.
+    let proxy = TestProxy::start(&oauth_toml(&url, "service_account", "")).await;
+    let resp = proxy.get("/raas/v2/catalogs").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-tango-proxy-error"], "token_unavailable");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("token endpoint failed with 503"),
+        "{body}"
+    );
+    assert_eq!(mock.stats().tokens_issued, 0);
+}
+
+#[tokio::test]
+async fn a_token_failure_rate_of_one_half_fails_some_requests_and_serves_the_rest() {
+    let (mock, url) = start_mock(MockConfig {
+        token_failure_rate: 0.5,
+        ..mock_config(1.0)
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..64 {
+        statuses.push(token_request(&url).await.status().as_u16());
+    }
+    // Both outcomes appear (each is missing with probability 2^-64).
+    assert!(
+        statuses.contains(&503) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    let failed = statuses.iter().filter(|s| **s == 503).count() as u64;
+    let stats = mock.stats();
+    assert_eq!(stats.token_failures, failed, "{stats:?}");
+    assert_eq!(stats.tokens_issued, 64 - failed, "{stats:?}");
+}
+
+#[tokio::test]
+async fn revocations_are_counted_and_refuse_the_token_with_invalid_token() {
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let token: serde_json::Value = token_request(&url).await.json().await.unwrap();
+    let token = token["access_token"].as_str().unwrap().to_string();
+    let catalogs = || {
+        client()
+            .get(format!("{url}/raas/v2/catalogs"))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(catalogs().await.unwrap().status(), 200);
+    let resp = client()
+        .post(format!("{url}/mock/revoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let resp = catalogs().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("error=\"invalid_token\""));
+    let stats = mock.stats();
+    assert_eq!(stats.revocations, 1, "{stats:?}");
+    assert_eq!(stats.token_failures, 0, "{stats:?}");
 }

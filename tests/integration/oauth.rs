@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tango_auth_proxy::mock::{FailMode, SEED_ACCOUNT};
+use tango_auth_proxy::mock::FailMode;
 
 use crate::support::*;
 
@@ -201,19 +201,7 @@ async fn a_revoked_token_is_replaced_once_and_the_request_replayed() {
     let proxy = TestProxy::start(&oauth_toml(&url, "service_account", "")).await;
     assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
     mock.revoke_all();
-    let order = serde_json::json!({
-        "accountIdentifier": SEED_ACCOUNT,
-        "customerIdentifier": "demo-customer",
-        "amount": 5,
-        "utid": "U561593",
-        "externalRefID": "replay1"
-    });
-    let resp = client()
-        .post(format!("{}/raas/v2/orders", proxy.url))
-        .json(&order)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_order(&proxy.url, "replay1").await;
     assert_eq!(resp.status(), 201);
     let stats = mock.stats();
     assert_eq!(stats.total_token_requests(), 2, "{stats:?}");
@@ -227,6 +215,31 @@ async fn a_revoked_token_is_replaced_once_and_the_request_replayed() {
         metrics.contains(r#"tango_proxy_upstream_401_total{profile="default"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_revoked_token_that_cannot_be_replaced_answers_token_unavailable_not_the_401() {
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let proxy = TestProxy::start(&oauth_toml(&url, "service_account", "")).await;
+    assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
+    // Tango revokes the token and its token endpoint fails: no token can be had. The app gets
+    // what any request without a usable token gets, not a 401 it would read as bad credentials.
+    mock.revoke_all();
+    mock.fail_token_requests(FailMode::ServerError, 1000);
+    let resp = post_order(&proxy.url, "unreplaced1").await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = assert_proxy_error(resp, 503, "token_unavailable").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("token endpoint"),
+        "{body}"
+    );
+    let stats = mock.stats();
+    assert_eq!(
+        stats.credentials["bearer-invalid"], 1,
+        "not replayed: {stats:?}"
+    );
+    assert_eq!(stats.orders, 0);
+    assert_eq!(stats.total_token_requests(), 2, "{stats:?}");
 }
 
 #[tokio::test]

@@ -81,6 +81,7 @@ pub fn mock_config(time_scale: f64) -> MockConfig {
         time_scale,
         client_credentials_limit: Some(1),
         dpop_nonces: false,
+        token_failure_rate: 0.0,
     }
 }
 
@@ -254,6 +255,23 @@ pub async fn concurrent_gets(urls: Vec<String>) -> Vec<u16> {
 }
 
 /// GET `url` and parse its JSON body.
+/// A $5 order for the mock's seed account through `base` (a proxy's URL).
+pub async fn post_order(base: &str, external_ref_id: &str) -> reqwest::Response {
+    let order = serde_json::json!({
+        "accountIdentifier": tango_auth_proxy::mock::SEED_ACCOUNT,
+        "customerIdentifier": tango_auth_proxy::mock::SEED_CUSTOMER,
+        "amount": 5,
+        "utid": "U561593",
+        "externalRefID": external_ref_id
+    });
+    client()
+        .post(format!("{base}/raas/v2/orders"))
+        .json(&order)
+        .send()
+        .await
+        .unwrap()
+}
+
 pub async fn get_json(url: &str) -> serde_json::Value {
     client()
         .get(url)
