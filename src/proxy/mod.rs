@@ -73,6 +73,13 @@ struct Inner {
     ids: RequestIds,
 }
 
+/// Replays after a 401, at most. One covers a refused token (replaced by a mint or a peer's
+/// token) or a DPoP nonce or proof challenge; a second, only with a new token, covers the
+/// replacement being refused too — a peer's token adopted from the cache that the same
+/// revocation killed. A token this process just minted and Tango refuses again is not replaced a
+/// second time (the owner declines within 10 s), so a request never costs more than one mint.
+const MAX_REPLAYS: usize = 2;
+
 /// What the upstream call produced.
 type Forwarded = (Response<Incoming>, Option<HeaderValue>);
 
@@ -270,45 +277,50 @@ impl Proxy {
             )
             .await?;
         authorizer.observe(&sent_to, response.headers());
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(self.finish(response, request_id));
-        }
-        // Even a request that cannot be replayed tells the authorizer the token was refused,
-        // so the next request does not reuse it (that happens before `rejected` returns; the
-        // future only waits for a fresh credential and may be dropped).
-        let fresh_coming = authorizer.rejected(&credential, response.headers());
-        let Some(template) = template.filter(|_| authorizer.replays()) else {
-            return Ok(self.finish(response, request_id));
-        };
-        match fresh_coming.await {
-            AfterRejection::Replay => {}
-            AfterRejection::PassOn => return Ok(self.finish(response, request_id)),
-            AfterRejection::Unavailable(e) => return Err(token_unavailable(e)),
-        }
-        // Replay only a body kept whole, within `upstream.replay_max_body`.
-        let Ok(body) = kept.body(inner.body_idle_timeout).await else {
-            tracing::debug!(request_id = ?request_id, "401 passed on: the request body was not kept whole for a replay");
-            return Ok(self.finish(response, request_id));
-        };
-        let fresh = authorizer
-            .authorize(Target {
-                method: &template.method,
-                uri: &template.uri,
-            })
-            .resolve()
-            .await;
-        // Only a different credential (new token, or new DPoP proof) is worth a replay.
-        if let Some(fresh) = fresh
-            .ok()
-            .filter(|f| f.authorization != credential.authorization || f.dpop != credential.dpop)
-        {
-            tracing::info!(request_id = ?request_id, "replaying once after a 401 with a new credential");
+        let (mut response, mut credential) = (response, credential);
+        for round in 0..MAX_REPLAYS {
+            if response.status() != StatusCode::UNAUTHORIZED {
+                break;
+            }
+            // Even a request that cannot be replayed tells the authorizer the token was refused,
+            // so the next request does not reuse it (that happens before `rejected` returns; the
+            // future only waits for a fresh credential and may be dropped).
+            let fresh_coming = authorizer.rejected(&credential, response.headers());
+            let Some(template) = template.as_ref().filter(|_| authorizer.replays()) else {
+                break;
+            };
+            match fresh_coming.await {
+                AfterRejection::Replay => {}
+                AfterRejection::PassOn => break,
+                AfterRejection::Unavailable(e) => return Err(token_unavailable(e)),
+            }
+            // Replay only a body kept whole, within `upstream.replay_max_body`.
+            let Ok(body) = kept.body(inner.body_idle_timeout).await else {
+                tracing::debug!(request_id = ?request_id, "401 passed on: the request body was not kept whole for a replay");
+                break;
+            };
+            let fresh = authorizer
+                .authorize(Target {
+                    method: &template.method,
+                    uri: &template.uri,
+                })
+                .resolve()
+                .await;
+            // Only a different credential is worth a replay: a new token, or a new DPoP proof —
+            // but only a new token the second time (a proof refused twice is a skewed clock).
+            let Some(fresh) = fresh.ok().filter(|f| {
+                f.authorization != credential.authorization
+                    || (round == 0 && f.dpop != credential.dpop)
+            }) else {
+                break;
+            };
+            tracing::info!(request_id = ?request_id, "replaying after a 401 with a new credential");
             let replay = with_credential(template.clone(), &fresh);
-            let (replay, _) = self
-                .send_resending(replay, body, fresh, Some(&template), &mut kept, request_id)
+            let (replay, used) = self
+                .send_resending(replay, body, fresh, Some(template), &mut kept, request_id)
                 .await?;
             authorizer.observe(&sent_to, replay.headers());
-            return Ok(self.finish(replay, request_id));
+            (response, credential) = (replay, used);
         }
         Ok(self.finish(response, request_id))
     }

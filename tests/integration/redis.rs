@@ -612,3 +612,40 @@ async fn without_redis_each_process_renews_at_most_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn after_a_revocation_a_peers_equally_dead_token_is_replaced_before_the_app_sees_a_401() {
+    // Tango invalidates every token at once (credentials deactivated) while two replicas hold
+    // different ones: the shared record was lost (a Redis outage does that) and the second
+    // replica minted its own.
+    let redis = RedisServer::start();
+    let (mock, url) = start_mock(mock_config(1.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The first replica never looks at the shared copy on its own before the revocation.
+    let toml = fleet_toml(&url, &redis, &key_file(dir.path()))
+        .replace("[cache]\n", "[cache]\ncheck_interval = \"1h\"\n");
+    let first = TestProxy::start(&toml).await;
+    first.wait_ready().await;
+    assert_eq!(first.get("/raas/v2/catalogs").await.status(), 200);
+    let _: () = redis.cmd(&["FLUSHALL"]);
+    let second = TestProxy::start(&toml).await;
+    second.wait_ready().await;
+    assert_eq!(second.get("/raas/v2/catalogs").await.status(), 200);
+    assert_eq!(
+        mock.stats().total_token_requests(),
+        2,
+        "two different tokens"
+    );
+
+    mock.revoke_all();
+    // The first replica's token is refused; the cache offers the second's, newer and not known
+    // to be refused, so it is adopted — and refused too. Then one mint, and the app gets 200.
+    let resp = first.get("/raas/v2/catalogs").await;
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert_eq!(
+        mock.stats().total_token_requests(),
+        3,
+        "one mint for the revocation"
+    );
+    assert_eq!(second.get("/raas/v2/catalogs").await.status(), 200);
+}
