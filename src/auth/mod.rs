@@ -141,7 +141,7 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn is_ready(&self) -> bool;
     /// A snapshot for `/status`.
     fn status(&self) -> ProfileStatus;
-    /// Whether small request bodies should be buffered so a 401 can be replayed once.
+    /// Whether small request bodies should be buffered so a 401 can be replayed.
     fn replays(&self) -> bool {
         false
     }
