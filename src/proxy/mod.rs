@@ -7,7 +7,7 @@
 //!
 //! A request is sent to Tango again only when Tango provably did not act on it: a 401 (replayed
 //! with a new credential, OAuth profiles: once, and once more only with a new token — see
-//! [`MAX_REPLAYS`]), or a stream its HTTP/2 edge refused — above a
+//! `MAX_REPLAYS`), or a stream its HTTP/2 edge refused — above a
 //! GOAWAY's last-stream-id, `REFUSED_STREAM`, or a request that never left the proxy
 //! ([`client::Refusal`]). Each send that is refused so is sent once more, whatever the method,
 //! with a credential authorized anew (a DPoP proof is never reused) and the kept body; a body
