@@ -1519,7 +1519,8 @@ pub fn read_small_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, Str
     use std::io::Read;
     check_small_file(path, max, what)?;
     let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
+    let file =
+        open_without_blocking(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
     // The path may have been replaced since it was looked at: check what was opened.
     let meta = file
         .metadata()
@@ -1539,6 +1540,24 @@ pub fn read_small_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, Str
         ));
     }
     Ok(bytes)
+}
+
+/// Opens `path` for reading. On Linux (x86-64, AArch64) with `O_NONBLOCK`, so a FIFO swapped in
+/// after the check cannot block the open (the flag changes nothing for a regular file's reads).
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        /// `O_NONBLOCK` on Linux x86-64 and AArch64 (other architectures number it differently).
+        const O_NONBLOCK: i32 = 0o4000;
+        options.custom_flags(O_NONBLOCK);
+    }
+    options.open(path)
 }
 
 /// Checks, without opening it, that `path` is a regular file of at most `max` bytes.
