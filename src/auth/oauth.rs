@@ -240,13 +240,32 @@ impl TokenSource for TokenClient {
     }
 }
 
-/// `text` with every secret, raw or form-encoded, replaced by the redaction marker.
+/// `text` with every secret, raw or form-encoded (with upper- or lower-case hex, as an echoing
+/// endpoint may re-encode it), replaced by the redaction marker.
 fn redact_all(text: String, secrets: &[&str]) -> String {
     secrets.iter().fold(text, |t, secret| {
-        let encoded: String = form_urlencoded_byte_serialize(secret).collect();
+        let upper: String = form_urlencoded_byte_serialize(secret).collect();
+        let lower = lower_hex_escapes(&upper);
         t.replace(secret, crate::secret::REDACTED)
-            .replace(&encoded, crate::secret::REDACTED)
+            .replace(&upper, crate::secret::REDACTED)
+            .replace(&lower, crate::secret::REDACTED)
     })
+}
+
+/// `%AB` escapes in `encoded` with lower-case hex digits; everything else unchanged.
+fn lower_hex_escapes(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex_left = 0;
+    for c in encoded.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            hex_left = if c == '%' { 2 } else { 0 };
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// application/x-www-form-urlencoded encoding of one value.
@@ -761,6 +780,9 @@ mod tests {
             "{clean}"
         );
         assert!(clean.contains("client_secret="), "{clean}");
+        // An endpoint that re-encodes with lower-case hex echoes it all the same.
+        let clean = redact_all("client_secret=s3cr%2ft".into(), &["s3cr/t"]);
+        assert_eq!(clean, "client_secret=<redacted>");
     }
 
     #[test]
