@@ -301,3 +301,52 @@ async fn an_app_that_stops_reading_its_response_loses_the_connection_not_the_slo
     assert_eq!(proxy.get("/raas/v2/catalogs").await.status(), 200);
     drop(stuck);
 }
+
+#[tokio::test]
+async fn a_flood_past_the_cap_costs_a_bounded_number_of_descriptors() {
+    let upstream = FakeUpstream::start().await;
+    let p = ProxyProcess::start_toml(
+        &config_toml(&upstream.url(), "max_connections = 1", ""),
+        &[],
+    );
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+            .unwrap()
+            .count()
+    };
+    let mut held = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let get = "GET /raas/v2/catalogs HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(raw_status(&request_on(&mut held, get).await), 200);
+    let before = descriptors();
+    // 300 connections that never close: each refusal waits up to a second for its peer to go.
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        flood.push(TcpStream::connect(p.proxy_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let during = descriptors();
+    assert!(
+        during <= before + 64 + 8,
+        "a flood of 300 held {} descriptors more",
+        during - before
+    );
+    // Refused ones got their 503 (up to the bound) or a close; none hangs.
+    let mut answered = 0;
+    for mut s in flood.drain(..64) {
+        if let Some(bytes) = read_until_closed(&mut s).await {
+            answered += usize::from(raw_status(&String::from_utf8_lossy(&bytes)) == 503);
+        }
+    }
+    assert!(answered > 0, "no refused connection got its 503");
+    drop(flood);
+    drop(held);
+    let metrics = get_text(&format!("http://{}/metrics", p.admin_addr)).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tango_proxy_connections_refused_total{listener=\"proxy\"}"
+        ),
+        300.0
+    );
+    assert_eq!(p.terminate().0, 0);
+}
