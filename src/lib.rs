@@ -15,15 +15,17 @@
 //!   lease and mint I/O ([`token::TokenManager`]), and the [`token::store::TokenStore`] seam with
 //!   memory, file and Redis backends (fleet lease, mint ledger, AES-256-GCM sealing). It reaches
 //!   the token endpoint through its own [`token::TokenSource`] trait, implemented in `auth`.
-//! * [`proxy`] is the request path: listener, inbound checks, header hygiene, the pooled upstream
-//!   client, and the single place errors become Tango-shaped JSON responses.
+//! * [`proxy`] is the request path: inbound checks, header hygiene, the pooled upstream client
+//!   and what its errors prove (a refused stream), the response-body idle timeout, and the single
+//!   place errors become Tango-shaped JSON responses.
 //! * [`admin`] serves `/livez`, `/readyz`, `/status` and `/metrics` on a separate port;
 //!   [`metrics`] holds the Prometheus registry.
 //! * [`mock`] is a mock of Tango for the demo, local development and tests.
 //! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`;
 //!   [`secret`] the redacting secret type; [`logging`] the log setup.
-//! * [`listener`] is the accept loop both listeners share: header timeout, connection caps, drain;
-//!   [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
+//! * [`listener`] is the accept loop both listeners share: header timeout, connection caps, stalled
+//!   writes, what ended each connection, drain; [`idle`] the idle clock behind every body and
+//!   write timeout; [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
 //!   (`serve`, `check-config`, `keygen`, `mock-tango`, `demo`, `healthcheck`).
 //!
 //! # A request's path
@@ -40,10 +42,11 @@
 //! upstream's answer goes back as it is, minus hop-by-hop headers, with the request id echoed; when
 //! the proxy cannot forward, it answers itself in Tango's error shape with `x-tango-proxy-error`
 //! naming the cause. The body keeps a copy of itself as it streams (up to
-//! `upstream.replay_max_body`), so a request Tango provably did not process can be sent once
-//! more: a stream its HTTP/2 edge refused (GOAWAY, `REFUSED_STREAM`), on every profile; and for
-//! OAuth profiles a 401, with a new token after the owner replaced a refused one, or with a fresh
-//! DPoP proof after a nonce challenge or a refused proof.
+//! `upstream.replay_max_body`), so a request Tango provably did not process can be sent again:
+//! once more for a stream its HTTP/2 edge refused (GOAWAY, `REFUSED_STREAM`), on every profile;
+//! and for OAuth profiles after a 401, with a new token after the owner replaced a refused one or
+//! with a fresh DPoP proof after a nonce challenge or a refused proof — and a second time only
+//! with a new token, when the replacement (a peer's token from the cache) was refused too.
 //! When no replacement token can be had, the app gets `token_unavailable`, not the 401.
 
 pub mod admin;

@@ -1,17 +1,24 @@
 //! The accept loop both listeners share: HTTP/1.1 per connection, a header-read timeout, a cap on
-//! open connections, and a drain on shutdown.
+//! open connections, a limit on stalled writes, and a drain on shutdown.
 //!
 //! Limits (README "Security"):
 //! * `listen.header_timeout` (default 30 s) is how long a client has to send a whole request head,
 //!   on the proxy and the admin listener alike, for the first request and for every later request
-//!   on a kept-alive connection. A slowloris client is cut off when it runs out.
+//!   on a kept-alive connection (so it is also the keep-alive idle timeout). A slowloris client is
+//!   cut off when it runs out.
 //! * `listen.max_connections` / `listen.admin_max_connections` cap the connections each listener
 //!   holds open. A connection beyond the cap is accepted only to be told so: it gets a `503`
 //!   (`too_many_connections`, `Retry-After: 1`) and is closed, so an app sees a clear, retryable
 //!   answer at once rather than hanging in the kernel's backlog, and the descriptors the other
 //!   listener needs are never used up by this one. Refusals are counted in
 //!   `tango_proxy_connections_refused_total{listener}` and logged at WARN at most once every
-//!   ten seconds with the number refused since the last line.
+//!   ten seconds with the number refused since the last line. At most 64 refusals run at once;
+//!   past that a connection is closed unanswered, so a flood costs a bounded number of
+//!   descriptors.
+//! * An app that takes no part of its response for `listen.body_idle_timeout` loses the
+//!   connection ([`AppIo`]), so it cannot hold a slot (and Tango's stream) for ever.
+//! * Every connection the listener ends itself is counted by why in
+//!   `tango_proxy_connections_ended_total{listener,reason}` ([`ENDED_KINDS`]).
 //! * When accepting fails (out of descriptors), the loop pauses 50 ms instead of spinning, and says
 //!   so at most once every ten seconds.
 
@@ -67,7 +74,7 @@ pub struct Settings {
     pub read_buffer: usize,
     /// How long shutdown waits for in-flight requests.
     pub grace: Duration,
-    /// Open connections (a gauge) and refused ones (a counter).
+    /// Connections open now.
     pub open: Gauge,
     /// Connections refused at the cap.
     pub refused: Counter,

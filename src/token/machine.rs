@@ -952,6 +952,15 @@ mod tests {
         }))
     }
 
+    /// A fleet machine that found no token and a peer holding the refresh lease: it waits.
+    fn waiting_on_a_peers_lease(seed: u64) -> Machine {
+        let mut m = Machine::new(policy(true, None), seed);
+        step(&mut m, Event::Tick);
+        step(&mut m, loaded(None));
+        step(&mut m, Event::Lease(Ok(false)));
+        m
+    }
+
     fn down() -> StoreError {
         StoreError::Unavailable("Redis call timed out".into())
     }
@@ -1190,10 +1199,7 @@ mod tests {
         assert_eq!((m.mints, m.phase), (0, Phase::Idle));
 
         // Lost holder: after the lease time, one takeover.
-        let mut m = Machine::new(policy(true, None), 19);
-        step(&mut m, Event::Tick);
-        step(&mut m, loaded(None));
-        step(&mut m, Event::Lease(Ok(false)));
+        let mut m = waiting_on_a_peers_lease(19);
         tokio::time::advance(Duration::from_secs(23)).await;
         assert_eq!(names(&step(&mut m, loaded(None))), ["TryLease"]);
         assert_eq!(
@@ -1207,10 +1213,7 @@ mod tests {
         );
 
         // Takeover lost to another replica: a coordination failure, not a storm.
-        let mut m = Machine::new(policy(true, None), 23);
-        step(&mut m, Event::Tick);
-        step(&mut m, loaded(None));
-        step(&mut m, Event::Lease(Ok(false)));
+        let mut m = waiting_on_a_peers_lease(23);
         tokio::time::advance(Duration::from_secs(23)).await;
         step(&mut m, loaded(None));
         assert!(step(&mut m, Event::Lease(Ok(false))).is_empty());
@@ -1256,10 +1259,7 @@ mod tests {
             }
         }
         // A waiter that sees the shared backoff stops waiting and does not mint.
-        let mut m = Machine::new(policy(true, None), 31);
-        step(&mut m, Event::Tick);
-        step(&mut m, loaded(None));
-        step(&mut m, Event::Lease(Ok(false)));
+        let mut m = waiting_on_a_peers_lease(31);
         let fx = step(
             &mut m,
             Event::Loaded(Ok(Seen {
@@ -1490,10 +1490,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_released_lease_ends_the_wait_and_a_peer_token_ends_a_local_outage() {
-        let mut m = Machine::new(policy(true, None), 71);
-        step(&mut m, Event::Tick);
-        step(&mut m, loaded(None));
-        step(&mut m, Event::Lease(Ok(false)));
+        let mut m = waiting_on_a_peers_lease(71);
         // The holder released its lease without a token (its own timeout): take over now, not
         // after the whole lease time.
         let fx = step(
