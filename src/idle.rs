@@ -1,9 +1,10 @@
 //! An idle clock for streams: how long a peer has made no progress, started only when it has
 //! none ready, so time spent elsewhere (the other side's back-pressure) is never counted.
 //!
-//! Used for `upstream.body_idle_timeout` (Tango's response body, [`crate::proxy::UpstreamBody`])
-//! and for an app that takes no part of its response for `listen.body_idle_timeout`
-//! ([`crate::listener`]).
+//! Used for `listen.body_idle_timeout` both ways — an app's request body
+//! ([`crate::proxy::OutboundBody`]) and an app that takes no part of its response
+//! ([`crate::listener`]) — and for `upstream.body_idle_timeout` (Tango's response body,
+//! [`crate::proxy::UpstreamBody`]).
 
 use std::future::Future;
 use std::pin::Pin;

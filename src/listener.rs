@@ -16,7 +16,7 @@
 //!   past that a connection is closed unanswered, so a flood costs a bounded number of
 //!   descriptors.
 //! * An app that takes no part of its response for `listen.body_idle_timeout` loses the
-//!   connection ([`AppIo`]), so it cannot hold a slot (and Tango's stream) for ever.
+//!   connection (`AppIo`), so it cannot hold a slot (and Tango's stream) for ever.
 //! * Every connection the listener ends itself is counted by why in
 //!   `tango_proxy_connections_ended_total{listener,reason}` ([`ENDED_KINDS`]).
 //! * When accepting fails (out of descriptors), the loop pauses 50 ms instead of spinning, and says

@@ -28,7 +28,6 @@
 //! if let Ok(copy) = watch.replay(limits.idle_timeout).await { /* send `copy` again */ }
 //! ```
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,7 +40,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::idle::IdleClock;
 
 /// Errors while streaming the app's body upstream; the HTTP client sees these.
 #[derive(Debug, thiserror::Error)]
@@ -319,9 +320,10 @@ struct Streaming<B> {
     shared: Arc<Shared<B>>,
     /// Set once the body has ended, however it ended.
     done: bool,
-    /// Armed when the app had no frame ready; created on first need, since most small bodies
-    /// arrive with their headers and never wait.
-    idle: Option<Pin<Box<Sleep>>>,
+    /// Counts while the app has no frame ready; its timer is made on first need, since most
+    /// small bodies arrive with their headers and never wait.
+    clock: IdleClock,
+    /// Whether `shared.waiting_on_app` is set.
     waiting: bool,
 }
 
@@ -372,7 +374,7 @@ impl<B: Body<Data = Bytes>> OutboundBody<B> {
             copy: keeps_copy.then(BodyCopy::default),
             shared: shared.clone(),
             done: false,
-            idle: None,
+            clock: IdleClock::new(limits.idle_timeout),
             waiting: false,
         })));
         (body, BodyWatch { shared, keeps_copy })
@@ -392,9 +394,12 @@ where
             return Poll::Ready(None);
         };
         let poll = Pin::new(inner).poll_frame(cx);
-        if self.waiting && poll.is_ready() {
-            self.waiting = false;
-            self.shared.waiting_on_app.store(false, Ordering::Release);
+        if poll.is_ready() {
+            self.clock.progressed();
+            if self.waiting {
+                self.waiting = false;
+                self.shared.waiting_on_app.store(false, Ordering::Release);
+            }
         }
         match poll {
             Poll::Ready(Some(Ok(frame))) => {
@@ -430,22 +435,12 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let timeout = self.limits.idle_timeout;
                 if !self.waiting {
                     self.waiting = true;
                     self.shared.waiting_on_app.store(true, Ordering::Release);
-                    let deadline = Instant::now() + timeout;
-                    match &mut self.idle {
-                        Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => self.idle = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
                 }
-                let stalled = self
-                    .idle
-                    .as_mut()
-                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                if stalled {
-                    let err = OutboundBodyError::Stalled(timeout);
+                if self.clock.expired(cx) {
+                    let err = OutboundBodyError::Stalled(self.limits.idle_timeout);
                     return Poll::Ready(Some(Err(self.fail(BodyFailure::Stalled, err))));
                 }
                 Poll::Pending
