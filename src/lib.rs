@@ -54,6 +54,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod idle;
 pub mod listener;
 pub mod logging;
