@@ -39,6 +39,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::secret::Secret;
 
+mod callers;
+pub use callers::{currency_decimals, parse_sha256, valid_caller_name, CallerConfig, Money, Rate};
+
 /// Prefix of every configuration environment variable.
 pub const ENV_PREFIX: &str = "TANGO_PROXY_";
 /// Variable naming the config file when `--config` is not given.
@@ -172,6 +175,10 @@ fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
         _ if key.starts_with("profiles.") && key.matches('.').count() == 1 => {
             return "a table (a [profiles.NAME] section)"
         }
+        "callers" => return "a table of [callers.NAME] sections",
+        _ if key.starts_with("callers.") && key.matches('.').count() == 1 => {
+            return "a table (a [callers.NAME] section)"
+        }
         _ => {}
     }
     let leaf = key.rsplit('.').next().unwrap_or(key);
@@ -181,7 +188,16 @@ fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
         "timeout" | "grace_period" | "refresh_window" | "min_token_interval" => DURATION,
         _ if leaf.ends_with("_timeout") || leaf.ends_with("_interval") => DURATION,
         "workers" => "a whole number",
-        "allow_non_loopback" | "allow_http" => "true or false",
+        "allow_non_loopback"
+        | "allow_http"
+        | "require_external_ref_id"
+        | "spend_limit_fail_open" => "true or false",
+        "allow" => "a list of \"METHOD /path\" strings",
+        "accounts" | "customers" => "a list of identifiers (strings)",
+        "rate" => "a rate such as \"10/s\"",
+        "burst" => "a whole number",
+        "daily_spend_limit" => "an amount and a currency such as \"500 USD\"",
+        "key_sha256" => "64 hex digits (a string)",
         "environment" => "\"sandbox\" or \"production\"",
         "backend" => "\"memory\", \"file\" or \"redis\"",
         "auth" => "\"basic\", \"client_credentials\" or \"service_account\"",
@@ -382,7 +398,7 @@ struct RawProfile {
     dpop_key_file: Option<PathBuf>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["listen", "upstream", "cache", "profiles"];
+const TOP_LEVEL_KEYS: &[&str] = &["listen", "upstream", "cache", "profiles", "callers"];
 
 // ---------------------------------------------------------------------------------------------
 // Validated configuration
@@ -456,6 +472,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `[profiles.*]`, by name.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// `[callers.*]`, by name: any puts the proxy in gateway mode.
+    pub callers: BTreeMap<String, CallerConfig>,
 }
 
 /// `[listen]`: sockets and inbound limits.
@@ -1408,6 +1426,28 @@ impl Config {
                 format!("expected {}", expected_for("profiles", None)),
             );
         }
+        let mut raw_callers = BTreeMap::new();
+        if let Ok(dict) = figment.extract_inner::<figment::value::Dict>("callers") {
+            for name in dict.keys() {
+                if !valid_caller_name(name) {
+                    problems.push(
+                        format!("callers.{}", shown_string(name, "")),
+                        "caller names use letters, digits, '-' and '_' only (at most 64, not \
+                         starting with '_')",
+                    );
+                    continue;
+                }
+                let key = format!("callers.{name}");
+                if let Some(raw) = section::<callers::RawCaller>(figment, &key, &mut problems) {
+                    raw_callers.insert(name.clone(), raw);
+                }
+            }
+        } else if figment.contains("callers") {
+            problems.push(
+                "callers",
+                format!("expected {}", expected_for("callers", None)),
+            );
+        }
 
         let listen = listen.map(|raw| validate_listen(raw, &mut problems));
         let upstream = upstream.map(|raw| validate_upstream(raw, &mut problems));
@@ -1426,15 +1466,49 @@ impl Config {
                 "no profile configured; add a [profiles.default] section",
             );
         }
-        if profiles.len() > 1 {
+        let profile_names: Vec<&str> = profiles.keys().map(String::as_str).collect();
+        let mut callers = BTreeMap::new();
+        for (name, raw) in raw_callers {
+            if let Some(c) = callers::validate_caller(&name, raw, &profile_names, &mut problems) {
+                callers.insert(name, c);
+            }
+        }
+        let gateway = !callers.is_empty() || figment.contains("callers");
+        if profiles.len() > 1 && !gateway {
             problems.push(
                 "profiles",
                 format!(
-                    "{} profiles configured ({}); a sidecar serves exactly one",
+                    "{} profiles configured ({}); a sidecar serves exactly one — several \
+                     profiles need [callers.NAME] sections (gateway mode) to choose between them",
                     profiles.len(),
                     profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             );
+        }
+        let mut by_hash: BTreeMap<[u8; 32], &str> = BTreeMap::new();
+        for c in callers.values() {
+            if let Some(other) = by_hash.insert(c.key_sha256, &c.name) {
+                problems.push(
+                    format!("callers.{}.key_sha256", c.name),
+                    format!(
+                        "the same as callers.{other}.key_sha256: each caller needs its own key"
+                    ),
+                );
+            }
+        }
+        if let Some(listen) = &listen {
+            let proxy = listen.proxy;
+            if !proxy.ip().is_loopback() && !listen.allow_non_loopback && !gateway {
+                problems.push(
+                    "listen.proxy",
+                    format!(
+                        "{proxy} is not a loopback address: anything that can reach it could use \
+                         the Tango credentials. Configure [callers.NAME] sections (gateway mode: \
+                         every request must authenticate) or set listen.allow_non_loopback = true \
+                         if the network around it is trusted"
+                    ),
+                );
+            }
         }
 
         match (listen, upstream, cache) {
@@ -1443,6 +1517,7 @@ impl Config {
                 upstream,
                 cache,
                 profiles,
+                callers,
             }),
             _ => Err(ConfigError {
                 problems: problems.0,
@@ -1455,11 +1530,17 @@ impl Config {
         self.profiles.values().next()
     }
 
+    /// Gateway mode: callers are configured, and every request must authenticate as one.
+    pub fn is_gateway(&self) -> bool {
+        !self.callers.is_empty()
+    }
+
     /// Things that work but deserve an operator's attention (printed by `check-config`, logged
     /// by `serve`).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         self.cache_warnings(&mut out);
+        self.gateway_warnings(&mut out);
         for p in self.profiles.values() {
             if let AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) = &p.auth {
                 if let Some(d) = &o.dpop {
@@ -1474,6 +1555,26 @@ impl Config {
             }
         }
         out
+    }
+
+    /// Warnings about gateway mode: profiles no caller uses, spend limits one replica keeps.
+    fn gateway_warnings(&self, out: &mut Vec<String>) {
+        if !self.is_gateway() {
+            return;
+        }
+        for name in self.profiles.keys() {
+            if !self.callers.values().any(|c| &c.profile == name) {
+                out.push(format!("profiles.{name}: no caller uses this profile"));
+            }
+        }
+        let limited = self.callers.values().any(|c| c.daily_spend_limit.is_some());
+        if limited && self.cache.backend != CacheBackend::Redis {
+            out.push(format!(
+                "callers.*.daily_spend_limit: with cache.backend = \"{}\" each replica counts \
+                 spend on its own; use the redis backend so the limit holds fleet-wide",
+                self.cache.backend.as_str()
+            ));
+        }
     }
 
     /// Warnings about the cache (encryption off for a persistent backend).
@@ -1925,16 +2026,6 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         p,
     );
     let allow_non_loopback = raw.allow_non_loopback.unwrap_or(false);
-    if !proxy.ip().is_loopback() && !allow_non_loopback {
-        p.push(
-            "listen.proxy",
-            format!(
-                "{proxy} is not a loopback address: anything that can reach it could use the \
-                 Tango credentials. Set listen.allow_non_loopback = true if the network around \
-                 it is trusted"
-            ),
-        );
-    }
     if proxy == admin && proxy.port() != 0 {
         p.push("listen.admin", "must differ from listen.proxy");
     }
