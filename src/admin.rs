@@ -3,6 +3,12 @@
 //! It may listen on a pod address (Kubernetes probes reach it there) because nothing it serves
 //! is secret: `/status` shows methods, identities (platform name or client id) and readiness,
 //! never a credential.
+//!
+//! In gateway mode `/readyz` is 200 once the listeners are up and never waits for a profile's
+//! token: one store's deleted service account must not take every store out of the load
+//! balancer. Each profile's readiness is in `/status` (`profiles.NAME.ready`) and in the
+//! `tango_proxy_profile_ready{profile}` gauge; `/status` also shows each caller's counts and,
+//! for limited callers, today's spend.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +22,8 @@ use serde_json::json;
 
 use crate::auth::Profile;
 use crate::config::Config;
+use crate::gateway::spend::utc_day;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints report on.
@@ -25,6 +33,7 @@ pub struct AdminState(Arc<AdminInner>);
 #[derive(Debug)]
 struct AdminInner {
     profiles: Vec<Profile>,
+    gateway: Option<Arc<Gateway>>,
     metrics: Arc<Metrics>,
     cache_backend: &'static str,
     upstream: String,
@@ -33,9 +42,15 @@ struct AdminInner {
 
 impl AdminState {
     /// Collects the state to report.
-    pub fn new(config: &Config, profiles: Vec<Profile>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        profiles: Vec<Profile>,
+        gateway: Option<Arc<Gateway>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self(Arc::new(AdminInner {
             profiles,
+            gateway,
             metrics,
             cache_backend: config.cache.backend.as_str(),
             upstream: config.upstream.url.to_string(),
@@ -59,6 +74,13 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.0.gateway.is_some() {
+        return (
+            StatusCode::OK,
+            Json(json!({ "ready": true, "mode": "gateway" })),
+        )
+            .into_response();
+    }
     let not_ready: Vec<&str> = state
         .0
         .profiles
@@ -86,23 +108,60 @@ async fn status(State(state): State<AdminState>) -> Response {
         .map(|p| {
             let status = p.authorizer.status();
             cache_healthy &= status.cache_healthy;
-            (
-                p.name.clone(),
-                serde_json::to_value(status).unwrap_or_default(),
-            )
+            let ready = p.authorizer.is_ready();
+            s.metrics.set_profile_ready(&p.name, ready);
+            let mut value = serde_json::to_value(status).unwrap_or_default();
+            if let Some(map) = value.as_object_mut() {
+                map.insert("ready".into(), ready.into());
+            }
+            (p.name.clone(), value)
         })
         .collect();
-    Json(json!({
+    let mut body = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started.elapsed().as_secs(),
         "upstream": s.upstream,
+        "mode": if s.gateway.is_some() { "gateway" } else { "sidecar" },
         "cache": { "backend": s.cache_backend, "healthy": cache_healthy },
         "profiles": profiles,
-    }))
-    .into_response()
+    });
+    if let Some(gateway) = &s.gateway {
+        body["callers"] = callers_status(gateway).await;
+    }
+    Json(body).into_response()
+}
+
+/// Each caller's counts and, for limited callers, today's spend (from the ledger; absent when
+/// it does not answer).
+async fn callers_status(gateway: &Gateway) -> serde_json::Value {
+    let day = utc_day(std::time::SystemTime::now());
+    let mut out = serde_json::Map::new();
+    // After one failed read the ledger is taken as down: /status must not wait on it per caller.
+    let mut reachable = true;
+    for caller in gateway.callers() {
+        let spent = match caller.spend_limit {
+            Some(_) if reachable => {
+                let spent = gateway.ledger().spent(&caller.name, &day).await.ok();
+                reachable = spent.is_some();
+                spent
+            }
+            _ => None,
+        };
+        out.insert(
+            caller.name.clone(),
+            serde_json::to_value(caller.status(spent)).unwrap_or_default(),
+        );
+    }
+    serde_json::Value::Object(out)
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    for p in &state.0.profiles {
+        state
+            .0
+            .metrics
+            .set_profile_ready(&p.name, p.authorizer.is_ready());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -19,6 +19,8 @@ use crate::admin::{self, AdminState};
 use crate::auth::{AuthBuildError, Profile};
 use crate::config::CacheBackend;
 use crate::config::Config;
+use crate::gateway::spend::{MemoryLedger, RedisLedger, SpendLedger};
+use crate::gateway::Gateway;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -52,6 +54,9 @@ pub enum AppError {
     /// The token store could not be opened.
     #[error("token cache: {0}")]
     Store(String),
+    /// The gateway's callers could not be set up.
+    #[error("{0}")]
+    Gateway(String),
 }
 
 /// The two listeners, already bound.
@@ -107,6 +112,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let admin_addr = local_addr(&listeners.admin, config.listen.admin, "listen.admin")?;
     let profile_config = config.default_profile().ok_or(AppError::NoProfile)?;
     let metrics = Arc::new(Metrics::new());
+    let mut redis = None;
     let store: Arc<dyn TokenStore> = match (&config.cache.backend, &config.cache.path) {
         (CacheBackend::File, Some(dir)) => Arc::new(
             FileStore::new(
@@ -117,30 +123,56 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
             )
             .map_err(|e| AppError::Store(e.to_string()))?,
         ),
-        (CacheBackend::Redis, _) => Arc::new(
-            RedisStore::new(
-                &config.cache.redis,
-                &config.cache.key_prefix,
-                config.cache.sealer.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| AppError::Store(e.to_string()))?,
-        ),
+        (CacheBackend::Redis, _) => {
+            let store = Arc::new(
+                RedisStore::new(
+                    &config.cache.redis,
+                    &config.cache.key_prefix,
+                    config.cache.sealer.clone(),
+                    metrics.clone(),
+                )
+                .map_err(|e| AppError::Store(e.to_string()))?,
+            );
+            redis = Some(store.clone());
+            store
+        }
         _ => Arc::new(MemoryStore::default()),
     };
+    // A gateway's profiles start idle and get their first token when a store first calls
+    // (see `Tuning::lazy`); a sidecar's one profile gets it at once.
     let tuning = crate::token::Tuning {
         store_check: config.cache.check_interval,
+        lazy: config.is_gateway(),
         ..crate::token::Tuning::default()
     };
-    let profile = Profile::from_config(
-        profile_config,
-        &config.upstream,
-        store,
+    let profiles = config
+        .profiles
+        .values()
+        .map(|p| {
+            Profile::from_config(
+                p,
+                &config.upstream,
+                store.clone(),
+                metrics.clone(),
+                tuning.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ledger: Arc<dyn SpendLedger> = match redis {
+        Some(store) => Arc::new(RedisLedger::new(store)),
+        None => Arc::new(MemoryLedger::default()),
+    };
+    let gateway = Gateway::new(config, ledger, &metrics)
+        .map_err(AppError::Gateway)?
+        .map(Arc::new);
+    let proxy = Proxy::new(
+        config,
+        profiles.clone(),
+        gateway.clone(),
         metrics.clone(),
-        tuning,
+        proxy_addr,
     )?;
-    let proxy = Proxy::new(config, profile.clone(), metrics.clone(), proxy_addr)?;
-    let admin_state = AdminState::new(config, vec![profile], metrics.clone());
+    let admin_state = AdminState::new(config, profiles, gateway, metrics.clone());
 
     let (stop, stopped) = watch::channel(false);
     let listen = &config.listen;
@@ -193,6 +225,9 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         upstream = %config.upstream.url,
         profile = %profile_config.name,
         auth = profile_config.auth.method().as_str(),
+        profiles = config.profiles.len(),
+        callers = config.callers.len(),
+        mode = if config.is_gateway() { "gateway" } else { "sidecar" },
         "tango-auth-proxy listening"
     );
     Ok(Running {

@@ -413,13 +413,13 @@ impl AsyncWrite for AppIo {
 /// Rate limit for a repeated log line: `note` counts an event and says whether to log now, with
 /// the number of events since the last line.
 #[derive(Debug, Default)]
-struct Quiet {
+pub(crate) struct Quiet {
     count: AtomicU64,
     last: Mutex<Option<Instant>>,
 }
 
 impl Quiet {
-    fn note(&self) -> Option<u64> {
+    pub(crate) fn note(&self) -> Option<u64> {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();

@@ -92,6 +92,20 @@ pub struct Metrics {
     lifetime_ignored: Family<HintLabel, Counter>,
     task_restarts: Family<ProfileLabel, Counter>,
     dpop_proof_rejected: Family<ProfileLabel, Counter>,
+    caller_requests: Family<CallerLabel, Counter>,
+    caller_spend: Family<CallerOnlyLabel, Gauge>,
+    profile_ready: Family<ProfileLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabel {
+    caller: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerOnlyLabel {
+    caller: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -291,6 +305,24 @@ impl Metrics {
             "401 invalid_dpop_proof answers from Tango (often clock skew); replayed with a new proof",
             dpop_proof_rejected.clone(),
         );
+        let caller_requests = Family::<CallerLabel, Counter>::default();
+        registry.register(
+            "caller_requests",
+            "Gateway callers' requests by outcome (allowed, forbidden, rate_limited, spend_refused, unauthorized)",
+            caller_requests.clone(),
+        );
+        let caller_spend = Family::<CallerOnlyLabel, Gauge>::default();
+        registry.register(
+            "caller_spend_today_minor_units",
+            "Gateway callers' spend today (UTC) against their daily limit, in the limit currency's minor units",
+            caller_spend.clone(),
+        );
+        let profile_ready = Family::<ProfileLabel, Gauge>::default();
+        registry.register(
+            "profile_ready",
+            "Whether a profile can authorize a request now (1) or not (0), as of the last scrape",
+            profile_ready.clone(),
+        );
         Self {
             registry,
             by_class,
@@ -316,7 +348,40 @@ impl Metrics {
             lifetime_ignored,
             task_restarts,
             dpop_proof_rejected,
+            caller_requests,
+            caller_spend,
+            profile_ready,
         }
+    }
+
+    /// The counter of one caller's requests with one outcome (`allowed`, `forbidden`,
+    /// `rate_limited`, `spend_refused`, `unauthorized`). Labels are configured caller names
+    /// only; failed authentications of unknown names share `caller="_unknown"`.
+    pub fn caller_counter(&self, caller: &str, outcome: &'static str) -> Counter {
+        self.caller_requests
+            .get_or_create(&CallerLabel {
+                caller: caller.to_string(),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// A caller's spend today, in the minor units of its limit's currency.
+    pub fn caller_spend(&self, caller: &str) -> Gauge {
+        self.caller_spend
+            .get_or_create(&CallerOnlyLabel {
+                caller: caller.to_string(),
+            })
+            .clone()
+    }
+
+    /// Whether a profile can authorize a request now (1) or not (0).
+    pub fn set_profile_ready(&self, profile: &str, ready: bool) {
+        self.profile_ready
+            .get_or_create(&ProfileLabel {
+                profile: profile.to_string(),
+            })
+            .set(i64::from(ready));
     }
 
     /// Records a lifetime hint that was ignored as absurd.

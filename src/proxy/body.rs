@@ -90,6 +90,15 @@ pub(crate) struct BodyCopy {
 }
 
 impl BodyCopy {
+    /// A body already read whole.
+    pub fn whole(data: Bytes) -> Self {
+        Self {
+            len: data.len() as u64,
+            chunks: vec![data],
+            trailers: None,
+        }
+    }
+
     /// Keeps `data`, which brings the body read so far to `read` bytes; false, keeping
     /// nothing, once that is past `cap`.
     fn keep(&mut self, data: &Bytes, read: u64, cap: u64) -> bool {
@@ -340,8 +349,8 @@ impl<B> OutboundBody<B> {
         Self(Kind::Empty)
     }
 
-    /// Sends a copy kept by an earlier send.
-    fn replay(copy: BodyCopy) -> Self {
+    /// Sends a copy kept by an earlier send (or a body read whole before the first).
+    pub(crate) fn replay(copy: BodyCopy) -> Self {
         Self(Kind::Replay(Box::new(Replaying {
             chunks: copy.chunks.into_iter(),
             trailers: copy.trailers,
@@ -536,6 +545,37 @@ where
             Kind::Replay(r) => SizeHint::with_exact(r.remaining),
         }
     }
+}
+
+/// Reads a whole body of at most `max` bytes, waiting at most `idle` for each frame (trailers
+/// are dropped): for bodies the gateway must see whole before deciding.
+pub(crate) async fn read_whole<B>(
+    mut body: B,
+    max: u64,
+    idle: Duration,
+) -> Result<Bytes, BodyFailure>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    if body.size_hint().lower() > max {
+        return Err(BodyFailure::TooLarge);
+    }
+    let mut out = bytes::BytesMut::new();
+    while !body.is_end_stream() {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyFailure::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(BodyFailure::Broken),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if (out.len() + data.len()) as u64 > max {
+                return Err(BodyFailure::TooLarge);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
 }
 
 #[cfg(test)]

@@ -57,6 +57,28 @@ pub enum ProxyError {
     /// The upstream could not be reached or broke the connection.
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(String),
+    /// Gateway mode: the request did not authenticate as a configured caller.
+    #[error("{0}")]
+    CallerUnauthorized(String),
+    /// Gateway mode: a rule of the caller's policy refuses the request (or Tango's answer).
+    #[error("{0}")]
+    CallerForbidden(String),
+    /// Gateway mode: the caller's rate limit.
+    #[error("rate limit of caller {caller} reached; retry in {}s", retry_after.as_secs().max(1))]
+    RateLimited {
+        /// The caller.
+        caller: String,
+        /// When a token will be back.
+        retry_after: Duration,
+    },
+    /// Gateway mode: the caller's daily spend limit cannot be checked (its ledger is
+    /// unreachable) and fails closed.
+    #[error("{0}")]
+    SpendLimitUnavailable(String),
+    /// Gateway mode: Tango's answer to a bound caller could not be checked (not JSON, too
+    /// large, broken off), so it is withheld.
+    #[error("{0}")]
+    AnswerUnchecked(String),
     /// The upstream did not answer within `upstream.timeout`.
     #[error("upstream did not answer within {} (upstream.timeout)", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
@@ -74,6 +96,11 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::CallerUnauthorized(_) => "caller_unauthorized",
+            ProxyError::CallerForbidden(_) => "caller_forbidden",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::SpendLimitUnavailable(_) => "spend_limit_unavailable",
+            ProxyError::AnswerUnchecked(_) => "answer_unchecked",
         }
     }
 
@@ -88,6 +115,11 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::CallerUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::CallerForbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::SpendLimitUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AnswerUnchecked(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -113,11 +145,28 @@ impl ProxyError {
         );
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.cause()));
         headers.insert(super::headers::X_REQUEST_ID, request_id.clone());
-        if let ProxyError::TokenUnavailable { retry_after, .. } = self {
-            headers.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            );
+        match self {
+            ProxyError::TokenUnavailable { retry_after, .. } => {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            ProxyError::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up: a client that waits this long finds a token.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            ProxyError::SpendLimitUnavailable(_) => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(5u64));
+            }
+            ProxyError::CallerUnauthorized(_) => {
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"tango-auth-proxy gateway\""),
+                );
+            }
+            _ => {}
         }
         if let ProxyError::MethodNotAllowed(_) = self {
             headers.insert(
@@ -187,6 +236,34 @@ mod tests {
                 ProxyError::UpstreamTimeout(Duration::from_secs(1)),
                 "upstream_timeout",
                 504,
+            ),
+            (
+                ProxyError::CallerUnauthorized("x".into()),
+                "caller_unauthorized",
+                401,
+            ),
+            (
+                ProxyError::CallerForbidden("x".into()),
+                "caller_forbidden",
+                403,
+            ),
+            (
+                ProxyError::RateLimited {
+                    caller: "s".into(),
+                    retry_after: Duration::from_millis(1500),
+                },
+                "rate_limited",
+                429,
+            ),
+            (
+                ProxyError::SpendLimitUnavailable("x".into()),
+                "spend_limit_unavailable",
+                503,
+            ),
+            (
+                ProxyError::AnswerUnchecked("x".into()),
+                "answer_unchecked",
+                502,
             ),
         ];
         for (err, cause, status) in cases {

@@ -20,6 +20,7 @@
 mod body;
 pub mod client;
 pub mod error;
+mod guard;
 pub mod headers;
 mod response;
 
@@ -37,8 +38,9 @@ use hyper::body::Incoming;
 use crate::auth::{AfterRejection, AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use body::{BodyFailure, BodyLimits, BodyWatch, Kept};
+use body::{BodyCopy, BodyFailure, BodyLimits, BodyWatch, Kept};
 pub use body::{OutboundBody, OutboundBodyError};
 use client::{Refusal, UpstreamClient};
 pub use error::{ProxyError, PROXY_ERROR_HEADER};
@@ -56,7 +58,14 @@ pub struct Proxy(Arc<Inner>);
 struct Inner {
     upstream: UpstreamUrl,
     client: UpstreamClient,
-    profile: Profile,
+    /// Every profile, in name order; a sidecar has one.
+    profiles: Vec<Profile>,
+    /// What a 401 tells the app when Tango gave no challenge it can act on, per profile.
+    challenges: Vec<HeaderValue>,
+    /// Gateway mode: the callers and their policies.
+    gateway: Option<Arc<Gateway>>,
+    /// Reward currencies by `utid`, per profile (gateway spend limits).
+    catalogs: guard::Catalogs,
     max_body: u64,
     body_idle_timeout: Duration,
     max_header_size: u64,
@@ -64,8 +73,6 @@ struct Inner {
     replay_max_body: u64,
     /// `upstream.body_idle_timeout`.
     response_idle_timeout: Duration,
-    /// What a 401 tells the app when Tango gave no challenge it can act on.
-    challenge: HeaderValue,
     /// `tango_proxy_upstream_errors_total{kind="body_stalled"}`.
     body_stalled: prometheus_client::metrics::counter::Counter,
     /// Authorities an absolute-form request may name: the proxy itself and the upstream.
@@ -84,6 +91,14 @@ const MAX_REPLAYS: usize = 2;
 /// What the upstream call produced.
 type Forwarded = (Response<Incoming>, Option<HeaderValue>);
 
+/// The app's request body as the forwarder takes it: still streaming, or read whole already
+/// (the gateway reads the bodies it checks).
+#[derive(Debug)]
+enum AppBody {
+    Streaming(Incoming),
+    Read(Bytes),
+}
+
 /// How one send to Tango failed.
 #[derive(Debug)]
 enum SendFailure {
@@ -94,15 +109,21 @@ enum SendFailure {
 }
 
 impl Proxy {
-    /// Builds the proxy for one profile; `bound` is the address the proxy listener really has.
+    /// Builds the proxy for its profiles (in name order, as `config.profiles` holds them) and,
+    /// in gateway mode, its callers; `bound` is the address the proxy listener really has.
     pub fn new(
         config: &Config,
-        profile: Profile,
+        profiles: Vec<Profile>,
+        gateway: Option<Arc<Gateway>>,
         metrics: Arc<Metrics>,
         bound: SocketAddr,
     ) -> Result<Self, crate::tls::TlsError> {
         let client = client::build(&config.upstream)?;
-        let challenge = headers::app_challenge(profile.method == crate::config::AuthMethod::Basic);
+        let challenges = profiles
+            .iter()
+            .map(|p| headers::app_challenge(p.method == crate::config::AuthMethod::Basic))
+            .collect();
+        let catalogs = guard::Catalogs::new(profiles.len());
         let mut local_authorities = vec![
             bound.to_string(),
             format!("localhost:{}", bound.port()),
@@ -115,14 +136,16 @@ impl Proxy {
         Ok(Self(Arc::new(Inner {
             upstream: config.upstream.url.clone(),
             client,
-            profile,
+            profiles,
+            challenges,
+            gateway,
+            catalogs,
             max_body: config.listen.max_body,
             body_idle_timeout: config.listen.body_idle_timeout,
             max_header_size: config.listen.max_header_size,
             timeout: config.upstream.timeout,
             replay_max_body: config.upstream.replay_max_body,
             response_idle_timeout: config.upstream.body_idle_timeout,
-            challenge,
             body_stalled: metrics.upstream_error_counter("body_stalled"),
             local_authorities,
             metrics,
@@ -145,12 +168,16 @@ impl Proxy {
         let uri = req.uri().clone();
         let path = uri.path();
 
-        let (response, upstream_id, cause) = match self.forward(req, remote, &request_id).await {
-            Ok((resp, upstream_id)) => {
-                let (idle, stalled) = (inner.response_idle_timeout, inner.body_stalled.clone());
-                let resp = resp.map(|body| Either::Left(UpstreamBody::new(body, idle, stalled)));
-                (resp, upstream_id, None)
+        let mut caller = None;
+        let outcome = match &inner.gateway {
+            None => self.sidecar_request(req, remote, &request_id).await,
+            Some(gateway) => {
+                self.gateway_request(gateway, req, remote, &request_id, &mut caller)
+                    .await
             }
+        };
+        let (response, upstream_id, cause) = match outcome {
+            Ok((resp, upstream_id)) => (resp, upstream_id, None),
             Err(err) => {
                 inner.metrics.proxy_error(err.cause());
                 if err.status().is_server_error() {
@@ -173,25 +200,48 @@ impl Proxy {
             duration_ms = elapsed.as_micros() as f64 / 1000.0,
             request_id = %request_id.to_str().unwrap_or_default(),
             upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
+            caller,
             error = cause,
             "request"
         );
         response
     }
 
-    async fn forward(
+    /// A sidecar's request: checked, forwarded with the one profile, the answer streamed back.
+    async fn sidecar_request(
         &self,
         req: Request<Incoming>,
         remote: SocketAddr,
         request_id: &HeaderValue,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
+        let (parts, body) = req.into_parts();
+        let uri = self.check_inbound(&parts, &body)?;
+        let (resp, upstream_id) = self
+            .forward(parts, uri, AppBody::Streaming(body), 0, remote, request_id)
+            .await?;
+        Ok((self.stream_back(resp), upstream_id))
+    }
+
+    /// Tango's response with its body streamed to the app under `upstream.body_idle_timeout`.
+    fn stream_back(&self, resp: Response<Incoming>) -> Response<ResponseBody> {
         let inner = &*self.0;
-        let (mut parts, body) = req.into_parts();
+        let (idle, stalled) = (inner.response_idle_timeout, inner.body_stalled.clone());
+        resp.map(|body| Either::Left(UpstreamBody::new(body, idle, stalled)))
+    }
+
+    /// What every request must pass before anything else: the method, Host, header size,
+    /// request target and declared body size. Returns the upstream URI.
+    fn check_inbound(
+        &self,
+        parts: &http::request::Parts,
+        body: &Incoming,
+    ) -> Result<Uri, ProxyError> {
+        let inner = &*self.0;
 
         // CONNECT would tunnel past the proxy; TRACE, reflected by an upstream, would show the
         // app the credential the proxy added.
         if parts.method == Method::CONNECT || parts.method == Method::TRACE {
-            return Err(ProxyError::MethodNotAllowed(parts.method));
+            return Err(ProxyError::MethodNotAllowed(parts.method.clone()));
         }
         // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host (HTTP/1.0 may omit it).
         let hosts = parts.headers.get_all(header::HOST).iter().count();
@@ -232,10 +282,25 @@ impl Proxy {
                 limit: inner.max_body,
             });
         }
-        let uri = self.upstream_uri(parts.uri.path_and_query())?;
+        self.upstream_uri(parts.uri.path_and_query())
+    }
 
+    /// Sends the request to Tango with `profile`'s credential (the index in `profiles`),
+    /// resending and replaying as the module's rules allow.
+    async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        uri: Uri,
+        body: AppBody,
+        profile: usize,
+        remote: SocketAddr,
+        request_id: &HeaderValue,
+    ) -> Result<Forwarded, ProxyError> {
+        let inner = &*self.0;
+        let profile_index = profile;
+        let profile = &inner.profiles[profile];
         // Nothing is read before the first send, so the credential is fetched right before it.
-        let authorizer = &inner.profile.authorizer;
+        let authorizer = &profile.authorizer;
         let credential = authorizer
             .authorize(Target {
                 method: &parts.method,
@@ -251,16 +316,13 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         // Most calls (GETs) have no body: they skip the wrapper, its timer and its report.
-        let (body, mut kept) = if body.is_end_stream() {
-            (OutboundBody::empty(), Kept::Empty)
-        } else {
-            let limits = BodyLimits {
-                max_body: inner.max_body,
-                idle_timeout: inner.body_idle_timeout,
-                replay_cap: inner.replay_max_body,
-            };
-            let (body, watch) = OutboundBody::streaming(body, limits);
-            (body, Kept::Watch(watch))
+        let (body, mut kept) = match body {
+            AppBody::Read(bytes) if bytes.is_empty() => (OutboundBody::empty(), Kept::Empty),
+            AppBody::Read(bytes) => {
+                let copy = BodyCopy::whole(bytes);
+                (OutboundBody::replay(copy.clone()), Kept::Copy(copy))
+            }
+            AppBody::Streaming(body) => self.outbound(body),
         };
         // Any request may need a second send (refused unprocessed, or a 401): its parts are
         // kept when its body can be.
@@ -269,6 +331,7 @@ impl Proxy {
         let first = with_credential(parts, &credential);
         let (response, credential) = self
             .send_resending(
+                profile,
                 first,
                 body,
                 credential,
@@ -318,19 +381,44 @@ impl Proxy {
             tracing::info!(request_id = ?request_id, "replaying after a 401 with a new credential");
             let replay = with_credential(template.clone(), &fresh);
             let (replay, used) = self
-                .send_resending(replay, body, fresh, Some(template), &mut kept, request_id)
+                .send_resending(
+                    profile,
+                    replay,
+                    body,
+                    fresh,
+                    Some(template),
+                    &mut kept,
+                    request_id,
+                )
                 .await?;
             authorizer.observe(&sent_to, replay.headers());
             (response, credential) = (replay, used);
         }
-        Ok(self.finish(response, request_id))
+        Ok(self.finish(response, request_id, &inner.challenges[profile_index]))
+    }
+
+    /// The app's streaming body within the limits, and what is kept of it for more sends.
+    fn outbound(&self, body: Incoming) -> (OutboundBody, Kept) {
+        let inner = &*self.0;
+        if body.is_end_stream() {
+            return (OutboundBody::empty(), Kept::Empty);
+        }
+        let limits = BodyLimits {
+            max_body: inner.max_body,
+            idle_timeout: inner.body_idle_timeout,
+            replay_cap: inner.replay_max_body,
+        };
+        let (body, watch) = OutboundBody::streaming(body, limits);
+        (body, Kept::Watch(watch))
     }
 
     /// Sends `parts` (carrying `credential`); when Tango refuses it unprocessed, sends it once
     /// more from `template` with a credential authorized anew and the kept body, if both were
     /// kept. Returns Tango's response and the credential it answers.
+    #[allow(clippy::too_many_arguments)]
     async fn send_resending(
         &self,
+        profile: &Profile,
         parts: http::request::Parts,
         body: OutboundBody,
         credential: Credential,
@@ -358,8 +446,7 @@ impl Proxy {
                 return Err(err);
             }
         };
-        let fresh = inner
-            .profile
+        let fresh = profile
             .authorizer
             .authorize(Target {
                 method: &template.method,
@@ -449,14 +536,15 @@ impl Proxy {
         }
     }
 
-    fn finish(&self, mut response: Response<Incoming>, request_id: &HeaderValue) -> Forwarded {
+    fn finish(
+        &self,
+        mut response: Response<Incoming>,
+        request_id: &HeaderValue,
+        challenge: &HeaderValue,
+    ) -> Forwarded {
         let status = response.status();
-        let upstream_id = headers::sanitize_response(
-            response.headers_mut(),
-            request_id,
-            status,
-            &self.0.challenge,
-        );
+        let upstream_id =
+            headers::sanitize_response(response.headers_mut(), request_id, status, challenge);
         (response, upstream_id)
     }
 

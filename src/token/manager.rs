@@ -70,6 +70,10 @@ pub struct Tuning {
     pub rejected_mint_interval: Duration,
     /// First delay before restarting a crashed owner task (doubles up to 30 s).
     pub restart_delay: Duration,
+    /// Start idle: look for (or mint) the first token only when a request needs one. A gateway
+    /// with hundreds of store profiles starts without a burst of cache reads and mints, and a
+    /// store that never calls never costs Tango a token.
+    pub lazy: bool,
 }
 
 impl Default for Tuning {
@@ -84,6 +88,7 @@ impl Default for Tuning {
             rate_limit_cap: Duration::from_secs(3600),
             rejected_mint_interval: Duration::from_secs(10),
             restart_delay: Duration::from_millis(100),
+            lazy: false,
         }
     }
 }
@@ -567,6 +572,14 @@ async fn run(
     let restarts = last.restarts;
     let mut degraded = false;
     let mut event = Event::Tick;
+    if ctx.tuning.lazy && last.token.is_none() && restarts == 0 {
+        // Idle until the first request asks (a permit stored by an earlier ask counts) or a
+        // message arrives.
+        event = tokio::select! {
+            Some(e) = rx.recv() => e,
+            () = need.notified() => Event::Tick,
+        };
+    }
     loop {
         if let Event::Loaded(Ok(seen)) = &event {
             ctx.metrics.lookup(true, seen.stored.is_some());

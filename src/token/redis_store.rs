@@ -455,6 +455,37 @@ impl RedisStore {
         })
     }
 
+    /// The key prefix (`cache.key_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Runs `script` on one key with integer arguments, with the store's connection, timeout
+    /// and error accounting (the gateway's spend ledger shares them).
+    pub async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[i64],
+    ) -> Result<T, StoreError> {
+        self.call(|mut c| async move {
+            let mut invocation = script.key(key);
+            for a in args {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    /// `GET key`, read as `T`.
+    pub async fn get_value<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.get(key).await
+    }
+
     fn name(&self, key: &str, what: &str) -> String {
         format!("{}:{{{key}}}:{what}", self.prefix)
     }
