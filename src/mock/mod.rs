@@ -1,7 +1,7 @@
 //! A mock of Tango for local development, the demo and tests.
 //!
-//! It serves the RaaS endpoints apps use most (see [`raas`] and [`orders`]) behind the credential
-//! checks Tango makes (Basic, or a Bearer token from its own token endpoint, see [`oauth`]),
+//! It serves the RaaS endpoints apps use most (see `raas` and `orders`) behind the credential
+//! checks Tango makes (Basic, or a Bearer token from its own token endpoint, see `oauth`),
 //! answers errors in Tango's JSON shape, and counts and records what it sees. Hooks for tests and
 //! local experiments live under `/mock`:
 //!
@@ -25,6 +25,22 @@
 //! else answers Tango's 404 (`Account not found`, `404.002`). The seed customer
 //! [`SEED_CUSTOMER`] and account [`SEED_ACCOUNT`] are ownerless: every principal sees them.
 //!
+//! # RaaS routes (under `/raas/v2`)
+//!
+//! | route | answers |
+//! | --- | --- |
+//! | `GET catalogs` | brands with items (`utid`, `currencyCode`): `U000001` USD, `U000002` EUR, `U561593` and `U157189` USD |
+//! | `GET/POST customers`, `GET customers/{id}`, `GET/POST customers/{id}/accounts` | the principal's customers with its accounts |
+//! | `GET accounts`, `GET accounts/{id}` | the principal's accounts (balance, currency) |
+//! | `POST orders` | 201 new, 200 repeat of an `externalRefID` on the same account, 402 short of funds |
+//! | `POST asyncOrders` | 202 `PENDING` (the order is complete at once for lookups), 200 repeat |
+//! | `GET orders/{id}`, `GET orders?accountIdentifier=&customerIdentifier=&externalRefID=&elementsPerPage=&page=` | orders with `reward.credentials`; a list without filters holds every order of every account the principal sees, as Tango's does |
+//! | `GET lineItems/{id}`, `GET lineItems?...` (the same filters) | one line item per order, naming its account and customer, with the order's reward credentials |
+//! | `POST creditCardDeposits`, `POST transferFunds` | 200 `SUCCESS`, moving money between visible accounts |
+//!
+//! An order's `denomination` is in its reward's currency; `amountCharged` is in the account's, at
+//! fixed rates (1 EUR = 1.10 USD, 1 GBP = 1.25 USD, 1 CAD = 0.75 USD).
+//!
 //! # Credentials
 //!
 //! | config | kind | name | secret | owns |
@@ -42,7 +58,7 @@
 //! answers a random share of token requests with 503 `temporarily_unavailable`, for soak runs
 //! against an identity provider that fails now and then.
 //!
-//! DPoP is checked strictly on both the token endpoint and the RaaS routes (see [`dpop`]); a
+//! DPoP is checked strictly on both the token endpoint and the RaaS routes (see `dpop`); a
 //! token request with a valid proof gets a DPoP-bound token (`token_type` `DPoP`), which then
 //! only works as `Authorization: DPoP` with a proof from the same key.
 //!
