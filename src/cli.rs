@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::app::{self, Listeners};
 use crate::auth::dpop::{pkcs8_pem, DpopAlg, DpopKey};
 use crate::config::{Config, ConfigError};
-use crate::mock::{MockClient, MockConfig, MockTango, SEED_ACCOUNT};
+use crate::mock::{MockClient, MockConfig, MockTango, SEED_ACCOUNT, STORES_CLIENT_ID};
 use crate::secret::Secret;
 
 /// Attaches Tango RaaS credentials to plain HTTP requests from local apps.
@@ -132,7 +132,15 @@ struct MockCredentials {
     /// Answer this share of token requests (0 to 1, at random) with 503 temporarily_unavailable.
     #[arg(long, default_value_t = 0.0)]
     token_failure_rate: f64,
+    /// Also create a franchise of N stores: OAuth client "franchise" with service accounts
+    /// store-1..store-N, each owning customer C-STORE-N and account A-STORE-N with $100,000.00
+    /// (USD) that no other store can see. Their secrets are listed in the mock's documentation.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    stores: usize,
 }
+
+/// The most stores `--stores` creates (each is a service account and an account in memory).
+const MAX_STORES: usize = 100_000;
 
 impl MockCredentials {
     fn into_config(self) -> anyhow::Result<MockConfig> {
@@ -142,9 +150,19 @@ impl MockCredentials {
         if !(0.0..=1.0).contains(&self.token_failure_rate) {
             anyhow::bail!("--token-failure-rate must be between 0 and 1");
         }
-        Ok(MockConfig {
+        if self.stores > MAX_STORES {
+            anyhow::bail!("--stores must be at most {MAX_STORES}");
+        }
+        if self.stores > 0 && self.client_id == STORES_CLIENT_ID {
+            anyhow::bail!(
+                "--client-id {STORES_CLIENT_ID:?} is the client --stores creates; choose another"
+            );
+        }
+        let mut config = MockConfig {
             platform_name: self.platform_name,
             api_key: Secret::new(self.api_key),
+            platforms: Vec::new(),
+            accounts: Vec::new(),
             clients: vec![MockClient {
                 name: "Mock".into(),
                 client_id: self.client_id,
@@ -156,7 +174,11 @@ impl MockCredentials {
                 .then_some(self.client_credentials_limit),
             dpop_nonces: self.dpop_nonces,
             token_failure_rate: self.token_failure_rate,
-        })
+        };
+        if self.stores > 0 {
+            config.add_stores(self.stores);
+        }
+        Ok(config)
     }
 }
 
@@ -346,12 +368,23 @@ fn probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
 }
 
 fn mock_tango(listen: SocketAddr, config: MockConfig) -> anyhow::Result<ExitCode> {
+    let stores = config
+        .clients
+        .iter()
+        .find(|c| c.client_id == STORES_CLIENT_ID)
+        .map_or(0, |c| c.service_accounts.len());
     let mock = MockTango::new(config);
     runtime(0)?.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "mock Tango listening");
+        if stores > 0 {
+            tracing::info!(
+                client_id = STORES_CLIENT_ID,
+                "mock Tango: {stores} stores, service accounts store-1..store-{stores} owning accounts A-STORE-1..A-STORE-{stores}"
+            );
+        }
         mock.serve(listener, app::shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
@@ -453,6 +486,52 @@ mod tests {
         match cli.command {
             Command::MockTango { credentials, .. } => credentials.into_config(),
             other => anyhow::bail!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mock_tango_stores_adds_the_franchise_to_the_command_line_credentials() {
+        assert!(mock_config(&[]).unwrap().accounts.is_empty());
+        let c = mock_config(&["--stores", "4", "--client-id", "pos-client"]).unwrap();
+        let ids: Vec<_> = c.clients.iter().map(|c| c.client_id.as_str()).collect();
+        assert_eq!(ids, ["pos-client", STORES_CLIENT_ID]);
+        let expected = MockConfig::with_stores(4);
+        assert_eq!(c.accounts, expected.accounts);
+        assert_eq!(c.clients[1].service_accounts.len(), 4);
+        assert_eq!(c.clients[1].service_accounts[3].0, "store-4");
+
+        let err = mock_config(&["--stores", "100001"]).unwrap_err();
+        assert!(
+            err.to_string().contains("--stores must be at most 100000"),
+            "{err}"
+        );
+        let err = mock_config(&["--stores", "1", "--client-id", "franchise"]).unwrap_err();
+        assert!(
+            err.to_string().contains("is the client --stores creates"),
+            "{err}"
+        );
+        assert!(mock_config(&["--stores", "-1"]).is_err());
+    }
+
+    #[test]
+    fn mock_tango_help_says_what_stores_creates_without_its_secrets() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("mock-tango")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--stores <N>"), "{help}");
+        assert!(help.contains("store-1..store-N"), "{help}");
+        assert!(help.contains("A-STORE-N"), "{help}");
+        for secret in [
+            "franchise-secret",
+            "store-N-password",
+            "demo-password",
+            "demo-api-key",
+        ] {
+            assert!(!help.contains(secret), "{secret}: {help}");
         }
     }
 

@@ -4,7 +4,8 @@
 //! lifetimes by audience (24 h, or 5 min for the five-minute audiences) scaled by `time_scale`.
 //! Client-credentials minting is limited per 20-hour (scaled) window and answers Tango's 400
 //! rate-limit text beyond it. Failures can be injected for the next N requests, or for a random
-//! share of all requests (`MockConfig::token_failure_rate`).
+//! share of all requests (`MockConfig::token_failure_rate`). Each token remembers whom it was
+//! minted for, so the RaaS routes can tell which principal sent a request.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -48,11 +49,24 @@ pub struct TokenTimeline {
 struct Issued {
     value: String,
     client_id: String,
+    /// The service account of a password grant; None for client credentials.
+    username: Option<String>,
     issued: Instant,
     expires: Instant,
     first_used: Option<Instant>,
     revoked: bool,
     jkt: Option<String>,
+}
+
+/// Whom a valid token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TokenUse {
+    /// The OAuth client it was minted from.
+    pub(super) client_id: String,
+    /// The service account it was minted for (password grant), else the client id.
+    pub(super) principal: String,
+    /// The key thumbprint of a DPoP-bound token.
+    pub(super) jkt: Option<String>,
 }
 
 /// The issued tokens and the failure plan.
@@ -100,8 +114,8 @@ impl Tokens {
         *lock(&self.ignore_dpop) = on;
     }
 
-    /// The client id and DPoP binding of a valid token, recording its first use.
-    pub(super) fn check(&self, value: &str) -> Option<(String, Option<String>)> {
+    /// Whom a valid token speaks for and its DPoP binding, recording its first use.
+    pub(super) fn check(&self, value: &str) -> Option<TokenUse> {
         if *lock(&self.reject_all) {
             return None;
         }
@@ -113,7 +127,11 @@ impl Tokens {
             return None;
         }
         t.first_used.get_or_insert(now);
-        Some((t.client_id.clone(), t.jkt.clone()))
+        Some(TokenUse {
+            client_id: t.client_id.clone(),
+            principal: t.username.clone().unwrap_or_else(|| t.client_id.clone()),
+            jkt: t.jkt.clone(),
+        })
     }
 
     pub(super) fn timeline(&self) -> Vec<TokenTimeline> {
@@ -132,13 +150,20 @@ impl Tokens {
         lock(&self.issued).iter().map(|t| t.value.clone()).collect()
     }
 
-    fn issue(&self, client_id: &str, ttl: Duration, jkt: Option<String>) -> String {
+    fn issue(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        ttl: Duration,
+        jkt: Option<String>,
+    ) -> String {
         let value = random_hex(24);
         let now = Instant::now();
         let mut issued = lock(&self.issued);
         issued.push(Issued {
             value: value.clone(),
             client_id: client_id.to_string(),
+            username: username.map(str::to_string),
             issued: now,
             expires: now + ttl,
             first_used: None,
@@ -297,7 +322,11 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
     let audience = form.audience.unwrap_or_default();
     let base = crate::token::audience_lifetime(&audience);
     let secs = (base.as_secs_f64() * config.time_scale).round().max(1.0) as u64;
-    let value = tokens.issue(&client.client_id, Duration::from_secs(secs), jkt);
+    // A password grant speaks for its service account; client credentials for the client.
+    let username = (grant == "password")
+        .then_some(form.username.as_deref())
+        .flatten();
+    let value = tokens.issue(&client.client_id, username, Duration::from_secs(secs), jkt);
     mock.count(|s| s.tokens_issued += 1);
     Json(json!({
         "access_token": value,

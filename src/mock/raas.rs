@@ -1,91 +1,20 @@
-//! The RaaS v2 subset the mock serves: catalogs, customers, accounts and orders.
+//! The RaaS v2 subset the mock serves: catalogs, customers, accounts and funding (credit-card
+//! deposits, fund transfers); orders and line items live in [`super::orders`].
 //!
-//! Orders follow Tango's idempotency rule: a new `externalRefID` gives 201, a repeat gives 200
-//! with the original order. POST bodies must be JSON (a form body gets 415, as Tango answers).
-
-use std::collections::BTreeMap;
+//! Every handler answers for the principal that sent the request (see [`super::Principal`]):
+//! records of another principal answer 404 as if they did not exist. POST bodies must be JSON (a
+//! form body gets 415, as Tango answers).
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{now, tango_error, tango_error_with, MockTango, SEED_ACCOUNT, SEED_CUSTOMER};
-
-/// The mock's records.
-#[derive(Debug, Default)]
-pub struct Data {
-    customers: BTreeMap<String, Value>,
-    accounts: BTreeMap<String, Account>,
-    orders: BTreeMap<String, Value>,
-    by_external_ref: BTreeMap<String, String>,
-    next_order: u64,
-}
-
-#[derive(Debug)]
-struct Account {
-    customer: String,
-    display_name: String,
-    balance_cents: i64,
-    created_at: String,
-}
-
-impl Account {
-    fn to_json(&self, id: &str) -> Value {
-        json!({
-            "accountIdentifier": id,
-            "accountNumber": id,
-            "customerIdentifier": self.customer,
-            "displayName": self.display_name,
-            "currencyCode": "USD",
-            "currentBalance": self.balance_cents as f64 / 100.0,
-            "createdAt": self.created_at,
-            "status": "ACTIVE",
-        })
-    }
-}
-
-impl Data {
-    /// One customer with one account holding $1,000.
-    pub fn seeded() -> Self {
-        let mut data = Data::default();
-        let created = now();
-        data.customers.insert(
-            SEED_CUSTOMER.into(),
-            json!({
-                "customerIdentifier": SEED_CUSTOMER,
-                "displayName": "Demo Customer",
-                "status": "ACTIVE",
-                "createdAt": created,
-            }),
-        );
-        data.accounts.insert(
-            SEED_ACCOUNT.into(),
-            Account {
-                customer: SEED_CUSTOMER.into(),
-                display_name: "Demo Account".into(),
-                balance_cents: 100_000,
-                created_at: created,
-            },
-        );
-        data
-    }
-
-    fn customer_json(&self, id: &str, customer: &Value) -> Value {
-        let accounts: Vec<Value> = self
-            .accounts
-            .iter()
-            .filter(|(_, a)| a.customer == id)
-            .map(|(aid, a)| a.to_json(aid))
-            .collect();
-        let mut c = customer.clone();
-        c["accounts"] = Value::Array(accounts);
-        c
-    }
-}
+use super::data::{amount_cents, catalog_json, cents_value, Account, Customer, MAX_AMOUNT};
+use super::{now, orders, tango_error, tango_error_with, MockTango, Principal};
 
 pub(super) fn routes() -> Router<MockTango> {
     Router::new()
@@ -94,9 +23,16 @@ pub(super) fn routes() -> Router<MockTango> {
             "/raas/v2/customers",
             get(list_customers).post(create_customer),
         )
+        .route("/raas/v2/customers/{id}", get(get_customer))
+        .route(
+            "/raas/v2/customers/{id}/accounts",
+            get(customer_accounts).post(create_account),
+        )
+        .route("/raas/v2/accounts", get(list_accounts))
         .route("/raas/v2/accounts/{id}", get(get_account))
-        .route("/raas/v2/orders", axum::routing::post(create_order))
-        .route("/raas/v2/orders/{id}", get(get_order))
+        .route("/raas/v2/creditCardDeposits", post(deposit))
+        .route("/raas/v2/transferFunds", post(transfer))
+        .merge(orders::routes())
         .fallback(not_found)
 }
 
@@ -109,55 +45,36 @@ async fn not_found(uri: Uri) -> Response {
     )
 }
 
-async fn catalogs() -> Json<Value> {
-    Json(json!({
-        "catalogName": "Mock Catalog",
-        "brands": [
-            {
-                "brandKey": "B916708",
-                "brandName": "Amazon.com",
-                "status": "active",
-                "items": [{
-                    "utid": "U561593",
-                    "rewardName": "Amazon.com Gift Card",
-                    "currencyCode": "USD",
-                    "valueType": "VARIABLE_VALUE",
-                    "rewardType": "gift card",
-                    "minValue": 0.01,
-                    "maxValue": 2000.0,
-                    "countries": ["US"]
-                }]
-            },
-            {
-                "brandKey": "B000002",
-                "brandName": "Tango Card",
-                "status": "active",
-                "items": [{
-                    "utid": "U157189",
-                    "rewardName": "Tango Card",
-                    "currencyCode": "USD",
-                    "valueType": "FIXED_VALUE",
-                    "rewardType": "gift card",
-                    "faceValue": 25.0,
-                    "countries": ["US"]
-                }]
-            }
-        ]
-    }))
+/// Tango's answer for an account that does not exist or belongs to another principal.
+pub(super) fn account_not_found(uri: &Uri) -> Response {
+    tango_error(
+        StatusCode::NOT_FOUND,
+        uri.path(),
+        "404.002",
+        "Account not found",
+    )
 }
 
-async fn list_customers(State(mock): State<MockTango>) -> Json<Value> {
-    let data = mock.data();
-    let list: Vec<Value> = data
-        .customers
-        .iter()
-        .map(|(id, c)| data.customer_json(id, c))
-        .collect();
-    Json(Value::Array(list))
+/// The answer for a customer that does not exist or belongs to another principal.
+pub(super) fn customer_not_found(uri: &Uri) -> Response {
+    tango_error(
+        StatusCode::NOT_FOUND,
+        uri.path(),
+        "404.004",
+        "Customer not found",
+    )
+}
+
+async fn catalogs() -> Json<Value> {
+    Json(catalog_json())
 }
 
 /// Parses a JSON body the way Tango does: form bodies are 415, bad JSON is 400.
-fn json_body(headers: &HeaderMap, uri: &Uri, body: &Bytes) -> Result<Value, Box<Response>> {
+pub(super) fn json_body(
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: &Bytes,
+) -> Result<Value, Box<Response>> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -181,7 +98,14 @@ fn json_body(headers: &HeaderMap, uri: &Uri, body: &Bytes) -> Result<Value, Box<
     }
 }
 
-fn field_error(uri: &Uri, field: &str, message: &str, value: &Value) -> Response {
+/// A 400 naming one invalid field, in Tango's validation shape.
+pub(super) fn field_error(
+    uri: &Uri,
+    field: &str,
+    message: &str,
+    value: &Value,
+    constraint: &str,
+) -> Response {
     tango_error_with(
         StatusCode::BAD_REQUEST,
         uri.path(),
@@ -192,43 +116,118 @@ fn field_error(uri: &Uri, field: &str, message: &str, value: &Value) -> Response
             "i18nKey": "400.002",
             "message": message,
             "invalidValue": value,
-            "constraint": "required",
+            "constraint": constraint,
         })],
     )
 }
 
-fn str_field<'a>(body: &'a Value, field: &str) -> Option<&'a str> {
+/// A required, non-empty string field, or the 400 naming it.
+pub(super) fn required_str<'a>(
+    uri: &Uri,
+    body: &'a Value,
+    field: &str,
+) -> Result<&'a str, Box<Response>> {
     body.get(field)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Box::new(field_error(
+                uri,
+                field,
+                "must not be empty",
+                &body[field],
+                "required",
+            ))
+        })
+}
+
+/// An optional string field: absent or null is None, any other non-string is a 400.
+pub(super) fn optional_str<'a>(
+    uri: &Uri,
+    body: &'a Value,
+    field: &str,
+) -> Result<Option<&'a str>, Box<Response>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(other) => Err(Box::new(field_error(
+            uri,
+            field,
+            "must be a string",
+            other,
+            "type",
+        ))),
+    }
+}
+
+/// The `amount` field in cents, or the 400 naming it.
+pub(super) fn required_amount(uri: &Uri, body: &Value) -> Result<i64, Box<Response>> {
+    amount_cents(&body["amount"]).ok_or_else(|| {
+        Box::new(field_error(
+            uri,
+            "amount",
+            &format!(
+                "must be a number greater than 0 and at most {MAX_AMOUNT}, with at most two decimals"
+            ),
+            &body["amount"],
+            "range",
+        ))
+    })
+}
+
+/// Unwraps a parsed value or returns the prepared error answer.
+macro_rules! or_answer {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(resp) => return *resp,
+        }
+    };
+}
+pub(super) use or_answer;
+
+async fn list_customers(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+) -> Json<Value> {
+    Json(Value::Array(mock.data().customers_json(&who)))
+}
+
+async fn get_customer(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+    uri: Uri,
+    Path(id): Path<String>,
+) -> Response {
+    match mock.data().customer_json(&id, &who) {
+        Some(c) => Json(c).into_response(),
+        None => customer_not_found(&uri),
+    }
+}
+
+async fn customer_accounts(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+    uri: Uri,
+    Path(id): Path<String>,
+) -> Response {
+    let data = mock.data();
+    if !data.customer_visible(&id, &who) {
+        return customer_not_found(&uri);
+    }
+    Json(Value::Array(data.customer_accounts(&id, &who))).into_response()
 }
 
 async fn create_customer(
     State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let body = match json_body(&headers, &uri, &body) {
-        Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let Some(id) = str_field(&body, "customerIdentifier") else {
-        return field_error(
-            &uri,
-            "customerIdentifier",
-            "must not be empty",
-            &body["customerIdentifier"],
-        );
-    };
-    let Some(name) = str_field(&body, "displayName") else {
-        return field_error(
-            &uri,
-            "displayName",
-            "must not be empty",
-            &body["displayName"],
-        );
-    };
+    let body = or_answer!(json_body(&headers, &uri, &body));
+    let id = or_answer!(required_str(&uri, &body, "customerIdentifier"));
+    let name = or_answer!(required_str(&uri, &body, "displayName"));
     let mut data = mock.data();
     if data.customers.contains_key(id) {
         return tango_error(
@@ -238,135 +237,221 @@ async fn create_customer(
             "A customer with this identifier already exists",
         );
     }
-    let customer = json!({
-        "customerIdentifier": id,
-        "displayName": name,
-        "status": "ACTIVE",
-        "createdAt": now(),
-    });
-    data.customers.insert(id.to_string(), customer.clone());
-    let shown = data.customer_json(id, &customer);
-    (StatusCode::CREATED, Json(shown)).into_response()
-}
-
-async fn get_account(State(mock): State<MockTango>, uri: Uri, Path(id): Path<String>) -> Response {
-    let data = mock.data();
-    match data.accounts.get(&id) {
-        Some(a) => Json(a.to_json(&id)).into_response(),
-        None => tango_error(
-            StatusCode::NOT_FOUND,
-            uri.path(),
-            "404.002",
-            "Account not found",
-        ),
+    data.customers.insert(
+        id.to_string(),
+        Customer {
+            display_name: name.to_string(),
+            owner: Some(who.clone()),
+            created_at: now(),
+        },
+    );
+    match data.customer_json(id, &who) {
+        Some(shown) => (StatusCode::CREATED, Json(shown)).into_response(),
+        None => customer_not_found(&uri),
     }
 }
 
-async fn create_order(
+async fn create_account(
     State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+    uri: Uri,
+    Path(customer): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = or_answer!(json_body(&headers, &uri, &body));
+    let id = or_answer!(required_str(&uri, &body, "accountIdentifier"));
+    let name = or_answer!(required_str(&uri, &body, "displayName"));
+    let currency = or_answer!(optional_str(&uri, &body, "currencyCode")).unwrap_or("USD");
+    if super::data::exchange_rate(currency, "USD").is_none() {
+        return field_error(
+            &uri,
+            "currencyCode",
+            "must be USD, EUR, GBP or CAD",
+            &body["currencyCode"],
+            "currency",
+        );
+    }
+    let mut data = mock.data();
+    if !data.customer_visible(&customer, &who) {
+        return customer_not_found(&uri);
+    }
+    if data.accounts.contains_key(id) {
+        return tango_error(
+            StatusCode::CONFLICT,
+            uri.path(),
+            "409.001",
+            "An account with this identifier already exists",
+        );
+    }
+    let account = Account {
+        customer,
+        display_name: name.to_string(),
+        owner: Some(who),
+        currency: currency.to_string(),
+        balance_cents: 0,
+        created_at: now(),
+    };
+    let shown = account.to_json(id);
+    data.accounts.insert(id.to_string(), account);
+    (StatusCode::CREATED, Json(shown)).into_response()
+}
+
+async fn list_accounts(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+) -> Json<Value> {
+    Json(Value::Array(mock.data().accounts_json(&who)))
+}
+
+async fn get_account(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+    uri: Uri,
+    Path(id): Path<String>,
+) -> Response {
+    match mock.data().account(&id, &who) {
+        Some(a) => Json(a.to_json(&id)).into_response(),
+        None => account_not_found(&uri),
+    }
+}
+
+/// Tango's answer when an account cannot pay.
+pub(super) fn insufficient_funds(uri: &Uri) -> Response {
+    tango_error(
+        StatusCode::PAYMENT_REQUIRED,
+        uri.path(),
+        "402.001",
+        "Insufficient funds in account",
+    )
+}
+
+/// `POST /creditCardDeposits`: credits a visible account of the named customer.
+async fn deposit(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let body = match json_body(&headers, &uri, &body) {
-        Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let Some(account_id) = str_field(&body, "accountIdentifier") else {
-        return field_error(
-            &uri,
-            "accountIdentifier",
-            "must not be empty",
-            &body["accountIdentifier"],
-        );
-    };
-    let Some(utid) = str_field(&body, "utid") else {
-        return field_error(&uri, "utid", "must not be empty", &body["utid"]);
-    };
-    let amount = body.get("amount").and_then(Value::as_f64).unwrap_or(0.0);
-    if !(amount > 0.0 && amount.is_finite()) {
-        return field_error(&uri, "amount", "must be greater than 0", &body["amount"]);
-    }
-    let external = str_field(&body, "externalRefID").map(str::to_string);
-    if let Some(ext) = &external {
-        if ext.len() > 100 || !ext.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return field_error(
-                &uri,
-                "externalRefID",
-                "at most 100 alphanumeric characters",
-                &body["externalRefID"],
-            );
-        }
-    }
-
+    let body = or_answer!(json_body(&headers, &uri, &body));
+    let customer = or_answer!(required_str(&uri, &body, "customerIdentifier"));
+    let account_id = or_answer!(required_str(&uri, &body, "accountIdentifier"));
+    or_answer!(required_str(&uri, &body, "creditCardToken"));
+    let cents = or_answer!(required_amount(&uri, &body));
     let mut guard = mock.data();
     let data = &mut *guard;
-    if let Some(ext) = &external {
-        if let Some(order) = data
-            .by_external_ref
-            .get(ext)
-            .and_then(|id| data.orders.get(id))
-        {
-            return (StatusCode::OK, Json(order.clone())).into_response();
-        }
-    }
-    let Some(account) = data.accounts.get_mut(account_id) else {
-        return tango_error(
-            StatusCode::NOT_FOUND,
-            uri.path(),
-            "404.002",
-            "Account not found",
+    let Some(account) = data
+        .account_mut(account_id, &who)
+        .filter(|a| a.customer == customer)
+    else {
+        return account_not_found(&uri);
+    };
+    let Some(balance) = account.balance_cents.checked_add(cents) else {
+        return field_error(
+            &uri,
+            "amount",
+            "would overflow the account balance",
+            &body["amount"],
+            "range",
         );
     };
-    let cents = (amount * 100.0).round() as i64;
-    if cents > account.balance_cents {
-        return tango_error(
-            StatusCode::PAYMENT_REQUIRED,
-            uri.path(),
-            "402.001",
-            "Insufficient funds in account",
-        );
-    }
-    account.balance_cents -= cents;
-    let customer = account.customer.clone();
-    data.next_order += 1;
+    account.balance_cents = balance;
+    data.next_funding += 1;
     let id = format!(
-        "RA{:06}-{:05}-{:02}",
-        260101,
-        data.next_order,
-        data.next_order % 100
+        "RF260101-{:05}-{:02}",
+        data.next_funding,
+        data.next_funding % 100
     );
-    let order = json!({
-        "referenceOrderID": id,
-        "externalRefID": external,
+    let amount = cents_value(cents);
+    Json(json!({
+        "referenceDepositID": id,
         "customerIdentifier": customer,
         "accountIdentifier": account_id,
-        "amountCharged": { "value": amount, "currencyCode": "USD", "total": amount },
-        "denomination": { "value": amount, "currencyCode": "USD" },
-        "utid": utid,
-        "rewardName": "Gift Card",
-        "status": "COMPLETE",
-        "createdAt": now(),
-        "reward": { "credentials": { "Claim Code": format!("MOCK-{:08}", data.next_order) } },
-    });
-    data.orders.insert(id.clone(), order.clone());
-    if let Some(ext) = external {
-        data.by_external_ref.insert(ext, id);
-    }
-    drop(guard);
-    mock.count(|s| s.orders += 1);
-    (StatusCode::CREATED, Json(order)).into_response()
+        "accountNumber": account_id,
+        "amount": amount,
+        "amountCharged": amount,
+        "feePercent": 0.0,
+        "createdDate": now(),
+        "status": "SUCCESS",
+    }))
+    .into_response()
 }
 
-async fn get_order(State(mock): State<MockTango>, uri: Uri, Path(id): Path<String>) -> Response {
-    let data = mock.data();
-    match data.orders.get(&id) {
-        Some(o) => Json(o.clone()).into_response(),
-        None => tango_error(
-            StatusCode::NOT_FOUND,
-            uri.path(),
-            "404.003",
-            "Order not found",
-        ),
+/// `POST /transferFunds`: moves money between two visible accounts in the same currency; the
+/// source must belong to the named customer.
+async fn transfer(
+    State(mock): State<MockTango>,
+    Extension(Principal(who)): Extension<Principal>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = or_answer!(json_body(&headers, &uri, &body));
+    let customer = or_answer!(required_str(&uri, &body, "customerIdentifier"));
+    let source = or_answer!(required_str(&uri, &body, "sourceAccountIdentifier"));
+    let destination = or_answer!(required_str(&uri, &body, "destinationAccountIdentifier"));
+    let cents = or_answer!(required_amount(&uri, &body));
+    if source == destination {
+        return field_error(
+            &uri,
+            "destinationAccountIdentifier",
+            "must differ from sourceAccountIdentifier",
+            &body["destinationAccountIdentifier"],
+            "different",
+        );
     }
+    let mut guard = mock.data();
+    let data = &mut *guard;
+    let (Some(src), Some(dst)) = (
+        data.account(source, &who)
+            .filter(|a| a.customer == customer),
+        data.account(destination, &who),
+    ) else {
+        return account_not_found(&uri);
+    };
+    if src.currency != dst.currency {
+        return field_error(
+            &uri,
+            "destinationAccountIdentifier",
+            "must hold the same currency as the source account",
+            &body["destinationAccountIdentifier"],
+            "currency",
+        );
+    }
+    if src.balance_cents < cents {
+        return insufficient_funds(&uri);
+    }
+    let Some(new_dst) = dst.balance_cents.checked_add(cents) else {
+        return field_error(
+            &uri,
+            "amount",
+            "would overflow the destination balance",
+            &body["amount"],
+            "range",
+        );
+    };
+    if let Some(a) = data.accounts.get_mut(source) {
+        a.balance_cents -= cents;
+    }
+    if let Some(a) = data.accounts.get_mut(destination) {
+        a.balance_cents = new_dst;
+    }
+    data.next_funding += 1;
+    let id = format!(
+        "RT260101-{:05}-{:02}",
+        data.next_funding,
+        data.next_funding % 100
+    );
+    Json(json!({
+        "referenceTransferID": id,
+        "customerIdentifier": customer,
+        "sourceAccountIdentifier": source,
+        "destinationAccountIdentifier": destination,
+        "amount": cents_value(cents),
+        "notes": body.get("notes").cloned().unwrap_or(Value::Null),
+        "createdDate": now(),
+        "status": "SUCCESS",
+    }))
+    .into_response()
 }

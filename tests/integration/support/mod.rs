@@ -72,6 +72,8 @@ pub fn mock_config(time_scale: f64) -> MockConfig {
     MockConfig {
         platform_name: PLATFORM.into(),
         api_key: Secret::new(API_KEY),
+        platforms: Vec::new(),
+        accounts: Vec::new(),
         clients: vec![MockClient {
             name: "Test".into(),
             client_id: CLIENT_ID.into(),
