@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Throughput and latency of tango-auth-proxy (Basic, OAuth Bearer and DPoP modes) against nginx
+# Throughput and latency of tango-auth-proxy (Basic, OAuth Bearer and DPoP modes, and gateway
+# mode: a caller authenticating with Basic and its policy checked) against nginx
 # adding a static Authorization header, both with one worker, in front of the same minimal
 # upstream on loopback. The OAuth rows get their token from the built-in mock Tango (one mint);
 # the DPoP row signs a fresh ES256 proof for every request.
@@ -90,10 +91,11 @@ start_proxy() { # $1 = RUST_LOG, $2 = basic | bearer | dpop
 
 # Runs wrk against $2 and appends "name rps p50 p99 rss" to the results; $3 = pid for RSS.
 results=()
-measure() {
+measure() { # $4 = an optional request header
   local name=$1 url=$2 pid=$3 out rps p50 p99
-  $LOAD wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
-  out=$($LOAD wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+  local header=(); if [ -n "${4:-}" ]; then header=(-H "$4"); fi
+  $LOAD wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "${header[@]}" "$url" >/dev/null
+  out=$($LOAD wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url")
   if ! grep -q 'Requests/sec' <<<"$out"; then echo "$out" >&2; exit 1; fi
   if grep -q 'Non-2xx' <<<"$out"; then echo "bench.sh: $name answered errors:" >&2; echo "$out" >&2; exit 1; fi
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -113,6 +115,9 @@ kill "$PROXY_PID"
 start_proxy warn dpop
 measure "tango-auth-proxy DPoP (ES256 proof/request)" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
 kill "$PROXY_PID"
+start_proxy warn gateway
+measure "gateway: caller auth + policy, basic" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID" "$(gateway_auth)"
+kill "$PROXY_PID"
 start_proxy info basic
 measure "tango-auth-proxy basic, access log on" "http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" "$PROXY_PID"
 
@@ -127,8 +132,11 @@ for r in "${results[@]}"; do
 done
 ng=$(cut -d'|' -f2 <<<"${results[1]}")
 echo
-for i in 2 3 4; do
+for i in 2 3 4 5; do
   name=$(cut -d'|' -f1 <<<"${results[$i]}")
   px=$(cut -d'|' -f2 <<<"${results[$i]}")
   echo "$name / nginx throughput ratio: $(awk -v a="$px" -v b="$ng" 'BEGIN {printf "%.2f", a/b}')"
 done
+basic=$(cut -d'|' -f2 <<<"${results[2]}")
+gw=$(cut -d'|' -f2 <<<"${results[5]}")
+echo "gateway / sidecar basic throughput ratio: $(awk -v a="$gw" -v b="$basic" 'BEGIN {printf "%.2f", a/b}')"

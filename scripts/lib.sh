@@ -63,7 +63,7 @@ stop_pid() {
 # dpop as its service account); dpop signs with $work/dpop.pem.
 profile_toml() {
   case $1 in
-    basic) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
+    basic|gateway) printf 'auth = "basic"\nplatform_name = "bench-platform"\napi_key = "bench-api-key"\n' ;;
     client_credentials)
       printf 'auth = "client_credentials"\ntoken_url = "http://127.0.0.1:%s/oauth/token"\n' "$IDP_PORT"
       printf 'client_id = "demo-client"\nclient_secret = "demo-client-secret"\n' ;;
@@ -87,9 +87,28 @@ workers = ${WORKERS:-1}
 [upstream]
 url = "http://127.0.0.1:$UP_PORT"
 allow_http = true
+$(if [ "$3" = gateway ]; then gateway_caller_toml; fi)
 [profiles.default]
 $(profile_toml "$3")
 TOML
+}
+
+# The key of the gateway rows' caller, and how wrk sends it.
+GATEWAY_KEY=bench-store-key
+gateway_auth() { printf 'Authorization: Basic %s' "$(printf 'pos-1:%s' "$GATEWAY_KEY" | base64)"; }
+
+# One gateway caller with its policy on: Basic authentication, an allow list, account and
+# customer bindings, a rate limit far above the load (the bucket is still taken per request).
+gateway_caller_toml() {
+  cat <<GW
+[callers.pos-1]
+key_sha256 = "$(printf '%s' "$GATEWAY_KEY" | sha256sum | cut -c1-64)"
+allow = ["GET /raas/v2/catalogs", "POST /raas/v2/orders", "GET /raas/v2/orders/*"]
+accounts = ["A-STORE-1"]
+customers = ["C-STORE-1"]
+require_external_ref_id = true
+rate = "1000000/s"
+GW
 }
 
 work=$(mktemp -d)

@@ -16,6 +16,26 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# Tango's own Python SDK (raas 2.2.0 from PyPI), for the test that runs it against the gateway.
+venv=target/raas-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import raas' 2>/dev/null; then
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      echo "test.sh: installing python3-venv (Debian package) for the SDK test"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    else
+      echo "test.sh: python3 with venv is missing (Debian: apt-get install python3-venv)." >&2
+      exit 1
+    fi
+  fi
+  echo "test.sh: installing Tango's Python SDK (raas 2.2.0) into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check raas==2.2.0
+fi
+export TANGO_PROXY_RAAS_PYTHON="$PWD/$venv/bin/python"
+
 # The concurrency tests hold a few thousand loopback sockets at once; lift the soft limit.
 hard=$(ulimit -Hn)
 if [ "$hard" = "unlimited" ] || [ "$hard" -gt 65536 ]; then hard=65536; fi

@@ -362,6 +362,20 @@ impl MockTango {
         self.0.tokens.values()
     }
 
+    /// Every reward credential (claim codes, PINs) of the orders placed so far: secrets of the
+    /// recipients, which tests check never reach a log.
+    pub fn reward_credentials(&self) -> Vec<String> {
+        self.data()
+            .orders
+            .iter()
+            .filter_map(|o| o.json.pointer("/reward/credentials")?.as_object().cloned())
+            .flat_map(|c| {
+                c.into_iter()
+                    .filter_map(|(_, v)| v.as_str().map(str::to_string))
+            })
+            .collect()
+    }
+
     /// The routes: RaaS under `/raas/v2`, the token endpoint at `/oauth/token`, hooks under `/mock`.
     pub fn router(&self) -> Router {
         let raas = raas::routes()

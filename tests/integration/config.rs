@@ -518,3 +518,101 @@ fn a_redis_url_with_an_impossible_port_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn the_shipped_gateway_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+    let mut envs: Vec<(String, String)> = Vec::new();
+    let mut file = |var: &str, name: &str, text: &str| {
+        envs.push((var.to_string(), write(dir.path(), name, text)));
+    };
+    file(
+        "TANGO_PROXY_CACHE__REDIS_PASSWORD_FILE",
+        "redis",
+        "redis-pass\n",
+    );
+    file(
+        "TANGO_PROXY_CACHE__ENCRYPTION_KEY_FILE",
+        "key",
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
+    );
+    for profile in ["STORE-17", "STORE-18", "FRANCHISOR"] {
+        file(
+            &format!("TANGO_PROXY_PROFILES__{profile}__CLIENT_SECRET_FILE"),
+            &format!("{profile}-secret"),
+            "example-client-secret\n",
+        );
+        file(
+            &format!("TANGO_PROXY_PROFILES__{profile}__PASSWORD_FILE"),
+            &format!("{profile}-password"),
+            "example-password\n",
+        );
+    }
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_bin(
+        &["check-config", "--config", example.to_str().unwrap()],
+        &envs,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[callers.store-17]"), "{out}");
+    assert!(out.contains("daily_spend_limit = \"2000.00 USD\""), "{out}");
+    // Key hashes show only their first 8 hex digits; secrets not at all.
+    assert!(out.contains("key_sha256 = \"18157d57…\""), "{out}");
+    assert!(!out.contains("18157d5787df80c77e95"), "{out}");
+    assert!(!out.contains("example-client-secret") && !out.contains("example-password"));
+}
+
+#[test]
+fn gateway_callers_are_validated_and_every_problem_named() {
+    let profile = |name: &str| {
+        format!("[profiles.{name}]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n")
+    };
+    let hash = "ab".repeat(32);
+    let base = format!("{}{}", profile("one"), profile("two"));
+    let cases: Vec<(String, &str)> = vec![
+        (base.clone(), "profiles: 2 profiles configured (one, two); a sidecar serves exactly one"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\n"), "callers.a.profile: required when several profiles are configured"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"three\"\n"), "callers.a.profile: no profile named \"three\"; configured: one, two"),
+        (format!("{base}[callers.a]\nprofile = \"one\"\n"), "callers.a.key_sha256: required"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"secret-key\"\nprofile = \"one\"\n"), "callers.a.key_sha256: expected 64 hex digits"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\n[callers.b]\nkey_sha256 = \"{hash}\"\nprofile = \"two\"\n"), "callers.b.key_sha256: the same as callers.a.key_sha256"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nallow = [\"get /raas/v2/orders\"]\n"), "callers.a.allow[0]:"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nallow = [\"GET /raas/v2/ord*\"]\n"), "callers.a.allow[0]:"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nrate = \"10\"\n"), "callers.a.rate: expected a rate such as \"10/s\""),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nburst = 5\n"), "callers.a.burst: only used together with rate"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\ndaily_spend_limit = \"500\"\n"), "callers.a.daily_spend_limit: expected an amount and a currency"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\naccounts = []\n"), "callers.a.accounts: an empty list would refuse"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nspend_limit_fail_open = true\n"), "callers.a.spend_limit_fail_open: only used together with daily_spend_limit"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nkey = \"plain\"\n"), "callers.a.key: unknown key"),
+        (format!("{base}[callers.\"a:b\"]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\n"), "caller names use letters, digits"),
+    ];
+    for (toml, expected) in cases {
+        let err = tango_auth_proxy::config::Config::from_toml(&toml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(expected),
+            "expected {expected:?} in:\n{err}\nfor:\n{toml}"
+        );
+        assert!(
+            !err.contains("secret-key") && !err.contains("plain"),
+            "{err}"
+        );
+    }
+    // With callers, a non-loopback proxy listener needs no opt-in; without, it does.
+    let one = profile("one");
+    let gateway =
+        format!("[listen]\nproxy = \"0.0.0.0:8080\"\n{one}[callers.a]\nkey_sha256 = \"{hash}\"\n");
+    let c = tango_auth_proxy::config::Config::from_toml(&gateway).unwrap();
+    assert!(c.is_gateway());
+    assert_eq!(c.callers["a"].profile, "one");
+    let sidecar = format!("[listen]\nproxy = \"0.0.0.0:8080\"\n{one}");
+    let err = tango_auth_proxy::config::Config::from_toml(&sidecar)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listen.proxy: 0.0.0.0:8080 is not a loopback address"),
+        "{err}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Every in-process proxy run in this test binary logs at TRACE into one buffer, and every
 //! proxy (in-process or child process) is checked for known secrets when it stops: the API key,
-//! its Basic encoding, the client secret, the password and every token a mock issued.
+//! its Basic encoding, the client secret, the password, every token a mock issued and every
+//! secret a test registered with [`watch_secret`] (gateway caller keys, reward codes).
 
 use std::io::Write;
 use std::sync::{Mutex, Once};
@@ -9,6 +10,7 @@ use tango_auth_proxy::mock::MockTango;
 
 static CAPTURED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 static MOCKS: Mutex<Vec<MockTango>> = Mutex::new(Vec::new());
+static EXTRA: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static INIT: Once = Once::new();
 
 struct Sink;
@@ -39,6 +41,14 @@ pub fn watch_mock(mock: &MockTango) {
     MOCKS.lock().unwrap().push(mock.clone());
 }
 
+/// Adds a secret a test made up (a gateway caller's key, a reward code) to those that must
+/// never be logged.
+pub fn watch_secret(secret: String) {
+    if !secret.is_empty() {
+        EXTRA.lock().unwrap().push(secret);
+    }
+}
+
 fn secrets() -> Vec<String> {
     let mut s: Vec<String> = vec![
         super::API_KEY.into(),
@@ -48,7 +58,9 @@ fn secrets() -> Vec<String> {
     ];
     for mock in MOCKS.lock().unwrap().iter() {
         s.extend(mock.issued_tokens());
+        s.extend(mock.reward_credentials());
     }
+    s.extend(EXTRA.lock().unwrap().iter().cloned());
     s
 }
 

@@ -1,0 +1,1104 @@
+//! Gateway mode: stores authenticate as callers, reach Tango only with their own profile's
+//! credential, and only name (and read) their own accounts and customers.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tango_auth_proxy::mock::{MockAccount, MockClient, MockConfig, MockTango, SeenRequest};
+use tango_auth_proxy::secret::Secret;
+
+use crate::support::redis_server::RedisServer;
+use crate::support::*;
+
+/// The key store `i`'s point-of-sale system holds (random per run, so a leak is recognisable).
+fn store_key(i: usize) -> String {
+    format!("pos-key-{i}-{}", &KEY_SALT[..12])
+}
+
+const KEY_SALT: &str = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
+
+/// `[profiles.store-i]` for every store: a service account of the mock's `franchise` client.
+fn store_profiles(mock_url: &str, stores: usize) -> String {
+    (1..=stores)
+        .map(|i| {
+            format!(
+                r#"
+[profiles.store-{i}]
+auth = "service_account"
+token_url = "{mock_url}/oauth/token"
+client_id = "franchise"
+client_secret = "franchise-secret"
+username = "store-{i}"
+password = "store-{i}-password"
+"#
+            )
+        })
+        .collect()
+}
+
+/// `[callers.pos-i]`: key, profile `store-i`, bound to the store's account and customer.
+fn store_callers(stores: usize, extra: &str) -> String {
+    (1..=stores)
+        .map(|i| {
+            format!(
+                r#"
+[callers.pos-{i}]
+key_sha256 = "{}"
+profile = "store-{i}"
+accounts = ["A-STORE-{i}"]
+customers = ["C-STORE-{i}"]
+{extra}
+"#,
+                sha256_hex(store_key(i).as_bytes())
+            )
+        })
+        .collect()
+}
+
+fn gateway_toml(mock_url: &str, body: &str, extra_cache: &str) -> String {
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[upstream]
+url = "{mock_url}"
+allow_http = true
+[cache]
+{extra_cache}
+{body}
+"#
+    )
+}
+
+fn basic(name: &str, key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{name}:{key}"))
+    )
+}
+
+fn as_store(i: usize) -> String {
+    basic(&format!("pos-{i}"), &store_key(i))
+}
+
+async fn start_stores(stores: usize) -> (MockTango, String) {
+    let (mock, url) = start_mock(MockConfig::with_stores(stores)).await;
+    for i in 1..=stores {
+        logs::watch_secret(store_key(i));
+        logs::watch_secret(as_store(i)["Basic ".len()..].to_string());
+        logs::watch_secret(format!("store-{i}-password"));
+    }
+    logs::watch_secret("franchise-secret".into());
+    (mock, url)
+}
+
+fn order(account: &str, customer: &str, amount: f64, external: &str) -> Value {
+    json!({
+        "accountIdentifier": account,
+        "customerIdentifier": customer,
+        "amount": amount,
+        "utid": "U000001",
+        "externalRefID": external,
+        "sendEmail": false,
+        "recipient": null,
+        "sender": null,
+    })
+}
+
+async fn send(
+    method: reqwest::Method,
+    url: String,
+    auth: &str,
+    body: Option<&Value>,
+) -> reqwest::Response {
+    let mut req = client().request(method, url).header("authorization", auth);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    req.send().await.unwrap()
+}
+
+/// The accounts and customers a request the mock received names, anywhere.
+fn named(seen: &SeenRequest) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut parts = seen.path.split('/').peekable();
+    while let Some(p) = parts.next() {
+        if p.eq_ignore_ascii_case("accounts") || p.eq_ignore_ascii_case("customers") {
+            if let Some(id) = parts.peek() {
+                out.insert(id.to_string());
+            }
+        }
+    }
+    for pair in seen.query.as_deref().unwrap_or_default().split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k.to_ascii_lowercase().ends_with("identifier") {
+                out.insert(v.to_string());
+            }
+        }
+    }
+    fn walk(v: &Value, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let k = k.to_ascii_lowercase();
+                    if k.ends_with("accountidentifier") || k.ends_with("customeridentifier") {
+                        out.insert(v.as_str().map_or_else(|| v.to_string(), str::to_string));
+                    }
+                    walk(v, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    if let Some(b) = &seen.body {
+        walk(b, &mut out);
+    }
+    out
+}
+
+/// Every request the mock saw from store `i`'s identity named only its own account and
+/// customer, and no other identity named them.
+fn assert_no_crossing(mock: &MockTango, stores: usize) {
+    for seen in mock.requests() {
+        let Some(principal) = &seen.principal else {
+            continue;
+        };
+        let Some(i) = principal.strip_prefix("store-") else {
+            continue;
+        };
+        let own: BTreeSet<String> = [format!("A-STORE-{i}"), format!("C-STORE-{i}")].into();
+        let names = named(&seen);
+        assert!(
+            names.is_subset(&own),
+            "{principal} reached Tango naming {names:?}: {seen:?}"
+        );
+    }
+    let _ = stores;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_accounts() {
+    const STORES: usize = 50;
+    let (mock, mock_url) = start_stores(STORES).await;
+    let toml = gateway_toml(
+        &mock_url,
+        &format!(
+            "{}{}",
+            store_profiles(&mock_url, STORES),
+            store_callers(STORES, "require_external_ref_id = true")
+        ),
+        "",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    // Profiles start idle: no token is minted before a store calls.
+    assert_eq!(mock.stats().tokens_issued, 0);
+    assert_eq!(
+        get_json(&format!("{}/readyz", proxy.admin_url)).await["ready"],
+        true
+    );
+
+    let base = proxy.url.clone();
+    let results = futures_util::future::join_all((1..=STORES).map(|i| {
+        let base = base.clone();
+        async move {
+            let other = i % STORES + 1;
+            let auth = as_store(i);
+            let own = send(
+                reqwest::Method::GET,
+                format!("{base}/raas/v2/accounts/A-STORE-{i}"),
+                &auth,
+                None,
+            )
+            .await;
+            let own_status = own.status().as_u16();
+            let own_body: Value = own.json().await.unwrap();
+            let theirs = send(
+                reqwest::Method::GET,
+                format!("{base}/raas/v2/accounts/A-STORE-{other}"),
+                &auth,
+                None,
+            )
+            .await;
+            let theirs = assert_proxy_error(theirs, 403, "caller_forbidden").await;
+            let listed = send(
+                reqwest::Method::GET,
+                format!("{base}/raas/v2/orders?accountIdentifier=A-STORE-{other}"),
+                &auth,
+                None,
+            )
+            .await
+            .status()
+            .as_u16();
+            let placed = send(
+                reqwest::Method::POST,
+                format!("{base}/raas/v2/orders"),
+                &auth,
+                Some(&order(
+                    &format!("A-STORE-{i}"),
+                    &format!("C-STORE-{i}"),
+                    5.0,
+                    &format!("ref{i}"),
+                )),
+            )
+            .await;
+            let placed_status = placed.status().as_u16();
+            let placed: Value = placed.json().await.unwrap();
+            let foreign = send(
+                reqwest::Method::POST,
+                format!("{base}/raas/v2/orders"),
+                &auth,
+                Some(&order(
+                    &format!("A-STORE-{other}"),
+                    &format!("C-STORE-{i}"),
+                    5.0,
+                    &format!("steal{i}"),
+                )),
+            )
+            .await
+            .status()
+            .as_u16();
+            let read_back = send(
+                reqwest::Method::GET,
+                format!(
+                    "{base}/raas/v2/orders/{}",
+                    placed["referenceOrderID"].as_str().unwrap_or_default()
+                ),
+                &auth,
+                None,
+            )
+            .await
+            .status()
+            .as_u16();
+            (
+                i,
+                own_status,
+                own_body,
+                theirs,
+                listed,
+                placed_status,
+                foreign,
+                read_back,
+            )
+        }
+    }))
+    .await;
+    for (i, own, own_body, theirs, listed, placed, foreign, read_back) in results {
+        assert_eq!(own, 200, "store {i}: {own_body}");
+        assert_eq!(own_body["accountIdentifier"], format!("A-STORE-{i}"));
+        assert!(
+            !theirs["message"].as_str().unwrap().contains("key"),
+            "{theirs}"
+        );
+        assert_eq!(listed, 403, "store {i} listed another store's orders");
+        assert_eq!(placed, 201, "store {i} could not order on its own account");
+        assert_eq!(foreign, 403, "store {i} ordered on another store's account");
+        assert_eq!(read_back, 200, "store {i} could not read its own order");
+    }
+    // Each store's requests reached Tango under its own identity, one token per profile.
+    let stats = mock.stats();
+    for i in 1..=STORES {
+        assert_eq!(
+            stats.by_principal.get(&format!("store-{i}")).copied(),
+            Some(3),
+            "requests of store {i} at the mock: {:?}",
+            stats.by_principal
+        );
+    }
+    assert_eq!(stats.tokens_issued, STORES as u64);
+    assert_eq!(stats.orders, STORES as u64);
+    assert_no_crossing(&mock, STORES);
+    // /status shows every profile ready (each has been used) and every caller's counts.
+    let status = proxy.status().await;
+    assert_eq!(status["mode"], "gateway");
+    assert_eq!(status["profiles"]["store-7"]["ready"], true);
+    assert_eq!(status["callers"]["pos-7"]["allowed"], 3);
+    assert_eq!(status["callers"]["pos-7"]["forbidden"], 3);
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(
+        metrics
+            .contains(r#"tango_proxy_caller_requests_total{caller="pos-7",outcome="forbidden"} 3"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"tango_proxy_profile_ready{profile="store-7"} 1"#));
+}
+
+/// Two stores share one Tango identity; the gateway is what keeps their orders apart.
+fn shared_profile_mock() -> MockConfig {
+    let mut config = MockConfig::default();
+    config.clients.push(MockClient {
+        name: "Franchisor".into(),
+        client_id: "franchisor".into(),
+        client_secret: Secret::new("franchisor-secret"),
+        service_accounts: vec![("hq".into(), Secret::new("hq-password"))],
+    });
+    for i in 1..=2 {
+        config.accounts.push(MockAccount {
+            owner: "hq".into(),
+            customer: format!("C-{i}"),
+            account: format!("A-{i}"),
+            balance_cents: 1_000_000,
+            currency: "USD".into(),
+        });
+    }
+    config
+}
+
+fn shared_profile_toml(mock_url: &str, extra: &str) -> String {
+    let callers: String = (1..=2)
+        .map(|i| {
+            format!(
+                r#"
+[callers.till-{i}]
+key_sha256 = "{}"
+accounts = ["A-{i}"]
+customers = ["C-{i}"]
+{extra}
+"#,
+                sha256_hex(format!("till-key-{i}").as_bytes())
+            )
+        })
+        .collect();
+    gateway_toml(
+        mock_url,
+        &format!(
+            r#"
+[profiles.hq]
+auth = "service_account"
+token_url = "{mock_url}/oauth/token"
+client_id = "franchisor"
+client_secret = "franchisor-secret"
+username = "hq"
+password = "hq-password"
+{callers}"#
+        ),
+        "",
+    )
+}
+
+fn till(i: usize) -> String {
+    basic(&format!("till-{i}"), &format!("till-key-{i}"))
+}
+
+#[tokio::test]
+async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes() {
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    logs::watch_secret("till-key-1".into());
+    logs::watch_secret("hq-password".into());
+    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let base = &proxy.url;
+    let placed = send(
+        reqwest::Method::POST,
+        format!("{base}/raas/v2/orders"),
+        &till(1),
+        Some(&order("A-1", "C-1", 10.0, "t1order1")),
+    )
+    .await;
+    assert_eq!(placed.status(), 201);
+    let placed: Value = placed.json().await.unwrap();
+    let id = placed["referenceOrderID"].as_str().unwrap().to_string();
+    let code = placed["reward"]["credentials"].to_string();
+    logs::watch_secret(code.trim_matches('"').to_string());
+
+    // Till 1 reads its order; till 2 gets a 403 that carries nothing of it.
+    let mine = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/orders/{id}"),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_eq!(mine.status(), 200);
+    for path in [
+        format!("/raas/v2/orders/{id}"),
+        "/raas/v2/orders".to_string(),
+        "/raas/v2/lineItems".to_string(),
+        "/raas/v2/accounts".to_string(),
+        "/raas/v2/customers".to_string(),
+    ] {
+        let theirs = send(
+            reqwest::Method::GET,
+            format!("{base}{path}"),
+            &till(2),
+            None,
+        )
+        .await;
+        let text = format!("{:?}", theirs.headers());
+        let mut body = assert_proxy_error(theirs, 403, "caller_forbidden").await;
+        // The error names the path till 2 asked for; nothing else of the answer.
+        body["path"].take();
+        let all = format!("{text}{body}");
+        assert!(
+            !all.contains(&id) && !all.contains("A-1") && !all.contains("C-1"),
+            "{path}: {all}"
+        );
+        assert!(
+            !all.contains("MOCK-"),
+            "{path}: a reward code reached another store: {all}"
+        );
+    }
+    // Filtered to its own account, till 2's list is its own (empty) list.
+    let own = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/orders?accountIdentifier=A-2"),
+        &till(2),
+        None,
+    )
+    .await;
+    assert_eq!(own.status(), 200);
+    let own: Value = own.json().await.unwrap();
+    assert_eq!(own["orders"].as_array().map(Vec::len), Some(0), "{own}");
+    // Till 1's line items carry its own codes.
+    let items = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_eq!(items.status(), 200);
+    drop(mock);
+}
+
+#[tokio::test]
+async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing_else() {
+    let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
+    logs::watch_secret("till-key-1".into());
+    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    let get = |headers: Vec<(&'static str, String)>| {
+        let url = url.clone();
+        async move {
+            let mut req = client().get(url);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            req.send().await.unwrap()
+        }
+    };
+    // Accepted: Basic NAME:KEY, Bearer KEY, Proxy-Authorization (beside any Authorization).
+    for headers in [
+        vec![("authorization", till(1))],
+        vec![("authorization", "Bearer till-key-1".to_string())],
+        vec![("authorization", "bearer till-key-1".to_string())],
+        vec![("proxy-authorization", till(1))],
+        vec![
+            ("proxy-authorization", "Bearer till-key-1".to_string()),
+            ("authorization", "Basic bm9uZTpub25l".to_string()),
+        ],
+    ] {
+        let r = get(headers.clone()).await;
+        assert_eq!(r.status(), 200, "{headers:?}");
+    }
+    // Refused with 401 caller_unauthorized in Tango's shape: nothing, wrong key, another
+    // caller's key under this name, a wrong Proxy-Authorization even beside a right
+    // Authorization, other schemes.
+    for headers in [
+        vec![],
+        vec![("authorization", basic("till-1", "wrong"))],
+        vec![("authorization", basic("till-1", "till-key-2"))],
+        vec![("authorization", basic("nobody", "till-key-1"))],
+        vec![("authorization", "Bearer wrong".to_string())],
+        vec![("authorization", "Bearer".to_string())],
+        vec![("authorization", "Digest x".to_string())],
+        vec![("authorization", "Basic !!!".to_string())],
+        vec![
+            ("proxy-authorization", basic("till-1", "wrong")),
+            ("authorization", till(1)),
+        ],
+    ] {
+        let r = get(headers.clone()).await;
+        assert!(r.headers().contains_key("www-authenticate"), "{headers:?}");
+        let body = assert_proxy_error(r, 401, "caller_unauthorized").await;
+        assert!(!body.to_string().contains("till-key"), "{body}");
+    }
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(
+        metrics.contains(
+            r#"tango_proxy_caller_requests_total{caller="till-1",outcome="unauthorized"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"tango_proxy_caller_requests_total{caller="_unknown",outcome="unauthorized"} 6"#
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("nobody"));
+    assert_eq!(
+        proxy.status().await["callers"]["till-1"]["auth_failures"],
+        3
+    );
+}
+
+#[tokio::test]
+async fn allow_lists_and_external_ref_ids_are_enforced() {
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let extra = r#"allow = ["GET /raas/v2/catalogs", "POST /raas/v2/orders", "GET /raas/v2/orders/*"]
+require_external_ref_id = true"#;
+    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, extra)).await;
+    let base = &proxy.url;
+    let ok = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/catalogs"),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    for (method, path) in [
+        (reqwest::Method::GET, "/raas/v2/accounts/A-1"),
+        (reqwest::Method::DELETE, "/raas/v2/catalogs"),
+        (reqwest::Method::GET, "/raas/v2/orders"),
+        (reqwest::Method::GET, "/raas/v2/orders/x/resends"),
+        (reqwest::Method::GET, "/raas/v2/Catalogs"),
+    ] {
+        let r = send(method.clone(), format!("{base}{path}"), &till(1), None).await;
+        let body = assert_proxy_error(r, 403, "caller_forbidden").await;
+        assert!(
+            body["message"].as_str().unwrap().contains("allow"),
+            "{method} {path}: {body}"
+        );
+    }
+    let before = mock.stats().orders;
+    let mut no_ref = order("A-1", "C-1", 1.0, "x");
+    no_ref.as_object_mut().unwrap().remove("externalRefID");
+    for body in [
+        no_ref.clone(),
+        {
+            let mut b = no_ref.clone();
+            b["externalRefID"] = Value::Null;
+            b
+        },
+        {
+            let mut b = no_ref.clone();
+            b["externalRefID"] = json!("");
+            b
+        },
+    ] {
+        let r = send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders"),
+            &till(1),
+            Some(&body),
+        )
+        .await;
+        let body = assert_proxy_error(r, 403, "caller_forbidden").await;
+        assert!(
+            body["message"].as_str().unwrap().contains("externalRefID"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        mock.stats().orders,
+        before,
+        "an order without externalRefID reached Tango"
+    );
+    let r = send(
+        reqwest::Method::POST,
+        format!("{base}/raas/v2/orders"),
+        &till(1),
+        Some(&order("A-1", "C-1", 1.0, "abc1")),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+}
+
+/// Raw request bytes through the gateway: path tricks never reach another store's account.
+#[tokio::test]
+async fn path_tricks_never_cross_stores() {
+    let (mock, mock_url) = start_stores(2).await;
+    let toml = gateway_toml(
+        &mock_url,
+        &format!("{}{}", store_profiles(&mock_url, 2), store_callers(2, "")),
+        "",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let auth = as_store(1);
+    let mut tricks: Vec<String> = [
+        "/raas/v2/accounts/A-STORE-2",
+        "/raas/v2/accounts/A-STORE-1/../A-STORE-2",
+        "/raas/v2/accounts/A-STORE-1/%2e%2e/A-STORE-2",
+        "/raas/v2/accounts/A-STORE-1/%2E%2E/A-STORE-2",
+        "/raas/v2/accounts/A-STORE-1%2f..%2fA-STORE-2",
+        "/raas/v2/accounts/A-STORE-1%2F..%2FA-STORE-2",
+        "/raas/v2/accounts/A-STORE-1%5c..%5cA-STORE-2",
+        "/raas/v2/accounts/A-STORE-1%252f..%252fA-STORE-2",
+        "/raas/v2/accounts/A-STORE-1\\..\\A-STORE-2",
+        "/raas/v2/accounts/./A-STORE-2",
+        "/raas/v2//accounts/A-STORE-2",
+        "//raas/v2/accounts/A-STORE-2",
+        "/raas/v2/accounts//A-STORE-2",
+        "/raas/v2/accounts/A-STORE-2/",
+        "/raas/v2/accounts/A-STORE-2;A-STORE-1",
+        "/raas/v2/accounts/A-STORE-1;/../A-STORE-2",
+        "/raas/v2/ACCOUNTS/A-STORE-2",
+        "/raas/v2/Accounts/A-STORE-2",
+        "/raas/v2/accounts/%41-STORE-2",
+        "/raas/v2/accounts/A%2DSTORE%2D2",
+        "/raas/v2/customers/C-STORE-2",
+        "/raas/v2/customers/C-STORE-2/accounts",
+        "/raas/v2/CUSTOMERS/C-STORE-2/accounts",
+        "/raas/v2/orders?accountIdentifier=A-STORE-2",
+        "/raas/v2/orders?AccountIdentifier=A-STORE-2",
+        "/raas/v2/orders?accountIdentifier=A-STORE-1&accountIdentifier=A-STORE-2",
+        "/raas/v2/orders?accountIdentifier=A%2DSTORE%2D2",
+        "/raas/v2/orders?account%49dentifier=A-STORE-2",
+        "/raas/v2/orders?customerIdentifier=C-STORE-2",
+        "/raas/v2/lineItems?accountIdentifier=A-STORE-2",
+        "/raas/v2/orders?accountIdentifier=",
+        "/raas/v2/orders?accountIdentifier=%zz",
+        "/raas/v2/accounts/A-STORE-1%00",
+        "/raas/v2/accounts/A\u{2010}STORE-2",
+        "/raas/v2/accounts/A-STORE-1\u{2215}..\u{2215}A-STORE-2",
+        "/raas/v2/accounts/A-STORE-1\u{ff0f}..\u{ff0f}A-STORE-2",
+    ]
+    .map(String::from)
+    .to_vec();
+    // A generated, bounded set: each separator and dot spelling in each position.
+    for sep in [
+        "/",
+        "%2f",
+        "%2F",
+        "%5c",
+        "\\",
+        "%252f",
+        "%c0%af",
+        "%e2%88%95",
+    ] {
+        for dots in ["..", "%2e%2e", ".%2e", "%2e.", "%252e%252e", "%c0%ae%c0%ae"] {
+            tricks.push(format!(
+                "/raas/v2/accounts/A-STORE-1{sep}{dots}{sep}A-STORE-2"
+            ));
+            tricks.push(format!(
+                "/raas/v2/orders{sep}{dots}{sep}accounts{sep}A-STORE-2"
+            ));
+        }
+    }
+    let before = mock.requests().len();
+    for trick in &tricks {
+        let request = format!(
+            "GET {trick} HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+        );
+        let response = raw_request(proxy.addr(), request.as_bytes()).await;
+        let status = raw_status(&response);
+        assert!(
+            status == 403 || status == 400,
+            "{trick} was answered {status}: {response}"
+        );
+        // Refused by the gateway itself: nothing of store 2's account came back.
+        assert!(
+            response.contains("x-tango-proxy-error"),
+            "{trick}: {response}"
+        );
+        assert!(
+            !response.contains("accountIdentifier\":"),
+            "{trick}: {response}"
+        );
+    }
+    // Nothing reached Tango, and the gateway still serves the store.
+    assert_eq!(mock.requests().len(), before, "a trick reached Tango");
+    let r = send(
+        reqwest::Method::GET,
+        format!("{}/raas/v2/accounts/A-STORE-1", proxy.url),
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_no_crossing(&mock, 2);
+}
+
+/// Bodies that try to name another store's account are refused before Tango sees them.
+#[tokio::test]
+async fn body_tricks_never_cross_stores() {
+    let (mock, mock_url) = start_stores(2).await;
+    let toml = gateway_toml(
+        &mock_url,
+        &format!("{}{}", store_profiles(&mock_url, 2), store_callers(2, "")),
+        "",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let auth = as_store(1);
+    let own =
+        r#""customerIdentifier":"C-STORE-1","amount":1,"utid":"U000001","externalRefID":"x1""#;
+    let tricks: Vec<(String, &str)> = vec![
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1","accountIdentifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-2","accountIdentifier":"A-STORE-1",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1","AccountIdentifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"account\u0049dentifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":["A-STORE-1","A-STORE-2"],{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":{{"id":"A-STORE-2"}},{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":12,{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(
+                r#"{{"accountIdentifier":"A-STORE-1","recipient":{{"accountIdentifier":"A-STORE-2"}},{own}}}"#
+            ),
+            "application/json",
+        ),
+        (
+            format!(
+                r#"{{"accountIdentifier":"A-STORE-1","items":[{{"accountIdentifier":"A-STORE-2"}}],{own}}}"#
+            ),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"sourceAccountIdentifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1",{own}}}"#),
+            "text/plain",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1",{own}}}"#),
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            "accountIdentifier=A-STORE-2&amount=1".to_string(),
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            format!(
+                r#"{{"accountIdentifier":"A-STORE-1",{own}}} {{"accountIdentifier":"A-STORE-2"}}"#
+            ),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1",{own}"#),
+            "application/json",
+        ),
+        (
+            format!(
+                r#"{{"customerIdentifier":"C-STORE-2","accountIdentifier":"A-STORE-1","amount":1,"utid":"U000001"}}"#
+            ),
+            "application/json",
+        ),
+        (
+            r#"{"amount":1,"utid":"U000001","customerIdentifier":"C-STORE-1"}"#.to_string(),
+            "application/json",
+        ),
+        (
+            "\u{feff}{\"accountIdentifier\":\"A-STORE-1\"}".to_string(),
+            "application/json",
+        ),
+    ];
+    let before = mock.requests().len();
+    for (body, content_type) in &tricks {
+        for path in [
+            "/raas/v2/orders",
+            "/raas/v2/creditCardDeposits",
+            "/raas/v2/transferFunds",
+        ] {
+            let r = client()
+                .post(format!("{}{path}", proxy.url))
+                .header("authorization", &auth)
+                .header("content-type", *content_type)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            assert_eq!(
+                status,
+                403,
+                "{path} {content_type} {body}: {:?}",
+                r.text().await
+            );
+        }
+    }
+    assert_eq!(mock.requests().len(), before, "a body trick reached Tango");
+    assert_eq!(mock.stats().orders, 0);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_a_retry_after_that_holds() {
+    let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let proxy =
+        TestProxy::start(&shared_profile_toml(&mock_url, "rate = \"1/m\"\nburst = 2")).await;
+    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    for _ in 0..2 {
+        assert_eq!(
+            send(reqwest::Method::GET, url.clone(), &till(1), None)
+                .await
+                .status(),
+            200
+        );
+    }
+    let r = send(reqwest::Method::GET, url.clone(), &till(1), None).await;
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((55..=60).contains(&retry), "Retry-After {retry}");
+    assert_proxy_error(r, 429, "rate_limited").await;
+    // Another caller's bucket is its own.
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            format!("{}/raas/v2/accounts/A-2", proxy.url),
+            &till(2),
+            None
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(proxy.status().await["callers"]["till-1"]["rate_limited"], 1);
+}
+
+/// Three gateway replicas share one Redis ledger; 200 concurrent orders never take a store past
+/// its daily limit, not by one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders() {
+    let redis = RedisServer::start();
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let cache = format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"gw-{}\"",
+        redis.url(),
+        redis.port
+    );
+    let body = shared_profile_toml(&mock_url, "daily_spend_limit = \"100 USD\"");
+    let body = body.split("[cache]").nth(1).unwrap().to_string();
+    let toml = gateway_toml(&mock_url, &body, &cache);
+    let replicas = [
+        TestProxy::start(&toml).await,
+        TestProxy::start(&toml).await,
+        TestProxy::start(&toml).await,
+    ];
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let results = futures_util::future::join_all((0..200).map(|n| {
+        let url = format!("{}/raas/v2/orders", urls[n % 3]);
+        async move {
+            send(
+                reqwest::Method::POST,
+                url,
+                &till(1),
+                Some(&order("A-1", "C-1", 7.0, &format!("o{n}"))),
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    }))
+    .await;
+    let placed = results.iter().filter(|s| **s == 201).count();
+    let refused = results.iter().filter(|s| **s == 403).count();
+    // $100 holds fourteen $7 orders and not a fifteenth.
+    assert_eq!(placed, 14, "{results:?}");
+    assert_eq!(refused, 186, "{results:?}");
+    assert_eq!(mock.stats().orders, 14);
+    let spent = replicas[0].status().await["callers"]["till-1"]["spent_today"].clone();
+    assert_eq!(spent, "98.00 USD");
+    // The other till's limit is its own.
+    let r = send(
+        reqwest::Method::POST,
+        format!("{}/raas/v2/orders", urls[1]),
+        &till(2),
+        Some(&order("A-2", "C-2", 99.0, "other1")),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    // A repeat of a placed order (Tango's 200) is not counted again; a refused one is released.
+    let r = send(
+        reqwest::Method::POST,
+        format!("{}/raas/v2/orders", urls[2]),
+        &till(2),
+        Some(&order("A-2", "C-2", 1.0, "other1")),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        replicas[2].status().await["callers"]["till-2"]["spent_today"],
+        "99.00 USD"
+    );
+    // An order in another currency is refused before Tango sees it.
+    let mut euro = order("A-2", "C-2", 0.5, "eur1");
+    euro["utid"] = json!("U000002");
+    let r = send(
+        reqwest::Method::POST,
+        format!("{}/raas/v2/orders", urls[0]),
+        &till(2),
+        Some(&euro),
+    )
+    .await;
+    let body = assert_proxy_error(r, 403, "caller_forbidden").await;
+    assert!(body["message"].as_str().unwrap().contains("EUR"), "{body}");
+    let metrics = get_text(&format!("{}/metrics", replicas[0].admin_url)).await;
+    assert!(
+        metrics.contains("tango_proxy_caller_spend_today_minor_units{caller=\"till-1\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_limited_caller_fails_closed_while_the_ledger_is_unreachable_unless_told_otherwise() {
+    let mut redis = RedisServer::start();
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let cache = format!("backend = \"redis\"\nredis_url = \"{}\"", redis.url());
+    let body = shared_profile_toml(&mock_url, "daily_spend_limit = \"100 USD\"");
+    let mut body = body.split("[cache]").nth(1).unwrap().to_string();
+    // Till 2 prefers selling to counting.
+    let marker = "[callers.till-2]\n";
+    body = body.replace(marker, &format!("{marker}spend_limit_fail_open = true\n"));
+    let proxy = TestProxy::start(&gateway_toml(&mock_url, &body, &cache)).await;
+    let url = format!("{}/raas/v2/orders", proxy.url);
+    let r = send(
+        reqwest::Method::POST,
+        url.clone(),
+        &till(1),
+        Some(&order("A-1", "C-1", 1.0, "a1")),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    redis.kill();
+    let r = send(
+        reqwest::Method::POST,
+        url.clone(),
+        &till(1),
+        Some(&order("A-1", "C-1", 1.0, "a2")),
+    )
+    .await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_proxy_error(r, 503, "spend_limit_unavailable").await;
+    let r = send(
+        reqwest::Method::POST,
+        url.clone(),
+        &till(2),
+        Some(&order("A-2", "C-2", 1.0, "b1")),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    // Reads are not money: they keep working.
+    let r = send(
+        reqwest::Method::GET,
+        format!("{}/raas/v2/accounts/A-1", proxy.url),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.stats().orders, 2);
+}
+
+#[tokio::test]
+async fn one_broken_store_profile_does_not_make_the_gateway_unready() {
+    let (_mock, mock_url) = start_stores(2).await;
+    let mut profiles = store_profiles(&mock_url, 2);
+    profiles = profiles.replace("store-2-password", "wrong-password");
+    let toml = gateway_toml(
+        &mock_url,
+        &format!("{profiles}{}", store_callers(2, "")),
+        "",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let r = send(
+        reqwest::Method::GET,
+        format!("{}/raas/v2/accounts/A-STORE-2", proxy.url),
+        &as_store(2),
+        None,
+    )
+    .await;
+    assert_proxy_error(r, 503, "token_unavailable").await;
+    let r = send(
+        reqwest::Method::GET,
+        format!("{}/raas/v2/accounts/A-STORE-1", proxy.url),
+        &as_store(1),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let ready = client()
+        .get(format!("{}/readyz", proxy.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let status = proxy.status().await;
+    assert_eq!(status["profiles"]["store-1"]["ready"], true);
+    assert_eq!(status["profiles"]["store-2"]["ready"], false);
+    assert!(
+        status["profiles"]["store-2"]["token"]["last_error"].is_string(),
+        "{status}"
+    );
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(
+        metrics.contains(r#"tango_proxy_profile_ready{profile="store-2"} 0"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn money_moving_requests_are_audited_without_reward_credentials() {
+    let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let r = send(
+        reqwest::Method::POST,
+        format!("{}/raas/v2/orders", proxy.url),
+        &till(1),
+        Some(&order("A-1", "C-1", 12.5, "audit42")),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let placed: Value = r.json().await.unwrap();
+    let id = placed["referenceOrderID"].as_str().unwrap();
+    let code = placed["reward"]["credentials"]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    logs::watch_secret(code.clone());
+    let logs = logs::captured();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("tango_auth_proxy::audit") && l.contains(id))
+        .unwrap_or_else(|| panic!("no audit line for {id}"));
+    for field in [
+        "caller=till-1",
+        "profile=hq",
+        "account_identifier=\"A-1\"",
+        "amount=\"12.5\"",
+        "currency=\"USD\"",
+        "external_ref_id=\"audit42\"",
+        "status=201",
+        "tango_request_id=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+    assert!(
+        !logs.contains(&code),
+        "a reward credential reached the logs"
+    );
+}
