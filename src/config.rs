@@ -1427,7 +1427,9 @@ impl Config {
             );
         }
         let mut raw_callers = BTreeMap::new();
+        let mut raw_callers_seen = 0;
         if let Ok(dict) = figment.extract_inner::<figment::value::Dict>("callers") {
+            raw_callers_seen = dict.len();
             for name in dict.keys() {
                 if !valid_caller_name(name) {
                     problems.push(
@@ -1473,7 +1475,16 @@ impl Config {
                 callers.insert(name, c);
             }
         }
-        let gateway = !callers.is_empty() || figment.contains("callers");
+        let gateway = !callers.is_empty();
+        if figment.contains("callers") && raw_callers_seen == 0 {
+            // An empty table would look like gateway mode and be a sidecar: every request
+            // unauthenticated, perhaps on a public address.
+            problems.push(
+                "callers",
+                "an empty [callers] table: configure at least one [callers.NAME] section, or \
+                 remove the table",
+            );
+        }
         if profiles.len() > 1 && !gateway {
             problems.push(
                 "profiles",

@@ -241,6 +241,9 @@ impl Gateway {
                 return (None, Err("Basic credential has no NAME:KEY form"));
             };
             let (user, key) = (&decoded[..colon], &decoded[colon + 1..]);
+            if key.is_empty() {
+                return (None, Err("empty key"));
+            }
             let index = std::str::from_utf8(user)
                 .ok()
                 .and_then(|u| self.by_name.get(u).copied());

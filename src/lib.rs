@@ -18,6 +18,9 @@
 //! * [`proxy`] is the request path: inbound checks, header hygiene, the pooled upstream client
 //!   and what its errors prove (a refused stream), the response-body idle timeout, and the single
 //!   place errors become Tango-shaped JSON responses.
+//! * [`gateway`] is gateway mode: callers and how they authenticate, their policies (allow
+//!   lists, account and customer bindings checked in paths, queries, bodies and answers, rate
+//!   buckets) and the daily spend ledger; the proxy's `guard` drives it for each request.
 //! * [`admin`] serves `/livez`, `/readyz`, `/status` and `/metrics` on a separate port;
 //!   [`metrics`] holds the Prometheus registry.
 //! * [`mock`] is a mock of Tango for the demo, local development and tests.
@@ -48,6 +51,10 @@
 //! with a fresh DPoP proof after a nonce challenge or a refused proof — and a second time only
 //! with a new token, when the replacement (a peer's token from the cache) was refused too.
 //! When no replacement token can be had, the app gets `token_unavailable`, not the 401.
+//!
+//! In gateway mode (any `[callers.NAME]`), a request first authenticates as a caller and passes
+//! the caller's policy; it is then forwarded with the caller's profile, and an answer to a
+//! caller bound to accounts is read whole and checked before the caller sees any of it.
 
 pub mod admin;
 pub mod app;

@@ -263,13 +263,24 @@ pub(super) fn validate_caller(
             );
             [0; 32]
         }
-        Some(Text(hex, _)) => parse_sha256(&hex).unwrap_or_else(|| {
-            p.push(
-                format!("{key}.key_sha256"),
-                "expected 64 hex digits (the SHA-256 of the key, never the key itself)",
-            );
-            [0; 32]
-        }),
+        Some(Text(hex, _)) => match parse_sha256(&hex) {
+            None => {
+                p.push(
+                    format!("{key}.key_sha256"),
+                    "expected 64 hex digits (the SHA-256 of the key, never the key itself)",
+                );
+                [0; 32]
+            }
+            Some(hash) if WEAK_KEY_HASHES.contains(&hex.trim().to_ascii_lowercase().as_str()) => {
+                p.push(
+                    format!("{key}.key_sha256"),
+                    "is the SHA-256 of an empty key (or a lone newline): was the key variable \
+                     unset when it was hashed?",
+                );
+                hash
+            }
+            Some(hash) => hash,
+        },
     };
     let profile = match (raw.profile, profiles) {
         (Some(Text(profile, _)), _) => {
@@ -361,6 +372,12 @@ pub(super) fn validate_caller(
         spend_limit_fail_open,
     })
 }
+
+/// SHA-256 of "" and of "\n": what `echo -n "$KEY" | sha256sum` gives with `KEY` unset.
+const WEAK_KEY_HASHES: [&str; 2] = [
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    "01ba4719c80b6fe911b091a7c05124b64eeece964e09c058ef8f9805daca546b",
+];
 
 /// 64 hex digits, either case.
 pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

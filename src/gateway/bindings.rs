@@ -257,6 +257,21 @@ impl Bindings {
         }
     }
 
+    /// A JSON value under an identifier key: a string, `null` (absent), or a list of those
+    /// (each one checked); anything else cannot be checked and is refused.
+    fn check_value(&self, binding: Binding, value: &Value) -> Result<(), Problem> {
+        match value {
+            Value::Null => Ok(()),
+            Value::String(s) => self.check_str(binding, s),
+            Value::Array(items) => items.iter().try_for_each(|item| match item {
+                Value::Null => Ok(()),
+                Value::String(s) => self.check_str(binding, s),
+                _ => Err(Problem::NotAString),
+            }),
+            _ => Err(Problem::NotAString),
+        }
+    }
+
     fn request_violation(binding: Binding, place: Place, problem: Problem) -> Violation {
         match problem {
             Problem::NotListed(value) => Violation::NotListed {
@@ -378,18 +393,11 @@ impl Bindings {
                 Value::Array(items) => stack.extend(items),
                 Value::Object(map) => {
                     for (key, value) in map {
-                        let folded = fold_key(key);
+                        let folded = identifier_key(key);
                         for binding in Binding::BOTH {
-                            if self.list(binding).is_some()
-                                && folded.ends_with(binding.key_suffix())
+                            if self.list(binding).is_some() && folded.contains(binding.key_suffix())
                             {
-                                match value {
-                                    Value::Null => {}
-                                    Value::String(s) => {
-                                        self.check_str(binding, s).map_err(|p| (binding, p))?
-                                    }
-                                    _ => return Err((binding, Problem::NotAString)),
-                                }
+                                self.check_value(binding, value).map_err(|p| (binding, p))?;
                             }
                         }
                         stack.push(value);
@@ -402,6 +410,16 @@ impl Bindings {
     }
 }
 
+/// A key as an identifier check sees it: folded like [`fold_key`], then only its letters and
+/// digits, so `account_identifier`, `Account-Identifier` and `accountIdentifiers` all name an
+/// account (`contains`, not `ends_with`, at the call sites).
+pub(crate) fn identifier_key(key: &str) -> String {
+    fold_key(key)
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
+}
+
 /// Which bindings a query parameter name names. The name is percent- and `+`-decoded, then
 /// decoded again while escapes remain (checking a double-encoded spelling only refuses more).
 fn query_name_binds(raw: &str) -> Result<Vec<Binding>, &'static str> {
@@ -409,7 +427,7 @@ fn query_name_binds(raw: &str) -> Result<Vec<Binding>, &'static str> {
     let mut name =
         percent_decode(raw).map_err(|_| "a parameter name is not valid percent-encoding")?;
     for round in 0..3 {
-        let folded = fold_key(&name);
+        let folded = identifier_key(&name);
         for binding in Binding::BOTH {
             // `contains`, not `ends_with`: binders accept `accountIdentifier[0]` and the like.
             if folded.contains(binding.key_suffix()) && !named.contains(&binding) {
@@ -483,7 +501,13 @@ pub fn order_facts(body: &Value, decimals: u32) -> OrderFacts {
     let empty = Map::new();
     let object = body.as_object().unwrap_or(&empty);
     OrderFacts {
-        external_ref_id: single_string(object, "externalrefid"),
+        // Exactly Tango's spelling: a binder matching names by case would ignore any other,
+        // and the order would go without its idempotency key.
+        external_ref_id: object
+            .get("externalRefID")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && spellings(object, "externalrefid").len() == 1)
+            .map(str::to_owned),
         amount: amount(object, decimals),
         utid: single_string(object, "utid"),
         account: single_string(object, "accountidentifier"),
@@ -788,7 +812,8 @@ mod tests {
         for ok in [
             json!({"accountIdentifier": "A-1", "customerIdentifier": "C-1", "amount": 10}),
             json!({"accountIdentifier": null, "customerIdentifier": null}),
-            json!({"accountNumber": "A-2", "note": "A-2", "accountIdentifierNote": "A-2"}),
+            json!({"accountNumber": "A-2", "note": "A-2"}),
+            json!({"accountIdentifiers": ["A-1", null]}),
             json!({"utid": "U1", "amount": 5}),
             json!([{"sourceAccountIdentifier": "A-1"}, {"destinationAccountIdentifier": "A-1"}]),
             json!("A-2"),
@@ -800,6 +825,11 @@ mod tests {
             (json!({"accountIdentifier": "A-2"}), "accounts"),
             (json!({"AccountIdentifier": "A-2"}), "accounts"),
             (json!({"ACCOUNTIDENTIFIER": "A-2"}), "accounts"),
+            (json!({"account_identifier": "A-2"}), "accounts"),
+            (json!({"Account-Identifier": "A-2"}), "accounts"),
+            (json!({"accountIdentifierNote": "A-2"}), "accounts"),
+            (json!({"accountIdentifiers": ["A-1", "A-2"]}), "accounts"),
+            (json!({"accountIdentifiers": [["A-1"]]}), "accounts"),
             (json!({"sourceAccountIdentifier": "A-2"}), "accounts"),
             (json!({"destinationAccountIdentifier": "A-2"}), "accounts"),
             (
@@ -811,7 +841,7 @@ mod tests {
                 "accounts",
             ),
             (json!([[{"accountIdentifier": "A-2"}]]), "accounts"),
-            (json!({"accountIdentifier": ["A-1"]}), "accounts"),
+            (json!({"accountIdentifier": ["A-1", "A-2"]}), "accounts"),
             (json!({"accountIdentifier": {"id": "A-1"}}), "accounts"),
             (json!({"accountIdentifier": 1}), "accounts"),
             (json!({"accountIdentifier": true}), "accounts"),
@@ -920,17 +950,17 @@ mod tests {
     }
 
     #[test]
-    fn external_ref_id_counts_only_when_its_spellings_agree() {
+    fn external_ref_id_counts_only_in_tangos_spelling() {
         let id = |body: Value| order_facts(&body, 2).external_ref_id;
         assert_eq!(id(json!({"externalRefID": "R1"})), Some("R1".into()));
-        assert_eq!(id(json!({"externalrefid": "R1"})), Some("R1".into()));
+        assert_eq!(id(json!({"externalrefid": "R1"})), None);
         assert_eq!(
             id(json!({"ExternalRefId": "R1", "externalRefID": null})),
-            Some("R1".into())
+            None
         );
         assert_eq!(
             id(json!({"externalRefID": "R1", "EXTERNALREFID": "R1"})),
-            Some("R1".into())
+            None
         );
         assert_eq!(
             id(json!({"externalRefID": "R1", "externalrefid": "R2"})),

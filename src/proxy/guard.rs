@@ -35,7 +35,7 @@ use super::body::{read_whole, BodyFailure};
 use super::{AppBody, Proxy, ProxyError, ResponseBody};
 use crate::auth::Target;
 use crate::config::Money;
-use crate::gateway::bindings::{self, OrderFacts};
+use crate::gateway::bindings::{self, identifier_key, OrderFacts};
 use crate::gateway::spend::{utc_day, Reserved};
 use crate::gateway::{json, Caller, Gateway, Refusal};
 
@@ -48,17 +48,27 @@ const CATALOG_REFETCH: Duration = Duration::from_secs(60);
 
 /// Reward currencies by `utid`, one table per profile.
 #[derive(Debug)]
-pub(super) struct Catalogs(Vec<tokio::sync::Mutex<Catalog>>);
+pub(super) struct Catalogs(Vec<Catalog>);
 
 #[derive(Debug, Default)]
 struct Catalog {
+    /// Read without waiting by every order.
+    state: std::sync::Mutex<CatalogState>,
+    /// Held by the one order fetching the catalog.
+    fetch: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct CatalogState {
     currencies: HashMap<String, String>,
     fetched: Option<Instant>,
+    /// Why the last fetch failed, while it is fresh.
+    failure: Option<String>,
 }
 
 impl Catalogs {
     pub(super) fn new(profiles: usize) -> Self {
-        Self((0..profiles).map(|_| Default::default()).collect())
+        Self((0..profiles).map(|_| Catalog::default()).collect())
     }
 }
 
@@ -90,7 +100,7 @@ impl Proxy {
     /// access log).
     pub(super) async fn gateway_request(
         &self,
-        gateway: &Gateway,
+        gateway: &Arc<Gateway>,
         req: Request<Incoming>,
         remote: SocketAddr,
         request_id: &HeaderValue,
@@ -107,12 +117,22 @@ impl Proxy {
             },
             other => other.into(),
         })?;
+        refuse_method_overrides(&caller, &parts)?;
         let method = parts.method.clone();
         let path = parts.uri.path().to_string();
         let clean = caller.check_target(&method, &path, parts.uri.query())?;
+        let segments: Vec<String> = clean.segments().iter().map(|s| s.to_string()).collect();
         let money_moving = bindings::is_money_moving(&method, &clean);
         let order = bindings::is_order(&method, &clean);
-        let inspect_answer = caller.inspects_answers() && !names_no_accounts(clean.segments());
+        let bound = caller.inspects_answers();
+        let reads = method == Method::GET || method == Method::HEAD;
+        if bound {
+            if let Some(why) = unattributable(&method, &segments) {
+                return Err(caller.forbid(why.to_string()).into());
+            }
+        }
+        // Bound callers' answers are read and checked, except lists that name no account.
+        let inspect_answer = bound && !(reads && names_no_accounts(&segments));
         // Money-moving bodies are read by every caller, for the audit log.
         let read_body = caller.inspects_body(&method, &clean) || money_moving;
         drop(clean);
@@ -154,6 +174,13 @@ impl Proxy {
                 .into());
         }
         let profile = caller.profile_index;
+        // An action on one order or line item (a resend, a cancel, a reissue) names no account:
+        // a bound caller's is checked against the item's own account first.
+        if bound && !reads {
+            if let Some(item) = addressed_item(&segments) {
+                self.check_item_owner(&caller, profile, &item).await?;
+            }
+        }
 
         // The daily spend limit, reserved before Tango sees the order.
         let hold = match (&caller.spend_limit, order) {
@@ -161,67 +188,42 @@ impl Proxy {
                 self.reserve(gateway, &caller, limit, profile, facts.as_ref())
                     .await?
             }
+            (Some(_), false) if money_moving => {
+                self.ledger_reachable(gateway, &caller).await?;
+                None
+            }
             _ => None,
         };
 
-        if inspect_answer {
+        if inspect_answer || money_moving {
+            // Answers that are read must come uncompressed.
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
         caller.allowed();
-        let forwarded = self
-            .forward(parts, uri, app_body, profile, remote, request_id)
-            .await;
-        let audit =
-            |status: Option<StatusCode>, tango_id: Option<&HeaderValue>, answer: Option<&Value>| {
-                if money_moving {
-                    audit(
-                        &caller,
-                        &method,
-                        &path,
-                        value.as_ref(),
-                        status,
-                        tango_id,
-                        answer,
-                    );
-                }
-            };
-
-        let (response, upstream_id) = match forwarded {
-            Ok(f) => f,
-            Err(e) => {
-                if let Some(hold) = hold {
-                    self.settle(gateway, &caller, hold, Settle::from_error(&e));
-                }
-                audit(Some(e.status()), None, None);
-                return Err(e);
-            }
+        let sent = Sent {
+            proxy: self.clone(),
+            gateway: gateway.clone(),
+            caller,
+            method,
+            path,
+            segments,
+            body: value,
+            hold,
+            money_moving,
+            inspect_answer,
         };
-        let status = response.status();
-        if let Some(hold) = hold {
-            self.settle(gateway, &caller, hold, Settle::from_status(status));
+        let finish = sent.finish(parts, uri, app_body, profile, remote, request_id.clone());
+        if money_moving {
+            // Once an order is on its way it settles and is audited even if the store hangs up
+            // or the gateway is shutting down: the task outlives this request's future.
+            tokio::spawn(finish).await.unwrap_or_else(|e| {
+                Err(ProxyError::UpstreamUnreachable(format!(
+                    "the request's task failed: {e}"
+                )))
+            })
+        } else {
+            finish.await
         }
-        if !inspect_answer && !money_moving {
-            return Ok((self.stream_back(response), upstream_id));
-        }
-        let (head, body) = response.into_parts();
-        let (bytes, answer) = match self.read_answer(&head, body).await {
-            Ok(a) => a,
-            Err(e) => {
-                audit(Some(status), upstream_id.as_ref(), None);
-                return Err(e);
-            }
-        };
-        audit(Some(status), upstream_id.as_ref(), answer.as_ref());
-        if inspect_answer {
-            if let Some(v) = &answer {
-                caller
-                    .bindings
-                    .check_answer(v)
-                    .map_err(|violation| caller.forbid(violation.message()))?;
-            }
-        }
-        let response = Response::from_parts(head, Either::Right(Full::new(bytes)));
-        Ok((response, upstream_id))
     }
 
     /// Reads a request body whole and parses it as strict JSON; checks the caller's bindings.
@@ -414,71 +416,363 @@ impl Proxy {
     }
 
     /// The currency of reward `utid` in `profile`'s catalog: `Ok(None)` when it is not there.
+    /// Known rewards are answered from memory without waiting; an unknown one fetches the
+    /// catalog (one fetch per profile at a time, at most once a minute, a failure remembered
+    /// just as long), so one store sending odd rewards cannot hold up the others.
     async fn reward_currency(&self, profile: usize, utid: &str) -> Result<Option<String>, String> {
         let inner = &*self.0;
-        let Some(slot) = inner.catalogs.0.get(profile) else {
+        let Some(catalog) = inner.catalogs.0.get(profile) else {
             return Ok(None);
         };
-        let mut catalog = slot.lock().await;
-        if let Some(c) = catalog.currencies.get(utid) {
-            return Ok(Some(c.clone()));
-        }
-        if catalog
-            .fetched
-            .is_some_and(|t| t.elapsed() < CATALOG_REFETCH)
+        let fresh = |c: &CatalogState| c.fetched.is_some_and(|t| t.elapsed() < CATALOG_REFETCH);
         {
-            return Ok(None);
+            let state = catalog.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = state.currencies.get(utid) {
+                return Ok(Some(c.clone()));
+            }
+            if fresh(&state) {
+                return state.failure.clone().map_or(Ok(None), Err);
+            }
         }
-        let fetched = self.fetch_catalog(profile).await?;
-        catalog.currencies = fetched;
-        catalog.fetched = Some(Instant::now());
-        Ok(catalog.currencies.get(utid).cloned())
+        let _fetching = catalog.fetch.lock().await;
+        {
+            // Another order may have fetched it while this one waited.
+            let state = catalog.state.lock().unwrap_or_else(|p| p.into_inner());
+            if fresh(&state) {
+                return match state.currencies.get(utid) {
+                    Some(c) => Ok(Some(c.clone())),
+                    None => state.failure.clone().map_or(Ok(None), Err),
+                };
+            }
+        }
+        let fetched = self
+            .fetch_json(profile, "/raas/v2/catalogs", MAX_CATALOG)
+            .await
+            .and_then(|(status, value)| {
+                if status == StatusCode::OK {
+                    let mut out = HashMap::new();
+                    collect_currencies(&value, &mut out);
+                    Ok(out)
+                } else {
+                    Err(format!("the catalog request got {status}"))
+                }
+            });
+        let mut state = catalog.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.fetched = Some(Instant::now());
+        match fetched {
+            Ok(currencies) => {
+                state.currencies = currencies;
+                state.failure = None;
+                Ok(state.currencies.get(utid).cloned())
+            }
+            Err(e) => {
+                tracing::warn!(profile = %inner.profiles[profile].name, "reward currencies unknown: {e}");
+                state.failure = Some(e.clone());
+                Err(e)
+            }
+        }
     }
 
-    /// `GET /raas/v2/catalogs` with the profile's credential: every `utid` with its
-    /// `currencyCode`.
-    async fn fetch_catalog(&self, profile: usize) -> Result<HashMap<String, String>, String> {
+    /// `GET path` with `profile`'s credential, within `upstream.timeout` for the whole call:
+    /// the status and the JSON answer (at most `cap` bytes).
+    async fn fetch_json(
+        &self,
+        profile: usize,
+        path: &str,
+        cap: u64,
+    ) -> Result<(StatusCode, Value), String> {
         let inner = &*self.0;
-        let pq = http::uri::PathAndQuery::from_static("/raas/v2/catalogs");
+        let pq: http::uri::PathAndQuery = path.parse().map_err(|_| "bad path".to_string())?;
         let uri = self.upstream_uri(Some(&pq)).map_err(|e| e.to_string())?;
-        let credential = inner.profiles[profile]
-            .authorizer
-            .authorize(Target {
-                method: &Method::GET,
-                uri: &uri,
-            })
-            .resolve()
+        let fetch = async {
+            let credential = inner.profiles[profile]
+                .authorizer
+                .authorize(Target {
+                    method: &Method::GET,
+                    uri: &uri,
+                })
+                .resolve()
+                .await
+                .map_err(|e| format!("no credential: {e}"))?;
+            let mut req = Request::builder()
+                .method(Method::GET)
+                .uri(uri.clone())
+                .header(header::ACCEPT, "application/json")
+                .header(header::AUTHORIZATION, credential.authorization)
+                .body(super::OutboundBody::empty())
+                .map_err(|e| e.to_string())?;
+            if let Some(dpop) = credential.dpop {
+                req.headers_mut().insert("dpop", dpop);
+            }
+            let response = inner
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("the request failed: {}", crate::describe(&e)))?;
+            let status = response.status();
+            let bytes = read_whole(response.into_body(), cap, inner.response_idle_timeout)
+                .await
+                .map_err(|_| "the answer could not be read".to_string())?;
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Ok((status, value))
+        };
+        tokio::time::timeout(inner.timeout, fetch)
             .await
-            .map_err(|e| format!("no credential to read the catalog: {e}"))?;
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, credential.authorization)
-            .body(super::OutboundBody::empty())
-            .map_err(|e| e.to_string())?;
-        if let Some(dpop) = credential.dpop {
-            req.headers_mut().insert("dpop", dpop);
+            .map_err(|_| format!("GET {path} timed out"))?
+    }
+
+    /// An action on an order or line item of a bound caller: allowed only when Tango says the
+    /// item belongs to one of the caller's accounts (and customers).
+    async fn check_item_owner(
+        &self,
+        caller: &Caller,
+        profile: usize,
+        item: &str,
+    ) -> Result<(), ProxyError> {
+        let refused = || -> ProxyError {
+            caller
+                .forbid(format!(
+                    "{item} is not an order or line item of caller {}'s accounts",
+                    caller.name
+                ))
+                .into()
+        };
+        match self.fetch_json(profile, item, MAX_CHECKED_ANSWER).await {
+            Ok((StatusCode::OK, value)) => {
+                if caller.bindings.check_answer(&value).is_ok() && names_own(caller, &value) {
+                    Ok(())
+                } else {
+                    Err(refused())
+                }
+            }
+            Ok(_) => Err(refused()),
+            Err(e) => Err(ProxyError::AnswerUnchecked(format!(
+                "whose account {item} belongs to could not be checked: {e}"
+            ))),
         }
-        let response = tokio::time::timeout(inner.timeout, inner.client.request(req))
-            .await
-            .map_err(|_| "the catalog request timed out".to_string())?
-            .map_err(|e| format!("the catalog request failed: {}", crate::describe(&e)))?;
-        if response.status() != StatusCode::OK {
-            return Err(format!("the catalog request got {}", response.status()));
+    }
+
+    /// For a limited caller's money-moving call that is not an order: refused while the ledger
+    /// is unreachable (fail closed), unless the caller fails open.
+    async fn ledger_reachable(&self, gateway: &Gateway, caller: &Caller) -> Result<(), ProxyError> {
+        let day = utc_day(SystemTime::now());
+        match gateway.ledger().spent(&caller.name, &day).await {
+            Ok(_) => Ok(()),
+            Err(_) if caller.spend_limit_fail_open => Ok(()),
+            Err(e) => {
+                caller.spend_refused();
+                Err(ProxyError::SpendLimitUnavailable(format!(
+                    "caller {} has a daily spend limit and the spend ledger is unreachable ({e}); \
+                     money-moving calls wait until it is back",
+                    caller.name
+                )))
+            }
         }
-        let bytes = read_whole(
-            response.into_body(),
-            MAX_CATALOG,
-            inner.response_idle_timeout,
-        )
-        .await
-        .map_err(|_| "the catalog could not be read".to_string())?;
-        let value: Value =
-            serde_json::from_slice(&bytes).map_err(|_| "the catalog is not JSON".to_string())?;
-        let mut out = HashMap::new();
-        collect_currencies(&value, &mut out);
-        Ok(out)
+    }
+}
+
+/// What a gateway request needs once it is checked: everything owned, so a money-moving
+/// request can finish in its own task.
+struct Sent {
+    proxy: Proxy,
+    gateway: Arc<Gateway>,
+    caller: Arc<Caller>,
+    method: Method,
+    path: String,
+    segments: Vec<String>,
+    body: Option<Value>,
+    hold: Option<Hold>,
+    money_moving: bool,
+    inspect_answer: bool,
+}
+
+impl Sent {
+    /// Forwards, settles the reservation, reads and checks the answer, writes the audit line.
+    async fn finish(
+        self,
+        parts: http::request::Parts,
+        uri: http::Uri,
+        app_body: AppBody,
+        profile: usize,
+        remote: SocketAddr,
+        request_id: HeaderValue,
+    ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
+        let proxy = &self.proxy;
+        let caller = &self.caller;
+        let forwarded = proxy
+            .forward(parts, uri, app_body, profile, remote, &request_id)
+            .await;
+        let (response, upstream_id) = match forwarded {
+            Ok(f) => f,
+            Err(e) => {
+                if let Some(hold) = &self.hold {
+                    let hold = Hold {
+                        day: hold.day.clone(),
+                        amount: hold.amount,
+                    };
+                    proxy.settle(&self.gateway, caller, hold, Settle::from_error(&e));
+                }
+                self.audit(Some(e.status()), None, None);
+                return Err(e);
+            }
+        };
+        let status = response.status();
+        if let Some(hold) = &self.hold {
+            let hold = Hold {
+                day: hold.day.clone(),
+                amount: hold.amount,
+            };
+            proxy.settle(&self.gateway, caller, hold, Settle::from_status(status));
+        }
+        if !self.inspect_answer && !self.money_moving {
+            return Ok((proxy.stream_back(response), upstream_id));
+        }
+        let (head, body) = response.into_parts();
+        let (bytes, answer) = match proxy.read_answer(&head, body).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.audit(Some(status), upstream_id.as_ref(), None);
+                return Err(e);
+            }
+        };
+        self.audit(Some(status), upstream_id.as_ref(), answer.as_ref());
+        if self.inspect_answer {
+            if let Some(v) = &answer {
+                caller
+                    .bindings
+                    .check_answer(v)
+                    .map_err(|violation| caller.forbid(violation.message()))?;
+                // One order or line item must say whose it is: an answer that names no account
+                // could be anyone's.
+                let by_id = addressed_item(&self.segments).is_some()
+                    && (self.method == Method::GET || self.method == Method::HEAD);
+                if by_id && status.is_success() && !names_own(caller, v) {
+                    return Err(caller
+                        .forbid(
+                            "Tango's answer does not name one of this caller's accounts; it was withheld"
+                                .into(),
+                        )
+                        .into());
+                }
+            }
+        }
+        let response = Response::from_parts(head, Either::Right(Full::new(bytes)));
+        Ok((response, upstream_id))
+    }
+
+    fn audit(
+        &self,
+        status: Option<StatusCode>,
+        tango_request_id: Option<&HeaderValue>,
+        answer: Option<&Value>,
+    ) {
+        if self.money_moving {
+            audit(
+                &self.caller,
+                &self.method,
+                &self.path,
+                self.body.as_ref(),
+                status,
+                tango_request_id,
+                answer,
+            );
+        }
+    }
+}
+
+/// Method-override headers and `_method` parameters are refused: a server honouring one would
+/// act on a method the gateway did not check.
+fn refuse_method_overrides(
+    caller: &Caller,
+    parts: &http::request::Parts,
+) -> Result<(), ProxyError> {
+    const OVERRIDES: [&str; 3] = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
+    let header = OVERRIDES.iter().any(|h| parts.headers.contains_key(*h));
+    let param = parts.uri.query().is_some_and(|q| {
+        q.split(['&', ';']).any(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            name.eq_ignore_ascii_case("_method") || name.to_ascii_lowercase().contains("%5fmethod")
+        })
+    });
+    if header || param {
+        return Err(caller
+            .forbid(
+                "method overrides (X-HTTP-Method-Override, _method) are refused by the gateway"
+                    .into(),
+            )
+            .into());
+    }
+    Ok(())
+}
+
+/// Resources a caller bound to accounts cannot use: platform-wide ones (webhooks, email
+/// templates) and ones whose answers name no account (a deposit looked up by id).
+fn unattributable(method: &Method, segments: &[String]) -> Option<&'static str> {
+    let what = match segments {
+        [raas, v2, what, rest @ ..]
+            if raas.eq_ignore_ascii_case("raas") && v2.eq_ignore_ascii_case("v2") =>
+        {
+            (what.as_str(), rest)
+        }
+        _ => return None,
+    };
+    match what {
+        (w, _) if w.eq_ignore_ascii_case("webhooks") => {
+            Some("webhooks are platform-wide: a caller bound to accounts cannot use them")
+        }
+        (w, _) if w.eq_ignore_ascii_case("digitalTemplates") => {
+            Some("email templates are platform-wide: a caller bound to accounts cannot use them")
+        }
+        (w, [_, ..]) if w.eq_ignore_ascii_case("creditCardDeposits") && method == Method::GET => {
+            Some("a deposit's answer names no account: a caller bound to accounts cannot look one up")
+        }
+        _ => None,
+    }
+}
+
+/// `/raas/v2/orders/{id}` or `/raas/v2/lineItems/{id}` (and anything under them): the path of
+/// the item itself.
+fn addressed_item(segments: &[String]) -> Option<String> {
+    match segments {
+        [raas, v2, what, id, ..]
+            if raas.eq_ignore_ascii_case("raas")
+                && v2.eq_ignore_ascii_case("v2")
+                && (what.eq_ignore_ascii_case("orders")
+                    || what.eq_ignore_ascii_case("lineItems")) =>
+        {
+            let what = if what.eq_ignore_ascii_case("orders") {
+                "orders"
+            } else {
+                "lineItems"
+            };
+            Some(format!("/raas/v2/{what}/{id}"))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `v` names one of the caller's own accounts (and customers, when bound) as a string.
+fn names_own(caller: &Caller, v: &Value) -> bool {
+    let has = |suffix: &str, list: &Option<std::collections::BTreeSet<String>>| match list {
+        None => true,
+        Some(list) => own_value(v, suffix, list),
+    };
+    has("accountidentifier", &caller.bindings.accounts)
+        && has("customeridentifier", &caller.bindings.customers)
+}
+
+fn own_value(v: &Value, suffix: &str, list: &std::collections::BTreeSet<String>) -> bool {
+    match v {
+        Value::Object(map) => map.iter().any(|(k, v)| {
+            (identifier_key(k).contains(suffix) && v.as_str().is_some_and(|s| list.contains(s)))
+                || own_value(v, suffix, list)
+        }),
+        Value::Array(items) => items.iter().any(|v| own_value(v, suffix, list)),
+        _ => false,
     }
 }
 
@@ -520,7 +814,7 @@ impl Settle {
 
 /// Paths whose answers name no account or customer: the catalogs, choice products and exchange
 /// rates (large lists, passed on unread).
-fn names_no_accounts(segments: &[&str]) -> bool {
+fn names_no_accounts(segments: &[String]) -> bool {
     matches!(segments, [raas, v2, what, ..]
         if raas.eq_ignore_ascii_case("raas") && v2.eq_ignore_ascii_case("v2")
             && ["catalogs", "choiceProducts", "exchangerates"].iter().any(|w| what.eq_ignore_ascii_case(w)))
@@ -595,11 +889,11 @@ fn require_named(caller: &Caller, body: Option<&Value>) -> Result<(), ProxyError
     Ok(())
 }
 
-/// Whether `v` holds, at any depth, a key ending in `suffix` (lower case) with a string value.
+/// Whether `v` holds, at any depth, an identifier key for `suffix` with a string value.
 fn names_key(v: &Value, suffix: &str) -> bool {
     match v {
         Value::Object(map) => map.iter().any(|(k, v)| {
-            (k.to_ascii_lowercase().ends_with(suffix) && v.is_string()) || names_key(v, suffix)
+            (identifier_key(k).contains(suffix) && v.is_string()) || names_key(v, suffix)
         }),
         Value::Array(items) => items.iter().any(|v| names_key(v, suffix)),
         _ => false,

@@ -586,6 +586,8 @@ fn gateway_callers_are_validated_and_every_problem_named() {
         (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nspend_limit_fail_open = true\n"), "callers.a.spend_limit_fail_open: only used together with daily_spend_limit"),
         (format!("{base}[callers.a]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\nkey = \"plain\"\n"), "callers.a.key: unknown key"),
         (format!("{base}[callers.\"a:b\"]\nkey_sha256 = \"{hash}\"\nprofile = \"one\"\n"), "caller names use letters, digits"),
+        (format!("{base}[callers]\n"), "callers: an empty [callers] table"),
+        (format!("{base}[callers.a]\nkey_sha256 = \"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\"\nprofile = \"one\"\n"), "callers.a.key_sha256: is the SHA-256 of an empty key"),
     ];
     for (toml, expected) in cases {
         let err = tango_auth_proxy::config::Config::from_toml(&toml)

@@ -776,6 +776,14 @@ async fn body_tricks_never_cross_stores() {
             "application/json",
         ),
         (
+            format!(r#"{{"accountIdentifier":"A-STORE-1","account_identifier":"A-STORE-2",{own}}}"#),
+            "application/json",
+        ),
+        (
+            format!(r#"{{"accountIdentifier":"A-STORE-1","accountIdentifiers":["A-STORE-2"],{own}}}"#),
+            "application/json",
+        ),
+        (
             format!(r#"{{"accountIdentifier":"A-STORE-1",{own}}}"#),
             "text/plain",
         ),
@@ -798,9 +806,8 @@ async fn body_tricks_never_cross_stores() {
             "application/json",
         ),
         (
-            format!(
-                r#"{{"customerIdentifier":"C-STORE-2","accountIdentifier":"A-STORE-1","amount":1,"utid":"U000001"}}"#
-            ),
+            r#"{"customerIdentifier":"C-STORE-2","accountIdentifier":"A-STORE-1","amount":1,"utid":"U000001"}"#
+                .to_string(),
             "application/json",
         ),
         (
@@ -1083,7 +1090,7 @@ async fn money_moving_requests_are_audited_without_reward_credentials() {
     let logs = logs::captured();
     let line = logs
         .lines()
-        .find(|l| l.contains("tango_auth_proxy::audit") && l.contains(id))
+        .find(|l| l.contains("tango_auth_proxy::audit") && l.contains(id) && l.contains("audit42"))
         .unwrap_or_else(|| panic!("no audit line for {id}"));
     for field in [
         "caller=till-1",
@@ -1100,5 +1107,179 @@ async fn money_moving_requests_are_audited_without_reward_credentials() {
     assert!(
         !logs.contains(&code),
         "a reward credential reached the logs"
+    );
+}
+
+/// A store acting on one order or line item (a resend, a cancel) names no account; the gateway
+/// asks Tango whose the item is first. Platform-wide and unattributable resources are closed to
+/// bound callers; method overrides and misspelt externalRefIDs are refused.
+#[tokio::test]
+async fn actions_on_another_stores_items_and_unattributable_resources_are_refused() {
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let proxy = TestProxy::start(&shared_profile_toml(
+        &mock_url,
+        "require_external_ref_id = true",
+    ))
+    .await;
+    let base = &proxy.url;
+    let placed: Value = send(
+        reqwest::Method::POST,
+        format!("{base}/raas/v2/orders"),
+        &till(1),
+        Some(&order("A-1", "C-1", 3.0, "item1")),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = placed["referenceOrderID"].as_str().unwrap().to_string();
+    let items: Value = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
+        &till(1),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let line_item = items["lineItems"][0]["referenceLineItemID"]
+        .as_str()
+        .or_else(|| items["lineItems"][0]["referenceLineItemId"].as_str())
+        .unwrap_or_else(|| panic!("{items}"))
+        .to_string();
+    mock.clear_requests();
+    for path in [
+        format!("/raas/v2/orders/{id}/resends"),
+        format!("/raas/v2/lineItems/{line_item}/cancel"),
+        format!("/raas/v2/lineItems/{line_item}/reissue"),
+    ] {
+        let body = json!({"accountIdentifier": "A-2", "customerIdentifier": "C-2"});
+        let r = send(
+            reqwest::Method::POST,
+            format!("{base}{path}"),
+            &till(2),
+            Some(&body),
+        )
+        .await;
+        assert_proxy_error(r, 403, "caller_forbidden").await;
+    }
+    // Only the gateway's own ownership look-ups reached Tango, never an action.
+    for seen in mock.requests() {
+        assert_eq!(seen.method, "GET", "{seen:?}");
+    }
+    // The owner's own resend goes through to Tango.
+    let r = send(
+        reqwest::Method::POST,
+        format!("{base}/raas/v2/orders/{id}/resends"),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_ne!(
+        r.headers()
+            .get("x-tango-proxy-error")
+            .map(|v| v.to_str().unwrap()),
+        Some("caller_forbidden")
+    );
+    assert!(mock
+        .requests()
+        .iter()
+        .any(|s| s.method == "POST" && s.path.ends_with("/resends")));
+    for (method, path) in [
+        (reqwest::Method::GET, "/raas/v2/webhooks"),
+        (reqwest::Method::POST, "/raas/v2/webhooks"),
+        (reqwest::Method::GET, "/raas/v2/digitalTemplates"),
+        (reqwest::Method::GET, "/raas/v2/creditCardDeposits/RD-1"),
+    ] {
+        let r = send(method.clone(), format!("{base}{path}"), &till(1), None).await;
+        assert_proxy_error(r, 403, "caller_forbidden").await;
+    }
+    // Method overrides, and an externalRefID Tango would not read.
+    let r = client()
+        .get(format!("{base}/raas/v2/accounts/A-1"))
+        .header("authorization", till(1))
+        .header("x-http-method-override", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(r, 403, "caller_forbidden").await;
+    let r = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/accounts/A-1?_method=DELETE"),
+        &till(1),
+        None,
+    )
+    .await;
+    assert_proxy_error(r, 403, "caller_forbidden").await;
+    let mut misspelt = order("A-1", "C-1", 1.0, "x");
+    let refid = misspelt
+        .as_object_mut()
+        .unwrap()
+        .remove("externalRefID")
+        .unwrap();
+    misspelt["externalRefId"] = refid;
+    let r = send(
+        reqwest::Method::POST,
+        format!("{base}/raas/v2/orders"),
+        &till(1),
+        Some(&misspelt),
+    )
+    .await;
+    assert_proxy_error(r, 403, "caller_forbidden").await;
+    // An empty key never authenticates.
+    let r = send(
+        reqwest::Method::GET,
+        format!("{base}/raas/v2/accounts/A-1"),
+        &basic("till-1", ""),
+        None,
+    )
+    .await;
+    assert_proxy_error(r, 401, "caller_unauthorized").await;
+}
+
+/// A store that hangs up while its order is with Tango does not lose the order's settlement or
+/// its audit line.
+#[tokio::test]
+async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
+    use tango_auth_proxy::mock::OrderFailure;
+    use tokio::io::AsyncWriteExt;
+    let (mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let proxy = TestProxy::start(&shared_profile_toml(
+        &mock_url,
+        "daily_spend_limit = \"50 USD\"",
+    ))
+    .await;
+    mock.fail_orders(OrderFailure::Timeout(Duration::from_millis(400)), 1);
+    let body = order("A-1", "C-1", 20.0, "hangup1").to_string();
+    let request = format!(
+        "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        till(1),
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = logs::captured();
+        if logs.lines().any(|l| {
+            l.contains("tango_auth_proxy::audit")
+                && l.contains("hangup1")
+                && l.contains("status=201")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line for the order the store hung up on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mock.stats().orders, 1);
+    assert_eq!(
+        proxy.status().await["callers"]["till-1"]["spent_today"],
+        "20.00 USD"
     );
 }
