@@ -109,10 +109,15 @@ async fn status(State(state): State<AdminState>) -> Response {
             let status = p.authorizer.status();
             cache_healthy &= status.cache_healthy;
             let ready = p.authorizer.is_ready();
-            s.metrics.set_profile_ready(&p.name, ready);
             let mut value = serde_json::to_value(status).unwrap_or_default();
+            let idle = !ready && is_idle(&value);
+            s.metrics
+                .set_profile_ready(&p.name, (!idle).then_some(ready));
             if let Some(map) = value.as_object_mut() {
                 map.insert("ready".into(), ready.into());
+                if idle {
+                    map.insert("idle".into(), true.into());
+                }
             }
             (p.name.clone(), value)
         })
@@ -129,6 +134,18 @@ async fn status(State(state): State<AdminState>) -> Response {
         body["callers"] = callers_status(gateway).await;
     }
     Json(body).into_response()
+}
+
+/// An OAuth profile whose token owner has not started: no token, no refresh, no failure yet
+/// (a gateway's profiles start when their first request arrives).
+fn is_idle(status: &serde_json::Value) -> bool {
+    let token = &status["token"];
+    token.is_object()
+        && token["expires_at"].is_null()
+        && token["last_refresh"].is_null()
+        && token["last_error"].is_null()
+        && token["refreshing"] == false
+        && token["consecutive_failures"] == 0
 }
 
 /// Each caller's counts and, for limited callers, today's spend (from the ledger; absent when
@@ -157,10 +174,13 @@ async fn callers_status(gateway: &Gateway) -> serde_json::Value {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     for p in &state.0.profiles {
+        let ready = p.authorizer.is_ready();
+        let idle = !ready
+            && is_idle(&serde_json::to_value(p.authorizer.status()).unwrap_or_default());
         state
             .0
             .metrics
-            .set_profile_ready(&p.name, p.authorizer.is_ready());
+            .set_profile_ready(&p.name, (!idle).then_some(ready));
     }
     (
         [(

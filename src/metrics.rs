@@ -375,13 +375,22 @@ impl Metrics {
             .clone()
     }
 
-    /// Whether a profile can authorize a request now (1) or not (0).
-    pub fn set_profile_ready(&self, profile: &str, ready: bool) {
-        self.profile_ready
-            .get_or_create(&ProfileLabel {
-                profile: profile.to_string(),
-            })
-            .set(i64::from(ready));
+    /// Whether a profile can authorize a request now (1) or not (0); `None` for a gateway
+    /// profile no request has used yet (no series: an idle store is not an unready one).
+    pub fn set_profile_ready(&self, profile: &str, ready: Option<bool>) {
+        let label = ProfileLabel {
+            profile: profile.to_string(),
+        };
+        match ready {
+            Some(ready) => {
+                self.profile_ready
+                    .get_or_create(&label)
+                    .set(i64::from(ready));
+            }
+            None => {
+                self.profile_ready.remove(&label);
+            }
+        }
     }
 
     /// Records a lifetime hint that was ignored as absurd.

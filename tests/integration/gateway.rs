@@ -194,8 +194,14 @@ async fn fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_acc
         "",
     );
     let proxy = TestProxy::start(&toml).await;
-    // Profiles start idle: no token is minted before a store calls.
+    // Profiles start idle: no token is minted before a store calls, and an idle store's profile
+    // is neither ready nor alerting.
     assert_eq!(mock.stats().tokens_issued, 0);
+    let status = proxy.status().await;
+    assert_eq!(status["profiles"]["store-3"]["idle"], true, "{status}");
+    assert_eq!(status["profiles"]["store-3"]["ready"], false, "{status}");
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(!metrics.contains("tango_proxy_profile_ready{"), "{metrics}");
     assert_eq!(
         get_json(&format!("{}/readyz", proxy.admin_url)).await["ready"],
         true
