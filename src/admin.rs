@@ -175,8 +175,8 @@ async fn callers_status(gateway: &Gateway) -> serde_json::Value {
 async fn metrics(State(state): State<AdminState>) -> Response {
     for p in &state.0.profiles {
         let ready = p.authorizer.is_ready();
-        let idle = !ready
-            && is_idle(&serde_json::to_value(p.authorizer.status()).unwrap_or_default());
+        let idle =
+            !ready && is_idle(&serde_json::to_value(p.authorizer.status()).unwrap_or_default());
         state
             .0
             .metrics

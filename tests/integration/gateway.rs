@@ -956,6 +956,19 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
         replicas[2].status().await["callers"]["till-2"]["spent_today"],
         "99.00 USD"
     );
+    // Amounts Tango would convert unseen (strings, exponent forms past two decimals) are refused.
+    for amount in [json!("1.00"), json!(1.005), json!(-5), json!(0), json!([1])] {
+        let mut o = order("A-2", "C-2", 1.0, "oddamount");
+        o["amount"] = amount.clone();
+        let r = send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[0]),
+            &till(2),
+            Some(&o),
+        )
+        .await;
+        assert_proxy_error(r, 403, "caller_forbidden").await;
+    }
     // An order in another currency is refused before Tango sees it.
     let mut euro = order("A-2", "C-2", 0.5, "eur1");
     euro["utid"] = json!("U000002");
