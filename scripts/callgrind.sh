@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Instructions the proxy executes per request, counted by valgrind's callgrind: repeatable where
-# wall-clock benchmarks on a shared machine swing by ±15 %. For Basic and OAuth Bearer profiles
+# wall-clock benchmarks on a shared machine swing by ±15 %. For Basic and OAuth Bearer profiles,
+# and a gateway caller (Basic profile, caller authentication and policy on)
 # (workers = 1, access log off), the proxy runs under callgrind twice, serving N1 and then N2
 # keep-alive GETs from one connection; the difference divided by N2 - N1 is the cost of one
 # request, with start-up, the one token mint and shutdown cancelled out.
@@ -30,14 +31,16 @@ IDP_PORT=$(free_port)
 "$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
 wait_port "$IDP_PORT"
 
-# Sends $2 GETs over one keep-alive connection to port $1; fails unless every answer is 200.
+# Sends $2 GETs over one keep-alive connection to port $1 (with header $3, if given); fails
+# unless every answer is 200.
 drive() {
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "${3:-}" <<'PY'
 import http.client, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, header = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+headers = dict([header.split(": ", 1)]) if header else {}
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(n):
-    c.request("GET", "/raas/v2/catalogs")
+    c.request("GET", "/raas/v2/catalogs", headers=headers)
     r = c.getresponse()
     r.read()
     if r.status != 200:
@@ -55,15 +58,17 @@ instructions() {
     "$BIN" serve --config "$work/$mode.toml" 2>"$work/$mode.$n.log" &
   local pid=$!
   wait_port "$port" 600 # callgrind starts slowly
-  drive "$port" 1 # the first request waits for the token (OAuth) and warms the pool
-  drive "$port" "$n"
+  local header=""
+  if [ "$mode" = gateway ]; then header=$(gateway_auth); fi
+  drive "$port" 1 "$header" # the first request waits for the token (OAuth) and warms the pool
+  drive "$port" "$n" "$header"
   kill -TERM "$pid"
   wait "$pid" || true
   awk '/^(summary|totals):/ {print $2; exit}' "$out"
 }
 
 printf '| profile | instructions per request (callgrind) | N1 → N2 requests |\n|---|---|---|\n'
-for mode in basic bearer; do
+for mode in basic bearer gateway; do
   a=$(instructions "$mode" "$N1")
   b=$(instructions "$mode" "$N2")
   printf '| %s | %s | %s → %s |\n' "$mode" "$(( (b - a) / (N2 - N1) ))" "$N1" "$N2"

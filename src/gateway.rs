@@ -35,6 +35,9 @@ use bindings::Bindings;
 use path::{AllowRule, CleanPath};
 use spend::SpendLedger;
 
+/// The longest decoded Basic credential (`NAME:KEY`) accepted.
+const MAX_BASIC: usize = 512;
+
 /// The label failures of unknown callers are counted under.
 pub const UNKNOWN_CALLER: &str = "_unknown";
 
@@ -233,10 +236,16 @@ impl Gateway {
             None => (value, &[][..]),
         };
         if scheme.eq_ignore_ascii_case(b"basic") {
-            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
-                return (None, Err("Basic credential is not valid base64"));
+            // Decoded on the stack (no allocation per request), wiped when done.
+            let mut buf = zeroize::Zeroizing::new([0u8; MAX_BASIC]);
+            let Ok(n) = base64::engine::general_purpose::STANDARD.decode_slice(rest, &mut buf[..])
+            else {
+                return (
+                    None,
+                    Err("Basic credential is not valid base64 (or too long)"),
+                );
             };
-            let decoded = zeroize::Zeroizing::new(decoded);
+            let decoded = &buf[..n];
             let Some(colon) = decoded.iter().position(|b| *b == b':') else {
                 return (None, Err("Basic credential has no NAME:KEY form"));
             };

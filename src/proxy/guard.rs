@@ -104,12 +104,12 @@ impl Proxy {
         req: Request<Incoming>,
         remote: SocketAddr,
         request_id: &HeaderValue,
-        caller_name: &mut Option<String>,
+        caller_name: &mut Option<Arc<Caller>>,
     ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = self.check_inbound(&parts, &body)?;
         let caller = gateway.authenticate(&parts.headers)?.clone();
-        *caller_name = Some(caller.name.clone());
+        *caller_name = Some(caller.clone());
         caller.admit().map_err(|r| match r {
             Refusal::RateLimited(retry_after) => ProxyError::RateLimited {
                 caller: caller.name.clone(),
@@ -119,20 +119,22 @@ impl Proxy {
         })?;
         refuse_method_overrides(&caller, &parts)?;
         let method = parts.method.clone();
-        let path = parts.uri.path().to_string();
-        let clean = caller.check_target(&method, &path, parts.uri.query())?;
-        let segments: Vec<String> = clean.segments().iter().map(|s| s.to_string()).collect();
+        // A clone shares the URI's bytes: the path outlives `parts`, which moves on.
+        let target = parts.uri.clone();
+        let clean = caller.check_target(&method, target.path(), target.query())?;
+        let segments = clean.segments();
+        let item = addressed_item(segments);
         let money_moving = bindings::is_money_moving(&method, &clean);
         let order = bindings::is_order(&method, &clean);
         let bound = caller.inspects_answers();
         let reads = method == Method::GET || method == Method::HEAD;
         if bound {
-            if let Some(why) = unattributable(&method, &segments) {
+            if let Some(why) = unattributable(&method, segments) {
                 return Err(caller.forbid(why.to_string()).into());
             }
         }
         // Bound callers' answers are read and checked, except lists that name no account.
-        let inspect_answer = bound && !(reads && names_no_accounts(&segments));
+        let inspect_answer = bound && !(reads && names_no_accounts(segments));
         // Money-moving bodies are read by every caller, for the audit log.
         let read_body = caller.inspects_body(&method, &clean) || money_moving;
         drop(clean);
@@ -177,8 +179,8 @@ impl Proxy {
         // An action on one order or line item (a resend, a cancel, a reissue) names no account:
         // a bound caller's is checked against the item's own account first.
         if bound && !reads {
-            if let Some(item) = addressed_item(&segments) {
-                self.check_item_owner(&caller, profile, &item).await?;
+            if let Some(item) = &item {
+                self.check_item_owner(&caller, profile, item).await?;
             }
         }
 
@@ -204,9 +206,9 @@ impl Proxy {
             proxy: self.clone(),
             gateway: gateway.clone(),
             caller,
+            by_id: item.is_some() && reads,
             method,
-            path,
-            segments,
+            target,
             body: value,
             hold,
             money_moving,
@@ -578,8 +580,9 @@ struct Sent {
     gateway: Arc<Gateway>,
     caller: Arc<Caller>,
     method: Method,
-    path: String,
-    segments: Vec<String>,
+    target: http::Uri,
+    /// A look-up of one order or line item.
+    by_id: bool,
     body: Option<Value>,
     hold: Option<Hold>,
     money_moving: bool,
@@ -644,9 +647,7 @@ impl Sent {
                     .map_err(|violation| caller.forbid(violation.message()))?;
                 // One order or line item must say whose it is: an answer that names no account
                 // could be anyone's.
-                let by_id = addressed_item(&self.segments).is_some()
-                    && (self.method == Method::GET || self.method == Method::HEAD);
-                if by_id && status.is_success() && !names_own(caller, v) {
+                if self.by_id && status.is_success() && !names_own(caller, v) {
                     return Err(caller
                         .forbid(
                             "Tango's answer does not name one of this caller's accounts; it was withheld"
@@ -670,7 +671,7 @@ impl Sent {
             audit(
                 &self.caller,
                 &self.method,
-                &self.path,
+                self.target.path(),
                 self.body.as_ref(),
                 status,
                 tango_request_id,
@@ -711,12 +712,12 @@ fn refuse_method_overrides(
 
 /// Resources a caller bound to accounts cannot use: platform-wide ones (webhooks, email
 /// templates) and ones whose answers name no account (a deposit looked up by id).
-fn unattributable(method: &Method, segments: &[String]) -> Option<&'static str> {
+fn unattributable(method: &Method, segments: &[&str]) -> Option<&'static str> {
     let what = match segments {
         [raas, v2, what, rest @ ..]
             if raas.eq_ignore_ascii_case("raas") && v2.eq_ignore_ascii_case("v2") =>
         {
-            (what.as_str(), rest)
+            (*what, rest)
         }
         _ => return None,
     };
@@ -736,7 +737,7 @@ fn unattributable(method: &Method, segments: &[String]) -> Option<&'static str> 
 
 /// `/raas/v2/orders/{id}` or `/raas/v2/lineItems/{id}` (and anything under them): the path of
 /// the item itself.
-fn addressed_item(segments: &[String]) -> Option<String> {
+fn addressed_item(segments: &[&str]) -> Option<String> {
     match segments {
         [raas, v2, what, id, ..]
             if raas.eq_ignore_ascii_case("raas")
@@ -814,7 +815,7 @@ impl Settle {
 
 /// Paths whose answers name no account or customer: the catalogs, choice products and exchange
 /// rates (large lists, passed on unread).
-fn names_no_accounts(segments: &[String]) -> bool {
+fn names_no_accounts(segments: &[&str]) -> bool {
     matches!(segments, [raas, v2, what, ..]
         if raas.eq_ignore_ascii_case("raas") && v2.eq_ignore_ascii_case("v2")
             && ["catalogs", "choiceProducts", "exchangerates"].iter().any(|w| what.eq_ignore_ascii_case(w)))

@@ -200,7 +200,7 @@ impl Proxy {
             duration_ms = elapsed.as_micros() as f64 / 1000.0,
             request_id = %request_id.to_str().unwrap_or_default(),
             upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
-            caller,
+            caller = caller.as_ref().map(|c| c.name.as_str()),
             error = cause,
             "request"
         );

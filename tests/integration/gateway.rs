@@ -354,6 +354,12 @@ fn shared_profile_mock() -> MockConfig {
 }
 
 fn shared_profile_toml(mock_url: &str, extra: &str) -> String {
+    for i in 1..=2 {
+        logs::watch_secret(format!("till-key-{i}"));
+        logs::watch_secret(till(i)["Basic ".len()..].to_string());
+    }
+    logs::watch_secret("hq-password".into());
+    logs::watch_secret("franchisor-secret".into());
     let callers: String = (1..=2)
         .map(|i| {
             format!(
