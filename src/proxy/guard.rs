@@ -39,6 +39,10 @@ use crate::gateway::bindings::{self, identifier_key, OrderFacts};
 use crate::gateway::spend::{utc_day, Reserved};
 use crate::gateway::{json, Caller, Gateway, Refusal};
 
+/// The largest request body the gateway reads to check it. Tango's request bodies are small
+/// (an order is under 2 KiB); parsing and holding a body costs time and memory in proportion to
+/// it, on the threads every store shares, so a store cannot make the gateway parse megabytes.
+const MAX_CHECKED_BODY: u64 = 64 << 10;
 /// The largest answer read to check it.
 const MAX_CHECKED_ANSWER: u64 = 16 << 20;
 /// The largest catalog read for reward currencies.
@@ -132,7 +136,14 @@ impl Proxy {
             if let Some(why) = unattributable(&method, segments) {
                 return Err(caller.forbid(why.to_string()).into());
             }
+            // A HEAD answer has no body to check, yet its headers tell what the GET would carry.
+            if method == Method::HEAD && !names_no_accounts(segments) {
+                return Err(caller
+                    .forbid("HEAD is refused for callers bound to accounts: its answer cannot be checked; use GET".into())
+                    .into());
+            }
         }
+        strip_rerouting_headers(&mut parts.headers);
         // Bound callers' answers are read and checked, except lists that name no account.
         let inspect_answer = bound && !(reads && names_no_accounts(segments));
         // Money-moving bodies are read by every caller, for the audit log.
@@ -236,6 +247,11 @@ impl Proxy {
         body: Incoming,
     ) -> Result<(Bytes, Value), ProxyError> {
         let inner = &*self.0;
+        if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
+            return Err(caller
+                .forbid("more than one Content-Type: which one Tango reads cannot be known".into())
+                .into());
+        }
         let json_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -259,9 +275,13 @@ impl Proxy {
                 .forbid("the gateway checks this caller's request bodies and cannot read a compressed one (Content-Encoding)".into())
                 .into());
         }
-        let bytes = read_whole(body, inner.max_body, inner.body_idle_timeout)
+        let limit = inner.max_body.min(MAX_CHECKED_BODY);
+        let bytes = read_whole(body, limit, inner.body_idle_timeout)
             .await
-            .map_err(|f| self.body_failed(f, None))?;
+            .map_err(|f| match f {
+                BodyFailure::TooLarge => ProxyError::BodyTooLarge { limit },
+                f => self.body_failed(f, None),
+            })?;
         let value = json::parse_strict(&bytes).map_err(|e| caller.forbid(e.to_string()))?;
         caller
             .bindings
@@ -681,6 +701,30 @@ impl Sent {
     }
 }
 
+/// Headers some servers and proxies read to change a request's path, method or origin: a store
+/// may not set them (the proxy adds its own `X-Forwarded-For`).
+fn strip_rerouting_headers(headers: &mut http::HeaderMap) {
+    const REROUTING: [&str; 9] = [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "x-forwarded-path",
+        "x-forwarded-method",
+        "x-original-method",
+        "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
+    ];
+    let present: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| REROUTING.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for name in present {
+        headers.remove(name);
+    }
+}
+
 /// Method-override headers and `_method` parameters are refused: a server honouring one would
 /// act on a method the gateway did not check.
 fn refuse_method_overrides(
@@ -700,7 +744,8 @@ fn refuse_method_overrides(
     let param = parts.uri.query().is_some_and(|q| {
         q.split(['&', ';']).any(|pair| {
             let name = pair.split('=').next().unwrap_or_default();
-            name.eq_ignore_ascii_case("_method") || name.to_ascii_lowercase().contains("%5fmethod")
+            let name = name.to_ascii_lowercase();
+            name.contains("_method") || name.contains("%5fmethod")
         })
     });
     if header || param {

@@ -269,8 +269,13 @@ impl Proxy {
         }
         if let Some(authority) = parts.uri.authority() {
             if !self.is_local(authority) {
+                // Host and port only: user information in the target may be a credential.
+                let shown = match authority.port() {
+                    Some(port) => format!("{}:{port}", authority.host()),
+                    None => authority.host().to_string(),
+                };
                 return Err(ProxyError::BadRequest(format!(
-                    "absolute-form request for {authority} refused: this proxy forwards only to {}",
+                    "absolute-form request for {shown} refused: this proxy forwards only to {}",
                     inner.upstream
                 )));
             }

@@ -1308,3 +1308,88 @@ async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
         "20.00 USD"
     );
 }
+
+/// What a store sends that could steer Tango or the gateway's own work is refused or removed:
+/// oversized checked bodies, HEAD on bound paths, a second Content-Type, re-routing headers, and a
+/// key hidden in an absolute-form target never reaches an error body or a log.
+#[tokio::test]
+async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_removed() {
+    let upstream = crate::support::upstream::FakeUpstream::start().await;
+    let key = "steer-key-Qx81";
+    logs::watch_secret(key.into());
+    logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
+    let toml = format!(
+        "{}[callers.pos-1]\nkey_sha256 = \"{}\"\naccounts = [\"A-1\"]\n",
+        config_toml(&upstream.url(), "", ""),
+        sha256_hex(key.as_bytes())
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let auth = basic("pos-1", key);
+    // A checked body over 64 KiB: 413 before it is parsed.
+    let big = format!(
+        r#"{{"accountIdentifier":"A-1","pad":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let r = client()
+        .post(format!("{}/raas/v2/orders", proxy.url))
+        .header("authorization", &auth)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(r, 413, "body_too_large").await;
+    // Two Content-Types.
+    let request = format!(
+        "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 27\r\nConnection: close\r\n\r\n{{\"accountIdentifier\":\"A-1\"}}"
+    );
+    let response = raw_request(proxy.addr(), request.as_bytes()).await;
+    assert_raw_proxy_error(&response, 403, "caller_forbidden");
+    // HEAD would show what a GET's withheld answer carries.
+    let r = client()
+        .head(format!("{}/raas/v2/orders/X1", proxy.url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        upstream.requests().len(),
+        0,
+        "a refused request reached Tango"
+    );
+    // Re-routing headers never reach Tango; X-Forwarded-For is the gateway's alone.
+    let r = client()
+        .get(format!("{}/raas/v2/catalogs", proxy.url))
+        .header("authorization", &auth)
+        .header("x-original-url", "/raas/v2/accounts/A-2")
+        .header("x-rewrite-url", "/raas/v2/accounts/A-2")
+        .header("x-forwarded-prefix", "/other")
+        .header("forwarded", "for=1.2.3.4")
+        .header("x-forwarded-for", "1.2.3.4")
+        .header("x-original-method", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    for h in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "forwarded",
+        "x-original-method",
+    ] {
+        assert!(!seen.headers.contains_key(h), "{h} reached Tango");
+    }
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    // A key in an absolute-form target is neither echoed nor logged.
+    let request = format!(
+        "GET http://pos-1:{key}@203.0.113.9:8080/raas/v2/accounts/A-1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw_request(proxy.addr(), request.as_bytes()).await;
+    assert_eq!(raw_status(&response), 400, "{response}");
+    assert!(!response.contains(key), "{response}");
+    assert!(response.contains("203.0.113.9:8080"), "{response}");
+    logs::assert_no_secret_captured();
+}
