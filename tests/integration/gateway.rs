@@ -1095,6 +1095,7 @@ async fn one_broken_store_profile_does_not_make_the_gateway_unready() {
 async fn money_moving_requests_are_audited_without_reward_credentials() {
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
     let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let from = logs::captured_len();
     let r = send(
         reqwest::Method::POST,
         format!("{}/raas/v2/orders", proxy.url),
@@ -1112,7 +1113,7 @@ async fn money_moving_requests_are_audited_without_reward_credentials() {
         .unwrap()
         .to_string();
     logs::watch_secret(code.clone());
-    let logs = logs::captured();
+    let logs = logs::captured_since(from);
     let line = logs
         .lines()
         .find(|l| l.contains("tango_auth_proxy::audit") && l.contains(id) && l.contains("audit42"))
@@ -1282,13 +1283,14 @@ async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
         till(1),
         body.len()
     );
+    let from = logs::captured_len();
     let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(stream);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let logs = logs::captured();
+        let logs = logs::captured_since(from);
         if logs.lines().any(|l| {
             l.contains("tango_auth_proxy::audit")
                 && l.contains("hangup1")
