@@ -191,7 +191,8 @@ fn place(
     let id = format!("RA260101-{n:05}-{:02}", n % 100);
     let line_item_id = format!("LI260101-{n:05}-{:02}-01", n % 100);
     let claim_code = format!("MOCK-{n:08}-{}", random_hex(4).to_ascii_uppercase());
-    let pin = random_hex(3).to_ascii_uppercase();
+    // Long and marked, so the log scan of the tests can never mistake a timestamp for one.
+    let pin = format!("PIN-{}", random_hex(6).to_ascii_uppercase());
     let echo = |field: &str| req.body.get(field).cloned().unwrap_or(Value::Null);
     let order = json!({
         "referenceOrderID": id,
