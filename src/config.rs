@@ -193,6 +193,7 @@ fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
         | "require_external_ref_id"
         | "spend_limit_fail_open" => "true or false",
         "allow" => "a list of \"METHOD /path\" strings",
+        "trusted_proxies" => "a list of IP addresses or networks (\"10.0.0.0/8\")",
         "accounts" | "customers" => "a list of identifiers (strings)",
         "rate" => "a rate such as \"10/s\"",
         "burst" => "a whole number",
@@ -346,6 +347,7 @@ struct RawListen {
     header_timeout: Option<Text>,
     max_connections: Option<usize>,
     admin_max_connections: Option<usize>,
+    trusted_proxies: Option<Vec<Text>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,6 +508,9 @@ pub struct ListenConfig {
     pub max_connections: usize,
     /// Connections the admin listener holds open at most.
     pub admin_max_connections: usize,
+    /// Peers (load balancers) whose `X-Forwarded-For` names the client, for the gateway's
+    /// throttling of failed authentications.
+    pub trusted_proxies: Vec<crate::gateway::throttle::Network>,
 }
 
 /// `[upstream]`: where requests go.
@@ -2037,6 +2042,13 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         p,
     );
     let allow_non_loopback = raw.allow_non_loopback.unwrap_or(false);
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
+        match crate::gateway::throttle::Network::parse(t.as_str()) {
+            Ok(n) => trusted_proxies.push(n),
+            Err(e) => p.push(format!("listen.trusted_proxies[{i}]"), e),
+        }
+    }
     if proxy == admin && proxy.port() != 0 {
         p.push("listen.admin", "must differ from listen.proxy");
     }
@@ -2059,6 +2071,7 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         header_timeout,
         max_connections,
         admin_max_connections,
+        trusted_proxies,
     }
 }
 

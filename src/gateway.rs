@@ -18,6 +18,7 @@ pub mod bindings;
 pub mod json;
 pub mod path;
 pub mod spend;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,9 +49,15 @@ pub struct Gateway {
     by_name: HashMap<String, usize>,
     by_hash: HashMap<[u8; 32], usize>,
     unknown_failures: Counter,
+    /// Requests refused because their address failed to authenticate too often.
+    address_refusals: Counter,
     /// Keeps authentication-failure warnings to a trickle under a flood.
     quiet: crate::listener::Quiet,
     ledger: Arc<dyn SpendLedger>,
+    /// Repeated authentication failures, by address and by caller name.
+    throttle: throttle::Throttle,
+    /// `listen.trusted_proxies`: peers whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<throttle::Network>,
 }
 
 /// Why a request from (or claiming to be from) a caller is not forwarded.
@@ -161,8 +168,11 @@ impl Gateway {
             by_name,
             by_hash,
             unknown_failures: metrics.caller_counter(UNKNOWN_CALLER, "unauthorized"),
+            address_refusals: metrics.caller_counter(UNKNOWN_CALLER, "rate_limited"),
             quiet: crate::listener::Quiet::default(),
             ledger,
+            throttle: throttle::Throttle::default(),
+            trusted_proxies: config.listen.trusted_proxies.clone(),
         }))
     }
 
@@ -176,12 +186,23 @@ impl Gateway {
         &self.ledger
     }
 
-    /// The caller a request's headers prove, or why not.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Arc<Caller>, Refusal> {
+    /// The caller a request's headers prove, or why not. `peer` is the connection's address;
+    /// failures are slowed down by client address and caller name (see [`throttle`]).
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: std::net::IpAddr,
+    ) -> Result<&Arc<Caller>, Refusal> {
+        let client = throttle::client_address(peer, headers, &self.trusted_proxies);
+        if let Some(wait) = self.throttle.address_refused(client, Instant::now()) {
+            self.address_refusals.inc();
+            return Err(Refusal::RateLimited(wait));
+        }
         let (claimed, outcome) = self.check_credential(headers);
         match outcome {
             Ok(caller) => Ok(caller),
             Err(why) => {
+                let delay = self.throttle.failed(client, claimed, Instant::now());
                 let named = claimed.and_then(|i| self.callers.get(i));
                 match named {
                     Some(c) => {
@@ -201,6 +222,9 @@ impl Gateway {
                     );
                 } else {
                     tracing::debug!(caller, "caller authentication failed: {why}");
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
                 Err(Refusal::Unauthorized(why))
             }

@@ -63,11 +63,12 @@ pub enum ProxyError {
     /// Gateway mode: a rule of the caller's policy refuses the request (or Tango's answer).
     #[error("{0}")]
     CallerForbidden(String),
-    /// Gateway mode: the caller's rate limit.
-    #[error("rate limit of caller {caller} reached; retry in {}s", retry_after.as_secs().max(1))]
+    /// Gateway mode: the caller's rate limit, or an address with too many failed
+    /// authentications.
+    #[error("{reason}; retry in {}s", retry_after.as_secs().max(1))]
     RateLimited {
-        /// The caller.
-        caller: String,
+        /// Which limit, without secrets.
+        reason: String,
         /// When a token will be back.
         retry_after: Duration,
     },
@@ -249,7 +250,7 @@ mod tests {
             ),
             (
                 ProxyError::RateLimited {
-                    caller: "s".into(),
+                    reason: "s".into(),
                     retry_after: Duration::from_millis(1500),
                 },
                 "rate_limited",

@@ -91,7 +91,7 @@ impl From<Refusal> for ProxyError {
             }
             Refusal::Forbidden(message) => ProxyError::CallerForbidden(message),
             Refusal::RateLimited(retry_after) => ProxyError::RateLimited {
-                caller: String::new(),
+                reason: "too many failed authentications from this address".into(),
                 retry_after,
             },
             Refusal::SpendUnavailable(message) => ProxyError::SpendLimitUnavailable(message),
@@ -112,11 +112,14 @@ impl Proxy {
     ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = self.check_inbound(&parts, &body)?;
-        let caller = gateway.authenticate(&parts.headers)?.clone();
+        let caller = gateway
+            .authenticate(&parts.headers, remote.ip())
+            .await?
+            .clone();
         *caller_name = Some(caller.clone());
         caller.admit().map_err(|r| match r {
             Refusal::RateLimited(retry_after) => ProxyError::RateLimited {
-                caller: caller.name.clone(),
+                reason: format!("rate limit of caller {} reached", caller.name),
                 retry_after,
             },
             other => other.into(),

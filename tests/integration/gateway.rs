@@ -1395,3 +1395,120 @@ async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_re
     assert!(response.contains("203.0.113.9:8080"), "{response}");
     logs::assert_no_secret_captured();
 }
+
+/// Repeated failed authentications: an address is refused for the rest of the window (taken
+/// from X-Forwarded-For only when the peer is a trusted proxy); failures naming one caller are
+/// slowed down, while the caller's own correct key still works at once.
+#[tokio::test]
+async fn repeated_authentication_failures_are_slowed_by_address_and_by_name() {
+    let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let toml = shared_profile_toml(&mock_url, "").replacen(
+        "[listen]\n",
+        "[listen]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        1,
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    let attempt = |from: &'static str, auth: String| {
+        let url = url.clone();
+        async move {
+            client()
+                .get(url)
+                .header("authorization", auth)
+                .header("x-forwarded-for", from)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Twenty wrong keys for unknown names from one store's address (behind the trusted proxy).
+    for _ in 0..20 {
+        let r = attempt("203.0.113.7", basic("nobody", "guess")).await;
+        assert_eq!(r.status(), 401);
+    }
+    // That address is now refused, even with a right key; its neighbour is not.
+    let r = attempt("203.0.113.7", till(1)).await;
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_proxy_error(r, 429, "rate_limited").await;
+    assert_eq!(attempt("203.0.113.8", till(1)).await.status(), 200);
+    // X-Forwarded-For written by the client itself (left of what the proxy appended) is not
+    // believed: the right-most untrusted entry counts.
+    assert_eq!(
+        attempt("203.0.113.7, 203.0.113.9", till(1)).await.status(),
+        200
+    );
+
+    // Failures naming till-2 from many addresses: after ten, each waits before its 401.
+    const FROM: [&str; 11] = [
+        "198.51.100.1",
+        "198.51.100.2",
+        "198.51.100.3",
+        "198.51.100.4",
+        "198.51.100.5",
+        "198.51.100.6",
+        "198.51.100.7",
+        "198.51.100.8",
+        "198.51.100.9",
+        "198.51.100.10",
+        "198.51.100.11",
+    ];
+    for from in &FROM[..10] {
+        assert_eq!(attempt(from, basic("till-2", "guess")).await.status(), 401);
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(
+        attempt(FROM[10], basic("till-2", "guess")).await.status(),
+        401
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "the 11th failure was not slowed"
+    );
+    // Till 2's right key is neither refused nor counted as a failure.
+    let r = client()
+        .get(format!("{}/raas/v2/accounts/A-2", proxy.url))
+        .header("authorization", till(2))
+        .header("x-forwarded-for", "198.51.100.50")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    assert!(
+        metrics.contains(
+            r#"tango_proxy_caller_requests_total{caller="_unknown",outcome="rate_limited"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
+/// Without trusted proxies, X-Forwarded-For cannot move the blame: the peer is the address.
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_peer_cannot_dodge_the_address_limit() {
+    let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
+    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    for i in 0..20 {
+        let r = client()
+            .get(&url)
+            .header("authorization", basic("nobody", "guess"))
+            .header("x-forwarded-for", format!("192.0.2.{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = client()
+        .get(&url)
+        .header("authorization", till(1))
+        .header("x-forwarded-for", "192.0.2.200")
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(r, 429, "rate_limited").await;
+}
