@@ -33,7 +33,8 @@ pub struct AdminState(Arc<AdminInner>);
 #[derive(Debug)]
 struct AdminInner {
     profiles: Vec<Profile>,
-    gateway: Option<Arc<Gateway>>,
+    gateway: crate::reload::GatewayCell,
+    reloads: Arc<std::sync::Mutex<crate::reload::ReloadStatus>>,
     metrics: Arc<Metrics>,
     cache_backend: &'static str,
     upstream: String,
@@ -45,12 +46,14 @@ impl AdminState {
     pub fn new(
         config: &Config,
         profiles: Vec<Profile>,
-        gateway: Option<Arc<Gateway>>,
+        gateway: crate::reload::GatewayCell,
+        reloads: Arc<std::sync::Mutex<crate::reload::ReloadStatus>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self(Arc::new(AdminInner {
             profiles,
             gateway,
+            reloads,
             metrics,
             cache_backend: config.cache.backend.as_str(),
             upstream: config.upstream.url.to_string(),
@@ -74,7 +77,7 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    if state.0.gateway.is_some() {
+    if state.0.gateway.borrow().is_some() {
         return (
             StatusCode::OK,
             Json(json!({ "ready": true, "mode": "gateway" })),
@@ -126,12 +129,15 @@ async fn status(State(state): State<AdminState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started.elapsed().as_secs(),
         "upstream": s.upstream,
-        "mode": if s.gateway.is_some() { "gateway" } else { "sidecar" },
+        "mode": if s.gateway.borrow().is_some() { "gateway" } else { "sidecar" },
         "cache": { "backend": s.cache_backend, "healthy": cache_healthy },
         "profiles": profiles,
     });
-    if let Some(gateway) = &s.gateway {
+    let gateway = s.gateway.borrow().clone();
+    if let Some(gateway) = &gateway {
         body["callers"] = callers_status(gateway).await;
+        let reloads = s.reloads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        body["config"] = serde_json::to_value(reloads).unwrap_or_default();
     }
     Json(body).into_response()
 }

@@ -162,17 +162,25 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         Some(store) => Arc::new(RedisLedger::new(store)),
         None => Arc::new(MemoryLedger::default()),
     };
-    let gateway = Gateway::new(config, ledger, &metrics)
+    let gateway = Gateway::new(config, ledger.clone(), &metrics)
         .map_err(AppError::Gateway)?
         .map(Arc::new);
+    let (gateway_tx, gateway_rx) = watch::channel(gateway);
+    let reloads = Arc::new(std::sync::Mutex::new(crate::reload::ReloadStatus::default()));
     let proxy = Proxy::new(
         config,
         profiles.clone(),
-        gateway.clone(),
+        gateway_rx.clone(),
         metrics.clone(),
         proxy_addr,
     )?;
-    let admin_state = AdminState::new(config, profiles, gateway, metrics.clone());
+    let admin_state = AdminState::new(
+        config,
+        profiles,
+        gateway_rx,
+        reloads.clone(),
+        metrics.clone(),
+    );
 
     let (stop, stopped) = watch::channel(false);
     let listen = &config.listen;
@@ -213,11 +221,29 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         listeners.admin,
         admin_settings,
         move |_| TowerToHyperService::new(router.clone()),
-        wait_for(stopped),
+        wait_for(stopped.clone()),
     ));
+    // A gateway loaded from a file reloads its callers on SIGHUP and when the file changes.
+    let reload_task = match (&config.source, config.is_gateway()) {
+        (Some(path), true) => {
+            let reloader = crate::reload::Reloader::new(
+                path.clone(),
+                config.clone(),
+                gateway_tx,
+                ledger,
+                metrics.clone(),
+                reloads,
+            );
+            Some(tokio::spawn(reloader.run(wait_for(stopped))))
+        }
+        _ => None,
+    };
     let task = tokio::spawn(async move {
         let _ = proxy_task.await;
         let _ = admin_task.await;
+        if let Some(t) = reload_task {
+            let _ = t.await;
+        }
     });
     tracing::info!(
         proxy = %proxy_addr,

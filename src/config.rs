@@ -476,6 +476,9 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// `[callers.*]`, by name: any puts the proxy in gateway mode.
     pub callers: BTreeMap<String, CallerConfig>,
+    /// The file this was loaded from, if any (a gateway reloads it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[listen]`: sockets and inbound limits.
@@ -1326,7 +1329,9 @@ impl Config {
                 )
             })
             .collect();
-        Self::load_sources(&text, path.as_deref(), &env)
+        let mut config = Self::load_sources(&text, path.as_deref(), &env)?;
+        config.source = path;
+        Ok(config)
     }
 
     /// Loads from TOML text alone (tests, the demo): [`Config::from_sources`] without variables.
@@ -1534,6 +1539,7 @@ impl Config {
                 cache,
                 profiles,
                 callers,
+                source: None,
             }),
             _ => Err(ConfigError {
                 problems: problems.0,

@@ -68,6 +68,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod tls;
 pub mod token;

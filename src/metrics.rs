@@ -95,6 +95,12 @@ pub struct Metrics {
     caller_requests: Family<CallerLabel, Counter>,
     caller_spend: Family<CallerOnlyLabel, Gauge>,
     profile_ready: Family<ProfileLabel, Gauge>,
+    config_reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -317,6 +323,15 @@ impl Metrics {
             "Gateway callers' spend today (UTC) against their daily limit, in the limit currency's minor units",
             caller_spend.clone(),
         );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (gateway mode), by result: applied or refused",
+            config_reloads.clone(),
+        );
+        for result in ["applied", "refused"] {
+            let _ = config_reloads.get_or_create(&ResultLabel { result });
+        }
         let profile_ready = Family::<ProfileLabel, Gauge>::default();
         registry.register(
             "profile_ready",
@@ -351,7 +366,15 @@ impl Metrics {
             caller_requests,
             caller_spend,
             profile_ready,
+            config_reloads,
         }
+    }
+
+    /// Counts a configuration reload: `applied` or `refused`.
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The counter of one caller's requests with one outcome (`allowed`, `forbidden`,

@@ -38,7 +38,6 @@ use hyper::body::Incoming;
 use crate::auth::{AfterRejection, AuthError, Credential, Profile, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
-use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use body::{BodyCopy, BodyFailure, BodyLimits, BodyWatch, Kept};
 pub use body::{OutboundBody, OutboundBodyError};
@@ -62,8 +61,8 @@ struct Inner {
     profiles: Vec<Profile>,
     /// What a 401 tells the app when Tango gave no challenge it can act on, per profile.
     challenges: Vec<HeaderValue>,
-    /// Gateway mode: the callers and their policies.
-    gateway: Option<Arc<Gateway>>,
+    /// Gateway mode: the callers and their policies, swapped whole by a reload.
+    gateway: crate::reload::GatewayCell,
     /// Reward currencies by `utid`, per profile (gateway spend limits).
     catalogs: guard::Catalogs,
     max_body: u64,
@@ -114,7 +113,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         profiles: Vec<Profile>,
-        gateway: Option<Arc<Gateway>>,
+        gateway: crate::reload::GatewayCell,
         metrics: Arc<Metrics>,
         bound: SocketAddr,
     ) -> Result<Self, crate::tls::TlsError> {
@@ -169,7 +168,9 @@ impl Proxy {
         let path = uri.path();
 
         let mut caller = None;
-        let outcome = match &inner.gateway {
+        // The gateway as of this request: a reload swaps it for later requests only.
+        let gateway = inner.gateway.borrow().clone();
+        let outcome = match &gateway {
             None => self.sidecar_request(req, remote, &request_id).await,
             Some(gateway) => {
                 self.gateway_request(gateway, req, remote, &request_id, &mut caller)

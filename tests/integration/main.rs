@@ -19,6 +19,7 @@ mod mock;
 mod oauth;
 mod redis;
 mod refusals;
+mod reload;
 mod replay;
 mod sdk;
 mod store;
