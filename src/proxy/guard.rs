@@ -112,7 +112,8 @@ impl Proxy {
     ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = self.check_inbound(&parts, &body)?;
-        let caller = gateway.authenticate(&parts.headers)?.clone();
+        let cert = parts.extensions.get::<crate::tls::ClientCert>();
+        let caller = gateway.authenticate(&parts.headers, cert)?.clone();
         *caller_name = Some(caller.clone());
         caller.admit().map_err(|r| match r {
             Refusal::RateLimited(retry_after) => ProxyError::RateLimited {
