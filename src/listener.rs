@@ -427,8 +427,14 @@ where
         Ok(()) => idle,
         Err(e) => {
             tracing::debug!(%remote, "connection ended with an error: {e}");
-            match e.downcast_ref::<hyper::Error>() {
-                Some(e) => why_ended(e, progress).or(idle),
+            match e
+                .downcast_ref::<hyper::Error>()
+                .map(|e| why_ended(e, progress))
+            {
+                // The handshake wrote last (session tickets): without a request yet, a timeout
+                // is a silent client, not an idle one.
+                Some(Some(IDLE)) if !activity.served() => Some(HEADER_TIMEOUT),
+                Some(why) => why.or(idle),
                 None => idle,
             }
         }

@@ -515,7 +515,24 @@ async fn a_sidecar_serves_https_and_closes_an_unfinished_handshake() {
     )
     .await;
     assert_eq!(ended, 1.0);
-    // An HTTP/2 connection with no request is closed after the same time, as idle.
+    // A finished handshake and then no HTTP/1.1 request: closed as a silent client.
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"http/1.1"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a silent TLS client was kept");
+    let silent = metric(
+        &proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"header_timeout\"}",
+    )
+    .await;
+    assert_eq!(silent, 1.0);
+    // An HTTP/2 connection with no request is closed after the same time.
     let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
     let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
     let stream = tls
