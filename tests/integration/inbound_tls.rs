@@ -433,12 +433,12 @@ async fn certificates_of_another_ca_expired_or_matching_no_caller_are_refused() 
             assert!(r.is_err(), "{what} certificate was accepted: {r:?}");
         }
     }
-    let refused = metric(
+    let refused = ended_count(
         &gw.proxy.admin_url,
         "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"tls_handshake\"}",
     )
     .await;
-    assert!(refused >= 4.0, "{refused}");
+    assert_eq!(refused, 4.0);
     // Valid, but no caller carries its name: authenticated TLS, unauthenticated caller.
     let nobody = gw.files.ca.client(&["spiffe://franchise/pos-99"], false);
     for h2 in [false, true] {
@@ -509,7 +509,7 @@ async fn a_sidecar_serves_https_and_closes_an_unfinished_handshake() {
     assert_eq!(n, 0, "expected the connection closed, got {:?}", &buf[..n]);
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
-    let ended = metric(
+    let ended = ended_count(
         &proxy.admin_url,
         "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"tls_handshake\"}",
     )
@@ -526,7 +526,7 @@ async fn a_sidecar_serves_https_and_closes_an_unfinished_handshake() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "a silent TLS client was kept");
-    let silent = metric(
+    let silent = ended_count(
         &proxy.admin_url,
         "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"header_timeout\"}",
     )
@@ -546,6 +546,23 @@ async fn a_sidecar_serves_https_and_closes_an_unfinished_handshake() {
     assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
     assert!(opened.elapsed() >= Duration::from_millis(250));
     drop(send);
+}
+
+/// The value of a connections-ended series once it stops changing: the listener counts a
+/// connection after closing it, so a client may see the close first. Polls for at most 5 s,
+/// returning as soon as two reads 50 ms apart agree on a non-zero value.
+async fn ended_count(admin_url: &str, series: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = metric(admin_url, series).await;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = metric(admin_url, series).await;
+        if now == last && now > 0.0 {
+            break;
+        }
+        last = now;
+    }
+    last
 }
 
 /// A TLS HTTP/2 connection to `addr` with the raw h2 client.
@@ -625,7 +642,7 @@ async fn http2_stream_floods_and_rapid_resets_are_bounded_and_others_still_serve
         refused.is_some_and(|n| n < 1_000) && ended_with_error,
         "rapid resets were not stopped: refused after {refused:?} streams, {outcome:?}"
     );
-    let counted = metric(
+    let counted = ended_count(
         &gw.proxy.admin_url,
         "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"malformed\"}",
     )
