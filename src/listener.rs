@@ -402,8 +402,10 @@ where
     let builder = if h2 { &tls.builders.1 } else { &tls.builders.0 };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    // HTTP/1.1 idles out in hyper (its header timeout); HTTP/2 has no such timer, so an idle
-    // connection is closed here, gracefully, and dropped if it does not close in as long again.
+    // HTTP/1.1 idles out in hyper (its header timeout); HTTP/2 has no such timer, so a
+    // connection with no request in progress (an answer still streaming counts) is closed here,
+    // gracefully: GOAWAY, then whatever is still buffered for a stream is delivered. A peer that
+    // stops answering meanwhile is ended by the keep-alive ping's timeout.
     let mut closing = None;
     let result = loop {
         tokio::select! {
@@ -416,9 +418,6 @@ where
                 conn.as_mut().graceful_shutdown();
                 let why = if activity.served() { IDLE } else { HEADER_TIMEOUT };
                 closing = Some(Some(why));
-            }
-            () = tokio::time::sleep(tls.header_timeout), if matches!(closing, Some(Some(_))) => {
-                return closing.flatten();
             }
         }
     };
@@ -510,19 +509,57 @@ impl<S, B> Service<Request<Incoming>> for Tracked<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<Guarded<B>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Guarded<B>>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         let answer = self.inner.call(req);
         Box::pin(async move {
+            // The request stays in progress until its whole answer is sent (or dropped).
             let result = answer.await;
-            drop(guard);
-            result
+            Ok(result
+                .unwrap_or_else(|never| match never {})
+                .map(|body| Guarded {
+                    inner: Box::pin(body),
+                    _guard: guard,
+                }))
         })
+    }
+}
+
+/// An answer's body that keeps its request counted in [`Activity`] until it is dropped.
+struct Guarded<B> {
+    inner: Pin<Box<B>>,
+    _guard: ActivityGuard,
+}
+
+impl<B> std::fmt::Debug for Guarded<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guarded")
+    }
+}
+
+impl<B: Body> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

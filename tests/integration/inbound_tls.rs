@@ -804,3 +804,51 @@ fn tls_and_certificate_identity_mistakes_are_reported_by_key() {
         "{shown}"
     );
 }
+
+/// An HTTP/2 answer still streaming is a request in progress: the idle close never cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_read_slowly_outlives_the_idle_timeout() {
+    let upstream = FakeUpstream::start().await;
+    let files = TlsFiles::new();
+    let listen = format!("{}header_timeout = \"200ms\"\n", files.listen_keys(false));
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // A small window: the proxy can send only as fast as the client reads.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(16 << 10)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::builder()
+        .uri("https://localhost/raas/v2/download?bytes=524288")
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let started = Instant::now();
+    let mut received = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        received += chunk.len();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        // A slow reader: the whole answer takes several idle timeouts.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    assert_eq!(received, 524_288);
+    assert!(
+        started.elapsed() > Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    drop((send, body));
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+}
