@@ -24,7 +24,7 @@ use crate::gateway::Gateway;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::tls::TlsError;
+use crate::tls::{ClientCert, TlsError};
 use crate::token::store::{FileStore, MemoryStore, TokenStore};
 use crate::token::RedisStore;
 
@@ -197,13 +197,21 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         listen,
         &metrics,
     );
+    let proxy_settings = listener::Settings {
+        tls: listen.tls.clone(),
+        ..proxy_settings
+    };
     let proxy_task = tokio::spawn(listener::serve(
         listeners.proxy,
         proxy_settings,
-        move |remote| {
+        move |remote, cert: Option<ClientCert>| {
             let proxy = proxy.clone();
-            service_fn(move |req| {
+            service_fn(move |mut req| {
                 let proxy = proxy.clone();
+                // The gateway identifies a caller by it (see `Gateway::authenticate`).
+                if let Some(cert) = &cert {
+                    req.extensions_mut().insert(cert.clone());
+                }
                 async move { Ok::<_, Infallible>(proxy.handle(req, remote).await) }
             })
         },
@@ -220,7 +228,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     let admin_task = tokio::spawn(listener::serve(
         listeners.admin,
         admin_settings,
-        move |_| TowerToHyperService::new(router.clone()),
+        move |_, _| TowerToHyperService::new(router.clone()),
         wait_for(stopped.clone()),
     ));
     // A gateway loaded from a file reloads its callers on SIGHUP and when the file changes.

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::Figment;
@@ -40,7 +41,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::secret::Secret;
 
 mod callers;
-pub use callers::{currency_decimals, parse_sha256, valid_caller_name, CallerConfig, Money, Rate};
+pub use callers::{
+    currency_decimals, normalize_san, parse_sha256, valid_caller_name, CallerConfig, Money, Rate,
+};
 
 /// Prefix of every configuration environment variable.
 pub const ENV_PREFIX: &str = "TANGO_PROXY_";
@@ -198,7 +201,9 @@ fn expected_for(key: &str, serde_expected: Option<&str>) -> &'static str {
         "rate" => "a rate such as \"10/s\"",
         "burst" => "a whole number",
         "daily_spend_limit" => "an amount and a currency such as \"500 USD\"",
-        "key_sha256" => "64 hex digits (a string)",
+        "key_sha256" | "cert_sha256" => "64 hex digits (a string)",
+        "cert_san" => "a DNS name or URI (a string)",
+        "tls_client_auth" => "\"optional\" or \"required\"",
         "environment" => "\"sandbox\" or \"production\"",
         "backend" => "\"memory\", \"file\" or \"redis\"",
         "auth" => "\"basic\", \"client_credentials\" or \"service_account\"",
@@ -348,6 +353,10 @@ struct RawListen {
     max_connections: Option<usize>,
     admin_max_connections: Option<usize>,
     trusted_proxies: Option<Vec<Text>>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
+    tls_client_auth: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -514,6 +523,17 @@ pub struct ListenConfig {
     /// Peers (load balancers) whose `X-Forwarded-For` names the client, for the gateway's
     /// throttling of failed authentications.
     pub trusted_proxies: Vec<crate::gateway::throttle::Network>,
+    /// PEM certificate chain of the proxy listener (HTTPS inbound when set).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM roots client certificates are verified against.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether a client certificate is required (only with `tls_client_ca_file`).
+    pub tls_client_auth: crate::tls::ClientAuth,
+    /// The proxy listener's TLS configuration, built from the files above.
+    #[serde(skip)]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// `[upstream]`: where requests go.
@@ -1508,7 +1528,7 @@ impl Config {
         }
         let mut by_hash: BTreeMap<[u8; 32], &str> = BTreeMap::new();
         for c in callers.values() {
-            if let Some(other) = by_hash.insert(c.key_sha256, &c.name) {
+            if let Some(other) = c.key_sha256.and_then(|h| by_hash.insert(h, &c.name)) {
                 problems.push(
                     format!("callers.{}.key_sha256", c.name),
                     format!(
@@ -1517,6 +1537,7 @@ impl Config {
                 );
             }
         }
+        check_cert_identities(&callers, listen.as_ref(), &mut problems);
         if let Some(listen) = &listen {
             let proxy = listen.proxy;
             if !proxy.ip().is_loopback() && !listen.allow_non_loopback && !gateway {
@@ -1612,6 +1633,50 @@ impl Config {
     /// The effective configuration as TOML, every secret shown as `"<redacted>"`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Certificate identities of callers: each names one caller, and they need client certificates
+/// to be asked for (`listen.tls_client_ca_file`).
+fn check_cert_identities(
+    callers: &BTreeMap<String, CallerConfig>,
+    listen: Option<&ListenConfig>,
+    problems: &mut Problems,
+) {
+    let mut by_cert: BTreeMap<[u8; 32], &str> = BTreeMap::new();
+    let mut by_san: BTreeMap<&str, &str> = BTreeMap::new();
+    let verifies = listen.is_none_or(|l| l.tls_client_ca_file.is_some());
+    for c in callers.values() {
+        if let Some(other) = c.cert_sha256.and_then(|h| by_cert.insert(h, &c.name)) {
+            problems.push(
+                format!("callers.{}.cert_sha256", c.name),
+                format!("the same as callers.{other}.cert_sha256: a certificate names one caller"),
+            );
+        }
+        if let Some(other) = c
+            .cert_san
+            .as_deref()
+            .and_then(|s| by_san.insert(s, &c.name))
+        {
+            problems.push(
+                format!("callers.{}.cert_san", c.name),
+                format!("the same as callers.{other}.cert_san: a certificate names one caller"),
+            );
+        }
+        if !verifies {
+            for (set, what) in [
+                (c.cert_sha256.is_some(), "cert_sha256"),
+                (c.cert_san.is_some(), "cert_san"),
+            ] {
+                if set {
+                    problems.push(
+                        format!("callers.{}.{what}", c.name),
+                        "needs listen.tls_client_ca_file (and listen.tls_cert_file / \
+                         tls_key_file): client certificates are asked for and verified only then",
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -2065,6 +2130,23 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
             format!("must be between 0 (one per core) and 1024, not {workers}"),
         );
     }
+    let tls_client_auth = match raw.tls_client_auth.as_ref().map(Text::as_str) {
+        None | Some("optional") => crate::tls::ClientAuth::Optional,
+        Some("required") => crate::tls::ClientAuth::Required,
+        Some(other) => {
+            p.push(
+                "listen.tls_client_auth",
+                format!("expected \"optional\" or \"required\", found {other:?}"),
+            );
+            crate::tls::ClientAuth::Optional
+        }
+    };
+    let files = (
+        raw.tls_cert_file.as_deref(),
+        raw.tls_key_file.as_deref(),
+        raw.tls_client_ca_file.as_deref(),
+    );
+    let tls = inbound_tls(files, tls_client_auth, p);
     ListenConfig {
         proxy,
         admin,
@@ -2078,7 +2160,110 @@ fn validate_listen(raw: RawListen, p: &mut Problems) -> ListenConfig {
         max_connections,
         admin_max_connections,
         trusted_proxies,
+        tls_cert_file: raw.tls_cert_file,
+        tls_key_file: raw.tls_key_file,
+        tls_client_ca_file: raw.tls_client_ca_file,
+        tls_client_auth,
+        tls,
     }
+}
+
+/// The proxy listener's TLS configuration from `listen.tls_*`: both the certificate and the key
+/// or neither; client roots and `tls_client_auth = "required"` only with them.
+fn inbound_tls(
+    (cert_file, key_file, ca_file): (Option<&Path>, Option<&Path>, Option<&Path>),
+    client_auth: crate::tls::ClientAuth,
+    p: &mut Problems,
+) -> Option<Arc<rustls::ServerConfig>> {
+    let (cert_file, key_file) = match (cert_file, key_file) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) => {
+            if ca_file.is_some() {
+                p.push(
+                    "listen.tls_client_ca_file",
+                    "only used together with listen.tls_cert_file and listen.tls_key_file",
+                );
+            }
+            if client_auth == crate::tls::ClientAuth::Required {
+                p.push(
+                    "listen.tls_client_auth",
+                    "\"required\" needs listen.tls_client_ca_file (and the listener's certificate)",
+                );
+            }
+            return None;
+        }
+        (Some(_), None) => {
+            p.push(
+                "listen.tls_key_file",
+                "required with listen.tls_cert_file: the certificate's private key (PEM)",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            p.push(
+                "listen.tls_cert_file",
+                "required with listen.tls_key_file: the listener's certificate chain (PEM)",
+            );
+            return None;
+        }
+    };
+    let before = p.0.len();
+    let chain = load_pem_certificates(cert_file)
+        .map_err(|e| p.push("listen.tls_cert_file", e))
+        .ok();
+    let key = load_private_key(key_file)
+        .map_err(|e| p.push("listen.tls_key_file", e))
+        .ok();
+    let roots = match ca_file {
+        None => {
+            if client_auth == crate::tls::ClientAuth::Required {
+                p.push(
+                    "listen.tls_client_auth",
+                    "\"required\" needs listen.tls_client_ca_file: the roots client certificates \
+                     are verified against",
+                );
+            }
+            None
+        }
+        Some(f) => load_pem_certificates(f)
+            .map_err(|e| p.push("listen.tls_client_ca_file", e))
+            .ok(),
+    };
+    let (Some(chain), Some(key)) = (chain, key) else {
+        return None;
+    };
+    if p.0.len() != before {
+        return None;
+    }
+    let client = roots.as_deref().map(|r| (r, client_auth));
+    match crate::tls::server_config(chain, key, client) {
+        Ok(config) => Some(Arc::new(config)),
+        Err(e) => {
+            let key = if e.starts_with("a client CA") || e.starts_with("the client CAs") {
+                "listen.tls_client_ca_file"
+            } else {
+                "listen.tls_key_file"
+            };
+            p.push(key, e);
+            None
+        }
+    }
+}
+
+/// Reads a PEM private key (PKCS#8, RSA or SEC1; at most [`MAX_SECRET_FILE`] bytes); the file's
+/// bytes are wiped once parsed.
+fn load_private_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    let mut bytes = read_small_file(path, MAX_SECRET_FILE, "key file")?;
+    // The parser's own message is left out: it may quote a line of the file.
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "{} holds no private key (PEM PKCS#8, RSA or SEC1 expected)",
+            path.display()
+        ),
+        _ => format!("{} is not a valid PEM private key file", path.display()),
+    });
+    zeroize::Zeroize::zeroize(&mut bytes);
+    key
 }
 
 fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {

@@ -6,6 +6,9 @@
 //! `Authorization`, each as `Basic base64(NAME:KEY)` — a legacy SDK's platform name and key — or
 //! `Bearer KEY`. Keys are known only by their SHA-256, compared in constant time; a Bearer key
 //! is found by its digest (a lookup by the hash of a secret reveals nothing about the secret).
+//! On a TLS listener a caller may instead be known by its client certificate ([`cert`]): a
+//! request without a credential header is then the certificate's caller, and one with a
+//! credential header must name that same caller.
 //!
 //! A caller's policy ([`Caller`]) is checked in request order, cheapest first: its token
 //! bucket, the path (refused unless plain, see [`path`]), its `allow` list, its account and
@@ -15,6 +18,7 @@
 //! reaches them. The proxy ([`crate::proxy`]) drives these steps; this module decides.
 
 pub mod bindings;
+pub mod cert;
 pub mod json;
 pub mod path;
 pub mod spend;
@@ -32,6 +36,7 @@ use serde::Serialize;
 
 use crate::config::{CallerConfig, Config, Money, Rate};
 use crate::metrics::Metrics;
+use crate::tls::ClientCert;
 use bindings::Bindings;
 use path::{AllowRule, CleanPath};
 use spend::SpendLedger;
@@ -48,6 +53,7 @@ pub struct Gateway {
     callers: Vec<Arc<Caller>>,
     by_name: HashMap<String, usize>,
     by_hash: HashMap<[u8; 32], usize>,
+    by_cert: cert::CertIndex,
     unknown_failures: Counter,
     /// Requests refused because their address failed to authenticate too often.
     address_refusals: Counter,
@@ -78,7 +84,7 @@ pub enum Refusal {
 pub struct Caller {
     /// The name under `[callers]`.
     pub name: String,
-    key_sha256: [u8; 32],
+    key_sha256: Option<[u8; 32]>,
     /// The profile its requests use.
     pub profile: String,
     /// That profile's place in `config.profiles` (name order): the proxy's profile list.
@@ -152,6 +158,7 @@ impl Gateway {
         let mut callers = Vec::new();
         let mut by_name = HashMap::new();
         let mut by_hash = HashMap::new();
+        let mut by_cert = cert::CertIndex::default();
         for c in config.callers.values() {
             let profile_index = config
                 .profiles
@@ -160,13 +167,17 @@ impl Gateway {
                 .ok_or_else(|| format!("callers.{}.profile: no such profile", c.name))?;
             let caller = Caller::new(c, profile_index, metrics)?;
             by_name.insert(c.name.clone(), callers.len());
-            by_hash.insert(c.key_sha256, callers.len());
+            if let Some(hash) = c.key_sha256 {
+                by_hash.insert(hash, callers.len());
+            }
+            by_cert.add(callers.len(), c);
             callers.push(Arc::new(caller));
         }
         Ok(Some(Self {
             callers,
             by_name,
             by_hash,
+            by_cert,
             unknown_failures: metrics.caller_counter(UNKNOWN_CALLER, "unauthorized"),
             address_refusals: metrics.caller_counter(UNKNOWN_CALLER, "rate_limited"),
             quiet: crate::listener::Quiet::default(),
@@ -186,11 +197,13 @@ impl Gateway {
         &self.ledger
     }
 
-    /// The caller a request's headers prove, or why not. `peer` is the connection's address;
-    /// failures are slowed down by client address and caller name (see [`throttle`]).
+    /// The caller a request's headers (or its connection's client certificate) prove, or why
+    /// not. `peer` is the connection's address; failures are slowed down by client address and
+    /// caller name (see [`throttle`]).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
+        cert: Option<&ClientCert>,
         peer: std::net::IpAddr,
     ) -> Result<&Arc<Caller>, Refusal> {
         let client = throttle::client_address(peer, headers, &self.trusted_proxies);
@@ -198,7 +211,7 @@ impl Gateway {
             self.address_refusals.inc();
             return Err(Refusal::RateLimited(wait));
         }
-        let (claimed, outcome) = self.check_credential(headers);
+        let (claimed, outcome) = self.identify(headers, cert);
         match outcome {
             Ok(caller) => Ok(caller),
             Err(why) => {
@@ -228,6 +241,35 @@ impl Gateway {
                 }
                 Err(Refusal::Unauthorized(why))
             }
+        }
+    }
+
+    /// The caller index a certificate or credential named (for counting failures) and the
+    /// outcome. Without a credential header the certificate decides; with one, the credential
+    /// does, and it must name the certificate's caller when the certificate names one.
+    fn identify(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&ClientCert>,
+    ) -> (Option<usize>, Result<&Arc<Caller>, &'static str>) {
+        let by_cert = match cert {
+            Some(c) if !self.by_cert.is_empty() => Some(self.by_cert.identify(c.0.as_ref())),
+            _ => None,
+        };
+        let has_credential = headers.contains_key(header::PROXY_AUTHORIZATION)
+            || headers.contains_key(header::AUTHORIZATION);
+        match by_cert {
+            Some(Ok(i)) if !has_credential => (Some(i), Ok(&self.callers[i])),
+            Some(Err(why)) if !has_credential => (None, Err(why)),
+            Some(Ok(i)) => match self.check_credential(headers) {
+                (_, Ok(caller)) if Arc::ptr_eq(caller, &self.callers[i]) => (Some(i), Ok(caller)),
+                (_, Ok(_)) => (
+                    Some(i),
+                    Err("the credential names another caller than the client certificate"),
+                ),
+                failed => failed,
+            },
+            _ => self.check_credential(headers),
         }
     }
 
@@ -282,7 +324,10 @@ impl Gateway {
                 .and_then(|u| self.by_name.get(u).copied());
             let digest = sha256(key);
             // An unknown name costs the same comparison as a known one.
-            let expected = index.map_or([0xa5; 32], |i| self.callers[i].key_sha256);
+            // A caller known only by its certificate has no key: nothing hashes to all 0xa5.
+            let expected = index
+                .and_then(|i| self.callers[i].key_sha256)
+                .unwrap_or([0xa5; 32]);
             let matched = same_digest(&digest, &expected);
             match index {
                 Some(i) if matched => (Some(i), Ok(&self.callers[i])),
@@ -294,7 +339,11 @@ impl Gateway {
             }
             let digest = sha256(rest);
             match self.by_hash.get(&digest) {
-                Some(&i) if same_digest(&digest, &self.callers[i].key_sha256) => {
+                Some(&i)
+                    if self.callers[i]
+                        .key_sha256
+                        .is_some_and(|k| same_digest(&digest, &k)) =>
+                {
                     (Some(i), Ok(&self.callers[i]))
                 }
                 _ => (None, Err("unknown caller key")),

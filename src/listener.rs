@@ -1,5 +1,6 @@
-//! The accept loop both listeners share: HTTP/1.1 per connection, a header-read timeout, a cap on
-//! open connections, a limit on stalled writes, and a drain on shutdown.
+//! The accept loop both listeners share: HTTP/1.1 per connection (or, with `listen.tls_cert_file`
+//! on the proxy listener, TLS carrying HTTP/2 or HTTP/1.1 as ALPN chose), a header-read timeout,
+//! a cap on open connections, a limit on stalled writes, and a drain on shutdown.
 //!
 //! Limits (README "Security"):
 //! * `listen.header_timeout` (default 30 s) is how long a client has to send a whole request head,
@@ -21,6 +22,17 @@
 //!   `tango_proxy_connections_ended_total{listener,reason}` ([`ENDED_KINDS`]).
 //! * When accepting fails (out of descriptors), the loop pauses 50 ms instead of spinning, and says
 //!   so at most once every ten seconds.
+//!
+//! TLS connections (see [`serve_tls`]) keep every limit above: the handshake must finish within
+//! `listen.header_timeout` (else `tls_handshake`), and the connection holds its slot from accept.
+//! ALPN picks the protocol: `h2` is HTTP/2, anything else (or no ALPN) HTTP/1.1, so no
+//! connection waits on sniffing a preface. HTTP/2 runs with hyper's protections: at most
+//! [`H2_MAX_STREAMS`] concurrent streams, at most [`H2_MAX_PENDING_RESETS`] streams reset before
+//! they were served (rapid reset, CVE-2023-44487: past it the connection gets GOAWAY), a header
+//! list bounded like an HTTP/1.1 head (which bounds a CONTINUATION flood too), keep-alive pings
+//! every `listen.header_timeout`, and a connection with no request for `listen.header_timeout`
+//! is closed (`idle`), as a kept-alive HTTP/1.1 connection is. The client's certificate, when it
+//! sent one, is handed to the service builder with the remote address.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -38,17 +50,19 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::Service;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::ListenConfig;
 use crate::idle::IdleClock;
 use crate::metrics::Metrics;
+use crate::tls::ClientCert;
 
 /// Header fields hyper accepts before the proxy's own size check sees the request.
 const MAX_HEADER_FIELDS: usize = 512;
@@ -56,6 +70,13 @@ const MAX_HEADER_FIELDS: usize = 512;
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long a refused connection is given to take its 503.
 const REFUSAL_WRITE_LIMIT: Duration = Duration::from_secs(1);
+/// Concurrent HTTP/2 streams per connection (the SETTINGS a client is sent).
+pub const H2_MAX_STREAMS: u32 = 100;
+/// HTTP/2 streams a client may reset before they are served, at once, before the connection is
+/// ended with GOAWAY (hyper's rapid-reset protection).
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Longest wait for the answer to an HTTP/2 keep-alive ping.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How one listener behaves.
 #[derive(Debug, Clone)]
@@ -79,7 +100,9 @@ pub struct Settings {
     /// Connections refused at the cap.
     pub refused: Counter,
     /// Connections the listener itself ended, by why (in [`ENDED_KINDS`] order).
-    pub ended: [Counter; 5],
+    pub ended: [Counter; 6],
+    /// TLS for every connection (the proxy listener with `listen.tls_cert_file`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Settings {
@@ -104,35 +127,46 @@ impl Settings {
             open,
             refused,
             ended,
+            tls: None,
         }
     }
 }
 
 /// Why the listener ended a connection itself, for `Settings::ended`: a malformed request (a
-/// bare 400), an oversized head (a bare 431), a head started but not finished within
-/// `listen.header_timeout` (or never started on a new connection), a kept-alive connection idle
-/// that long, and an app that took no part of its response for `listen.body_idle_timeout`.
-pub const ENDED_KINDS: [&str; 5] = [
+/// bare 400, or an HTTP/2 protocol error), an oversized head (a bare 431), a head started but not
+/// finished within `listen.header_timeout` (or never started on a new connection), a kept-alive
+/// connection idle that long, an app that took no part of its response for
+/// `listen.body_idle_timeout`, and a TLS handshake that failed or did not finish within
+/// `listen.header_timeout`.
+pub const ENDED_KINDS: [&str; 6] = [
     "malformed",
     "too_large",
     "header_timeout",
     "idle",
     "write_stalled",
+    "tls_handshake",
 ];
+const MALFORMED: usize = 0;
+const TOO_LARGE: usize = 1;
+const HEADER_TIMEOUT: usize = 2;
+const IDLE: usize = 3;
+const WRITE_STALLED: usize = 4;
+const TLS_HANDSHAKE: usize = 5;
 
 /// Refusals at the cap in progress at once; beyond it a connection is closed without its 503,
 /// so a flood costs no more than this many descriptors and tasks.
 const MAX_REFUSING: usize = 64;
 
-/// Serves HTTP/1.1 on `listener` with the service `make(remote)` builds for each connection until
-/// `shutdown` resolves, then waits up to `settings.grace` for in-flight requests to finish.
+/// Serves `listener` with the service `make(remote, client_cert)` builds for each connection until
+/// `shutdown` resolves, then waits up to `settings.grace` for in-flight requests to finish:
+/// HTTP/1.1 in plain text, or TLS with HTTP/2 or HTTP/1.1 when `settings.tls` is set.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     settings: Settings,
     make: M,
     shutdown: impl Future<Output = ()>,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr, Option<ClientCert>) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -145,12 +179,22 @@ pub async fn serve<M, S, B>(
         .max_buf_size(settings.read_buffer.max(8 << 10))
         .max_headers(MAX_HEADER_FIELDS)
         .keep_alive(true);
+    let tls = settings.tls.clone().map(|config| TlsServing {
+        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        builders: Arc::new(tls_builders(&settings)),
+        header_timeout: settings.header_timeout,
+    });
+    let make = Arc::new(make);
 
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let refusals = Quiet::default();
     let accept_failures = Quiet::default();
     let graceful = GracefulShutdown::new();
+    // TLS connections drain themselves: each is told to stop by `stopping` and holds a clone of
+    // `tls_open`, so the receiver sees the channel close once the last one has ended.
+    let (stopping, stop_seen) = watch::channel(false);
+    let (tls_open, mut tls_drained) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -177,7 +221,8 @@ pub async fn serve<M, S, B>(
                         );
                     }
                     // Past MAX_REFUSING the stream is dropped here: closed without an answer.
-                    if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    // A TLS listener's client would not understand a plain 503: it is closed.
+                    if let (Ok(permit), None) = (refusing.clone().try_acquire_owned(), &tls) {
                         let answer = refusal(settings.max_connections_key);
                         tokio::spawn(async move {
                             refuse(stream, answer).await;
@@ -188,27 +233,31 @@ pub async fn serve<M, S, B>(
                 };
                 let _ = stream.set_nodelay(true);
                 let (io, progress) = AppIo::new(stream, settings.write_idle_timeout);
-                let conn = builder.serve_connection(TokioIo::new(io), make(remote));
-                let conn = graceful.watch(conn);
                 let open = settings.open.clone();
                 let ended = settings.ended.clone();
                 open.inc();
+                if let Some(tls) = &tls {
+                    let tls = tls.clone();
+                    let make = make.clone();
+                    let stop = stop_seen.clone();
+                    let tracked = tls_open.clone();
+                    tokio::spawn(async move {
+                        if let Some(k) = serve_tls(io, &progress, remote, &tls, &*make, stop).await {
+                            ended[k].inc();
+                        }
+                        open.dec();
+                        drop(slot);
+                        drop(tracked);
+                    });
+                    continue;
+                }
+                let conn = builder.serve_connection(TokioIo::new(io), make(remote, None));
+                let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         // Requests the listener refused before the service saw them (smuggling
                         // attempts, slowloris) would otherwise leave no trace an operator sees.
-                        let kind = if e.is_parse_too_large() {
-                            Some(1)
-                        } else if e.is_parse() {
-                            Some(0)
-                        } else if e.is_timeout() {
-                            Some(if progress.idle() { 3 } else { 2 })
-                        } else if progress.write_stalled() {
-                            Some(4)
-                        } else {
-                            None
-                        };
-                        if let Some(k) = kind {
+                        if let Some(k) = why_ended(&e, &progress) {
                             ended[k].inc();
                         }
                         tracing::debug!(%remote, "connection ended with an error: {e}");
@@ -225,8 +274,14 @@ pub async fn serve<M, S, B>(
         listener = settings.name,
         "listener closed; draining in-flight requests"
     );
+    let _ = stopping.send(true);
+    drop(tls_open);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = tls_drained.recv().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = settings.name, "all connections drained"),
+        () = drained => tracing::info!(listener = settings.name, "all connections drained"),
         () = tokio::time::sleep(settings.grace) => {
             tracing::warn!(
                 listener = settings.name,
@@ -234,6 +289,277 @@ pub async fn serve<M, S, B>(
                 humantime::format_duration(settings.grace)
             );
         }
+    }
+}
+
+/// Why a connection hyper ended with `e` ended, as an index into [`ENDED_KINDS`]; `None` when
+/// the client went away or anything else not counted.
+fn why_ended(e: &hyper::Error, progress: &Progress) -> Option<usize> {
+    if e.is_parse_too_large() {
+        Some(TOO_LARGE)
+    } else if e.is_parse() {
+        Some(MALFORMED)
+    } else if e.is_timeout() {
+        Some(if progress.idle() {
+            IDLE
+        } else {
+            HEADER_TIMEOUT
+        })
+    } else if progress.write_stalled() {
+        Some(WRITE_STALLED)
+    } else if StdError::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.is_go_away() || h.reason().is_some_and(|r| r != h2::Reason::NO_ERROR))
+    {
+        // An HTTP/2 protocol violation (including a rapid reset past the limit).
+        Some(MALFORMED)
+    } else {
+        None
+    }
+}
+
+/// What a TLS listener's connection tasks share.
+#[derive(Clone)]
+struct TlsServing {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// For HTTP/1.1 and for HTTP/2, chosen by ALPN.
+    builders: Arc<(auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>)>,
+    header_timeout: Duration,
+}
+
+/// The connection builders of a TLS listener: HTTP/1.1 with the plain listener's settings, and
+/// HTTP/2 with hyper's protections set from the same limits.
+fn tls_builders(
+    settings: &Settings,
+) -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.read_buffer.max(8 << 10))
+        .max_headers(MAX_HEADER_FIELDS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        // The same bound as an HTTP/1.1 head: above listen.max_header_size, so the proxy's own
+        // check answers with its JSON 431; a header block (HEADERS plus CONTINUATION frames)
+        // past it is refused by the HTTP/2 layer without being kept.
+        .max_header_list_size(u32::try_from(settings.read_buffer).unwrap_or(u32::MAX))
+        .keep_alive_interval(settings.header_timeout)
+        .keep_alive_timeout(settings.header_timeout.min(H2_PING_TIMEOUT));
+    (builder.clone().http1_only(), builder.http2_only())
+}
+
+/// One TLS connection from accept to end: the handshake within `listen.header_timeout`, then
+/// HTTP/2 or HTTP/1.1 as ALPN chose, until the client leaves, the connection idles out or the
+/// listener stops (then in-flight requests finish first). Returns why the listener ended it,
+/// as an index into [`ENDED_KINDS`], when it did.
+async fn serve_tls<M, S, B>(
+    io: AppIo,
+    progress: &Progress,
+    remote: SocketAddr,
+    tls: &TlsServing,
+    make: &M,
+    mut stop: watch::Receiver<bool>,
+) -> Option<usize>
+where
+    M: Fn(SocketAddr, Option<ClientCert>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let handshake = tokio::time::timeout(tls.header_timeout, tls.acceptor.accept(io));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, "TLS handshake failed: {e}");
+                return Some(TLS_HANDSHAKE);
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake not finished within listen.header_timeout");
+                return Some(TLS_HANDSHAKE);
+            }
+        },
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    let session = stream.get_ref().1;
+    let cert = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| ClientCert(Arc::new(leaf.clone().into_owned())));
+    let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
+    let activity = Arc::new(Activity::new());
+    let service = Tracked {
+        inner: make(remote, cert),
+        activity: activity.clone(),
+    };
+    let builder = if h2 { &tls.builders.1 } else { &tls.builders.0 };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    // HTTP/1.1 idles out in hyper (its header timeout); HTTP/2 has no such timer, so a
+    // connection with no request in progress (an answer still streaming counts) is closed here,
+    // gracefully: GOAWAY, then whatever is still buffered for a stream is delivered. A peer that
+    // stops answering meanwhile is ended by the keep-alive ping's timeout.
+    let mut closing = None;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(None);
+            }
+            () = activity.idle_for(tls.header_timeout), if h2 && closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                let why = if activity.served() { IDLE } else { HEADER_TIMEOUT };
+                closing = Some(Some(why));
+            }
+        }
+    };
+    let idle = closing.flatten();
+    match result {
+        Ok(()) => idle,
+        Err(e) => {
+            tracing::debug!(%remote, "connection ended with an error: {e}");
+            match e
+                .downcast_ref::<hyper::Error>()
+                .map(|e| why_ended(e, progress))
+            {
+                // The handshake wrote last (session tickets): without a request yet, a timeout
+                // is a silent client, not an idle one.
+                Some(Some(IDLE)) if !activity.served() => Some(HEADER_TIMEOUT),
+                Some(why) => why.or(idle),
+                None => idle,
+            }
+        }
+    }
+}
+
+/// Requests in progress on one connection and when the last one ended: what tells an idle
+/// HTTP/2 connection.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<(usize, Instant, bool)>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now(), false)),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> ActivityGuard {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 += 1;
+        s.2 = true;
+        ActivityGuard(self.clone())
+    }
+
+    /// A request has been received on the connection.
+    fn served(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
+    }
+
+    /// Resolves once no request has been in progress for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let wait = {
+                let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let since = s.1.elapsed();
+                if s.0 == 0 && since >= limit {
+                    return;
+                }
+                if s.0 > 0 {
+                    limit
+                } else {
+                    limit - since
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Ends a request's part in [`Activity`] when dropped.
+#[derive(Debug)]
+struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = s.0.saturating_sub(1);
+        s.1 = Instant::now();
+    }
+}
+
+/// A connection's service that keeps [`Activity`] up to date.
+#[derive(Debug)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Guarded<B>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Guarded<B>>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            // The request stays in progress until its whole answer is sent (or dropped).
+            let result = answer.await;
+            Ok(result
+                .unwrap_or_else(|never| match never {})
+                .map(|body| Guarded {
+                    inner: Box::pin(body),
+                    _guard: guard,
+                }))
+        })
+    }
+}
+
+/// An answer's body that keeps its request counted in [`Activity`] until it is dropped.
+struct Guarded<B> {
+    inner: Pin<Box<B>>,
+    _guard: ActivityGuard,
+}
+
+impl<B> std::fmt::Debug for Guarded<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guarded")
+    }
+}
+
+impl<B: Body> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -192,8 +192,9 @@ impl Metrics {
             "connections_ended",
             "Connections the listener ended itself: a malformed request (bare 400), an oversized \
              head (bare 431), a head not sent within listen.header_timeout, a kept-alive \
-             connection idle that long, or an app that took no part of its response for \
-             listen.body_idle_timeout",
+             connection idle that long, an app that took no part of its response for \
+             listen.body_idle_timeout, or a TLS handshake that failed or did not finish within \
+             listen.header_timeout",
             connections_ended.clone(),
         );
         for listener in ["proxy", "admin"] {
@@ -591,7 +592,7 @@ impl Metrics {
 
     /// The open-connection gauge, refusal counter and ended-connection counters (in
     /// [`crate::listener::ENDED_KINDS`] order) of one listener (`"proxy"` or `"admin"`).
-    pub fn listener(&self, listener: &'static str) -> (Gauge, Counter, [Counter; 5]) {
+    pub fn listener(&self, listener: &'static str) -> (Gauge, Counter, [Counter; 6]) {
         let label = ListenerLabel { listener };
         (
             self.connections.get_or_create(&label).clone(),

@@ -6,6 +6,13 @@
 //!   `:`, and names become metric labels); a name may not start with `_`, kept for aggregate
 //!   labels such as `_unknown`;
 //! * two callers with the same `key_sha256` are refused: a `Bearer` key must name one caller;
+//!   likewise a `cert_sha256` or a `cert_san` names one caller;
+//! * a caller needs at least one identity: `key_sha256`, `cert_sha256` or `cert_san`; with both
+//!   certificate keys a certificate must match both; certificate identities need
+//!   `listen.tls_client_ca_file` (checked with the other cross-section rules in `config`);
+//! * `cert_sha256` takes the fingerprint as `openssl x509 -noout -fingerprint -sha256` prints it
+//!   (colons and either case accepted); `cert_san` is a DNS name (compared without regard to
+//!   case) or, when it holds a `:`, a URI (compared exactly);
 //! * `rate` is `N/s`, `N/m` or `N/h` (whole N); `burst` defaults to the rate per second rounded
 //!   up, at least 1;
 //! * `daily_spend_limit` is an amount and an ISO 4217 code (`"500 USD"`, `"50000 JPY"`), counted
@@ -25,6 +32,8 @@ use super::{Problems, Text};
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCaller {
     key_sha256: Option<Text>,
+    cert_sha256: Option<Text>,
+    cert_san: Option<Text>,
     profile: Option<Text>,
     allow: Option<Vec<Text>>,
     accounts: Option<Vec<Text>>,
@@ -41,9 +50,16 @@ pub(super) struct RawCaller {
 pub struct CallerConfig {
     /// The caller's name (its Basic user name, its metric label).
     pub name: String,
-    /// SHA-256 of the caller's key; shown only by its first 8 hex digits.
+    /// SHA-256 of the caller's key; shown only by its first 8 hex digits. `None` for a caller
+    /// known only by its client certificate.
     #[serde(serialize_with = "ser_key_hash")]
-    pub key_sha256: [u8; 32],
+    pub key_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the DER of the client certificate that identifies the caller.
+    #[serde(serialize_with = "ser_fingerprint")]
+    pub cert_sha256: Option<[u8; 32]>,
+    /// A DNS or URI subject alternative name the caller's client certificate carries
+    /// (normalised by [`normalize_san`]).
+    pub cert_san: Option<String>,
     /// The profile (Tango identity) its requests use.
     pub profile: String,
     /// `METHOD /pattern` entries; empty means every path.
@@ -182,9 +198,31 @@ fn parse_decimal(text: &str, decimals: u32) -> Option<u64> {
     (minor <= MAX_MINOR).then_some(minor)
 }
 
-fn ser_key_hash<S: Serializer>(hash: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-    let prefix: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
-    s.collect_str(&format_args!("{prefix}…"))
+fn ser_key_hash<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match hash {
+        Some(hash) => {
+            let prefix: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+            s.collect_str(&format_args!("{prefix}…"))
+        }
+        None => s.serialize_none(),
+    }
+}
+
+/// A certificate's fingerprint is public: shown whole.
+fn ser_fingerprint<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match hash {
+        Some(hash) => s.collect_str(&hash.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        None => s.serialize_none(),
+    }
+}
+
+/// A `cert_san` as compared: a DNS name in lower case, a URI (anything with a `:`) as written.
+pub fn normalize_san(san: &str) -> String {
+    if san.contains(':') {
+        san.to_string()
+    } else {
+        san.to_ascii_lowercase()
+    }
 }
 
 /// Caller names: letters, digits, `-`, `_`; not starting with `_`; at most 64 bytes.
@@ -255,13 +293,43 @@ pub(super) fn validate_caller(
 ) -> Option<CallerConfig> {
     let key = format!("callers.{name}");
     let before = p.0.len();
-    let key_sha256 = match raw.key_sha256 {
-        None => {
+    let cert_sha256 = raw.cert_sha256.and_then(|Text(hex, _)| {
+        let hash = parse_sha256(&hex.replace(':', ""));
+        if hash.is_none() {
             p.push(
-                format!("{key}.key_sha256"),
-                "required: the hex SHA-256 of the caller's key (echo -n KEY | sha256sum)",
+                format!("{key}.cert_sha256"),
+                "expected the SHA-256 fingerprint of the client certificate: 64 hex digits, \
+                 colons allowed (openssl x509 -noout -fingerprint -sha256)",
             );
-            [0; 32]
+        }
+        hash
+    });
+    let cert_san = raw.cert_san.and_then(|Text(san, _)| {
+        if san.is_empty() || san.len() > 255 || !san.bytes().all(|b| b.is_ascii_graphic()) {
+            p.push(
+                format!("{key}.cert_san"),
+                "expected a DNS name or URI of 1 to 255 visible ASCII characters",
+            );
+            None
+        } else {
+            Some(normalize_san(&san))
+        }
+    });
+    let key_sha256 = match raw.key_sha256 {
+        None if cert_sha256.is_some() || cert_san.is_some() => None,
+        None => {
+            if !p
+                .0
+                .iter()
+                .any(|x| x.key.starts_with(&format!("{key}.cert_")))
+            {
+                p.push(
+                    format!("{key}.key_sha256"),
+                    "required (unless cert_sha256 or cert_san identifies the caller): the hex \
+                     SHA-256 of the caller's key (echo -n KEY | sha256sum)",
+                );
+            }
+            None
         }
         Some(Text(hex, _)) => match parse_sha256(&hex) {
             None => {
@@ -269,7 +337,7 @@ pub(super) fn validate_caller(
                     format!("{key}.key_sha256"),
                     "expected 64 hex digits (the SHA-256 of the key, never the key itself)",
                 );
-                [0; 32]
+                None
             }
             Some(hash) if WEAK_KEY_HASHES.contains(&hex.trim().to_ascii_lowercase().as_str()) => {
                 p.push(
@@ -277,9 +345,9 @@ pub(super) fn validate_caller(
                     "is the SHA-256 of an empty key (or a lone newline): was the key variable \
                      unset when it was hashed?",
                 );
-                hash
+                Some(hash)
             }
-            Some(hash) => hash,
+            Some(hash) => Some(hash),
         },
     };
     let profile = match (raw.profile, profiles) {
@@ -362,6 +430,8 @@ pub(super) fn validate_caller(
     (p.0.len() == before).then(|| CallerConfig {
         name: name.to_string(),
         key_sha256,
+        cert_sha256,
+        cert_san,
         profile,
         allow,
         accounts,

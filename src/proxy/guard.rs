@@ -112,8 +112,9 @@ impl Proxy {
     ) -> Result<(Response<ResponseBody>, Option<HeaderValue>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = self.check_inbound(&parts, &body)?;
+        let cert = parts.extensions.get::<crate::tls::ClientCert>();
         let caller = gateway
-            .authenticate(&parts.headers, remote.ip())
+            .authenticate(&parts.headers, cert, remote.ip())
             .await?
             .clone();
         *caller_name = Some(caller.clone());

@@ -258,27 +258,32 @@ impl Proxy {
                 limit: inner.max_header_size,
             });
         }
-        // Apps speak plain HTTP to the proxy: an absolute-form target is http:// or refused.
-        if let Some(scheme) = parts
-            .uri
-            .scheme()
-            .filter(|s| *s != &http::uri::Scheme::HTTP)
-        {
-            return Err(ProxyError::BadRequest(format!(
-                "absolute-form request with scheme {scheme} refused: only http:// targets are accepted"
-            )));
-        }
-        if let Some(authority) = parts.uri.authority() {
-            if !self.is_local(authority) {
-                // Host and port only: user information in the target may be a credential.
-                let shown = match authority.port() {
-                    Some(port) => format!("{}:{port}", authority.host()),
-                    None => authority.host().to_string(),
-                };
+        // An HTTP/2 request always carries :scheme and :authority (its Host, naming this
+        // listener through whatever name the client used): not an absolute-form target. The
+        // origin comes only from configuration either way (`upstream_uri` takes the path).
+        if parts.version != Version::HTTP_2 {
+            // Apps speak plain HTTP to the proxy: an absolute-form target is http:// or refused.
+            if let Some(scheme) = parts
+                .uri
+                .scheme()
+                .filter(|s| *s != &http::uri::Scheme::HTTP)
+            {
                 return Err(ProxyError::BadRequest(format!(
-                    "absolute-form request for {shown} refused: this proxy forwards only to {}",
-                    inner.upstream
+                    "absolute-form request with scheme {scheme} refused: only http:// targets are accepted"
                 )));
+            }
+            if let Some(authority) = parts.uri.authority() {
+                if !self.is_local(authority) {
+                    // Host and port only: user information in the target may be a credential.
+                    let shown = match authority.port() {
+                        Some(port) => format!("{}:{port}", authority.host()),
+                        None => authority.host().to_string(),
+                    };
+                    return Err(ProxyError::BadRequest(format!(
+                        "absolute-form request for {shown} refused: this proxy forwards only to {}",
+                        inner.upstream
+                    )));
+                }
             }
         }
         // The body's own size hint (exact for a Content-Length) refuses a body known to be too

@@ -12,6 +12,7 @@ mod forwarding;
 mod fuzzing;
 mod gateway;
 mod hostile;
+mod inbound_tls;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -1,0 +1,232 @@
+//! Callers known by their client certificate: the certificate's SHA-256 fingerprint
+//! (`cert_sha256`) or a DNS / URI subject alternative name it carries (`cert_san`).
+//!
+//! The certificate reaching here was verified during the TLS handshake against
+//! `listen.tls_client_ca_file` (chain, validity period, client-auth usage); this module only says
+//! which caller it names. Subject alternative names are read from the DER with a small,
+//! bounded reader of the few structures involved: every length is checked against what is left,
+//! so a malformed certificate yields no names, never a panic.
+
+use std::collections::HashMap;
+
+use crate::config::{normalize_san, CallerConfig};
+
+/// Which caller a client certificate names.
+#[derive(Debug, Default)]
+pub struct CertIndex {
+    by_fingerprint: HashMap<[u8; 32], usize>,
+    by_san: HashMap<String, usize>,
+    /// Per caller index: what its certificate must carry.
+    wants: Vec<(Option<[u8; 32]>, Option<String>)>,
+}
+
+impl CertIndex {
+    /// Records caller `index`'s certificate identities.
+    pub fn add(&mut self, index: usize, caller: &CallerConfig) {
+        if self.wants.len() <= index {
+            self.wants.resize(index + 1, (None, None));
+        }
+        if let Some(fp) = caller.cert_sha256 {
+            self.by_fingerprint.insert(fp, index);
+        }
+        if let Some(san) = &caller.cert_san {
+            self.by_san.insert(san.clone(), index);
+        }
+        self.wants[index] = (caller.cert_sha256, caller.cert_san.clone());
+    }
+
+    /// True when no caller is known by a certificate.
+    pub fn is_empty(&self) -> bool {
+        self.by_fingerprint.is_empty() && self.by_san.is_empty()
+    }
+
+    /// The caller `der` names, or why none: a caller with both identities needs both to match,
+    /// and a certificate whose names point at two callers names none.
+    pub fn identify(&self, der: &[u8]) -> Result<usize, &'static str> {
+        let fingerprint = super::sha256(der);
+        let sans = subject_alt_names(der);
+        let by_fp = self.by_fingerprint.get(&fingerprint).copied();
+        let mut by_san = None;
+        for san in &sans {
+            if let Some(&i) = self.by_san.get(san) {
+                if by_san.is_some_and(|j| j != i) {
+                    return Err("the client certificate's names match more than one caller");
+                }
+                by_san = Some(i);
+            }
+        }
+        let index = match (by_fp, by_san) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(
+                    "the client certificate's fingerprint and names match different callers",
+                )
+            }
+            (Some(i), _) | (None, Some(i)) => i,
+            (None, None) => return Err("the client certificate matches no caller"),
+        };
+        let (want_fp, want_san) = self.wants.get(index).cloned().unwrap_or_default();
+        let fp_ok = want_fp.is_none_or(|f| f == fingerprint);
+        let san_ok = want_san.is_none_or(|s| sans.contains(&s));
+        if fp_ok && san_ok {
+            Ok(index)
+        } else {
+            Err("the client certificate matches only part of a caller's identity")
+        }
+    }
+}
+
+/// The DNS names (lower case) and URIs in a certificate's subject alternative name extension;
+/// empty when it has none or the DER cannot be read.
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    san_values(der).unwrap_or_default()
+}
+
+/// DER tags used below.
+const SEQUENCE: u8 = 0x30;
+const OID: u8 = 0x06;
+const BOOLEAN: u8 = 0x01;
+const OCTET_STRING: u8 = 0x04;
+/// `[3] EXPLICIT Extensions` in a TBSCertificate.
+const EXTENSIONS: u8 = 0xa3;
+/// `dNSName [2] IA5String` and `uniformResourceIdentifier [6] IA5String` in GeneralName.
+const DNS_NAME: u8 = 0x82;
+const URI: u8 = 0x86;
+/// 2.5.29.17, id-ce-subjectAltName.
+const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
+/// Names kept from one certificate at most.
+const MAX_NAMES: usize = 64;
+
+fn san_values(der: &[u8]) -> Option<Vec<String>> {
+    let (tag, cert, _) = tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, mut tbs, _) = tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut extensions = None;
+    while !tbs.is_empty() {
+        let (tag, value, rest) = tlv(tbs)?;
+        if tag == EXTENSIONS {
+            extensions = Some(value);
+        }
+        tbs = rest;
+    }
+    let (tag, mut list, _) = tlv(extensions?)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    while !list.is_empty() {
+        let (tag, ext, rest) = tlv(list)?;
+        list = rest;
+        if tag != SEQUENCE {
+            return None;
+        }
+        let (tag, oid, mut ext) = tlv(ext)?;
+        if tag != OID || oid != SAN_OID {
+            continue;
+        }
+        let (mut tag, mut value, rest) = tlv(ext)?;
+        if tag == BOOLEAN {
+            ext = rest;
+            (tag, value, _) = tlv(ext)?;
+        }
+        if tag != OCTET_STRING {
+            return None;
+        }
+        let (tag, mut names, _) = tlv(value)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        let mut out = Vec::new();
+        while !names.is_empty() && out.len() < MAX_NAMES {
+            let (tag, name, rest) = tlv(names)?;
+            names = rest;
+            if tag == DNS_NAME || tag == URI {
+                if let Ok(text) = std::str::from_utf8(name) {
+                    if text.is_ascii() {
+                        out.push(normalize_san(text));
+                    }
+                }
+            }
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
+}
+
+/// One DER element: its tag, its contents and what follows it. Only single-byte tags and
+/// lengths up to four bytes, as certificates use.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(names: &[&str]) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("certificate parameters");
+        for n in names {
+            let san = if n.contains(':') {
+                rcgen::SanType::URI(rcgen::Ia5String::try_from(*n).expect("uri"))
+            } else {
+                rcgen::SanType::DnsName(rcgen::Ia5String::try_from(*n).expect("dns"))
+            };
+            params.subject_alt_names.push(san);
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        params
+            .self_signed(&key)
+            .expect("certificate")
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn reads_dns_and_uri_names() {
+        let der = cert(&["Store-17.Example", "spiffe://franchise/store-17"]);
+        assert_eq!(
+            subject_alt_names(&der),
+            vec!["store-17.example", "spiffe://franchise/store-17"]
+        );
+        assert!(subject_alt_names(&cert(&[])).is_empty());
+    }
+
+    #[test]
+    fn malformed_der_yields_no_names() {
+        let der = cert(&["store-17.example"]);
+        for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
+            let _ = subject_alt_names(&der[..cut]);
+        }
+        let mut flipped = der.clone();
+        for i in 0..flipped.len() {
+            flipped[i] ^= 0xff;
+            let _ = subject_alt_names(&flipped);
+            flipped[i] ^= 0xff;
+        }
+        assert!(subject_alt_names(b"\x30\x84\xff\xff\xff\xff").is_empty());
+    }
+}

@@ -1,0 +1,854 @@
+//! HTTPS and mutual TLS on the proxy listener: stores identified by their client certificate,
+//! HTTP/2 (ALPN) and HTTP/1.1 both held to the gateway's guardrails, certificates that must be
+//! refused, and the listener's limits on TLS connections (an unfinished handshake, HTTP/2 stream
+//! floods, rapid resets and CONTINUATION floods).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Value};
+use tango_auth_proxy::config::Config;
+use tango_auth_proxy::mock::{MockConfig, MockTango};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// A certificate authority: its certificate (PEM) and what signs with it.
+struct Ca {
+    pem: String,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            cert,
+            key,
+        }
+    }
+
+    /// A client certificate carrying `sans` (a name with `:` is a URI), optionally long expired.
+    fn client(&self, sans: &[&str], expired: bool) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for san in sans {
+            let value = rcgen::Ia5String::try_from(*san).unwrap();
+            params.subject_alt_names.push(if san.contains(':') {
+                SanType::URI(value)
+            } else {
+                SanType::DnsName(value)
+            });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Identity {
+            der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost.
+    fn server(&self) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Identity {
+            der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A certificate and its key.
+struct Identity {
+    der: Vec<u8>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Identity {
+    /// The fingerprint as `openssl x509 -noout -fingerprint -sha256` prints it.
+    fn openssl_fingerprint(&self) -> String {
+        sha256_hex(&self.der)
+            .to_ascii_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|p| std::str::from_utf8(p).unwrap())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+}
+
+/// The files a TLS listener is configured with, in a directory that lives as long as this.
+struct TlsFiles {
+    dir: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        let ca = Ca::new();
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.server();
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key_pem).unwrap();
+        std::fs::write(dir.path().join("clients-ca.pem"), &ca.pem).unwrap();
+        TlsFiles { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// `[listen]` keys for TLS; with client certificates verified when `mtls`.
+    fn listen_keys(&self, mtls: bool) -> String {
+        let mut keys = format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            self.path("server.pem"),
+            self.path("server.key")
+        );
+        if mtls {
+            keys += &format!("tls_client_ca_file = \"{}\"\n", self.path("clients-ca.pem"));
+        }
+        keys
+    }
+}
+
+/// A rustls client trusting `ca_pem`, presenting `identity` when given, offering `alpn`.
+fn tls_client(ca_pem: &str, identity: Option<&Identity>, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// An HTTP client over TLS: HTTP/2 (ALPN `h2`) or HTTP/1.1 (ALPN `http/1.1`).
+fn https(ca_pem: &str, identity: Option<&Identity>, h2: bool) -> reqwest::Client {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls_client(ca_pem, identity, alpn))
+        .timeout(Duration::from_secs(10));
+    let builder = if h2 {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    };
+    builder.build().unwrap()
+}
+
+fn basic(name: &str, key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{name}:{key}"))
+    )
+}
+
+/// Profiles `store-1..=n` (service accounts of the mock's franchise client).
+fn store_profiles(mock_url: &str, stores: usize) -> String {
+    (1..=stores)
+        .map(|i| {
+            format!(
+                r#"
+[profiles.store-{i}]
+auth = "service_account"
+token_url = "{mock_url}/oauth/token"
+client_id = "franchise"
+client_secret = "franchise-secret"
+username = "store-{i}"
+password = "store-{i}-password"
+"#
+            )
+        })
+        .collect()
+}
+
+const POS3_KEY: &str = "pos-3-key-9f1c2e7a5b3d";
+const POS2_KEY: &str = "pos-2-key-4d6a8c0e2f1b";
+
+/// A gateway over mutual TLS: pos-1 known by a URI SAN, pos-2 by its fingerprint (and a key),
+/// pos-3 by a key only. Returns the proxy, its https base URL, the mock and the certificates
+/// of pos-1 and pos-2.
+struct Gateway {
+    proxy: TestProxy,
+    base: String,
+    mock: MockTango,
+    files: TlsFiles,
+    pos1: Identity,
+    pos2: Identity,
+}
+
+async fn start_gateway(extra_listen: &str) -> Gateway {
+    let (mock, mock_url) = start_mock(MockConfig::with_stores(3)).await;
+    for secret in [POS2_KEY, POS3_KEY, "franchise-secret"] {
+        logs::watch_secret(secret.to_string());
+    }
+    for i in 1..=3 {
+        logs::watch_secret(format!("store-{i}-password"));
+    }
+    let files = TlsFiles::new();
+    let pos1 = files.ca.client(&["spiffe://franchise/pos-1"], false);
+    let pos2 = files.ca.client(&["till.pos-2.example"], false);
+    let toml = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+{tls}
+{extra_listen}
+[upstream]
+url = "{mock_url}"
+allow_http = true
+{profiles}
+[callers.pos-1]
+cert_san = "spiffe://franchise/pos-1"
+profile = "store-1"
+accounts = ["A-STORE-1"]
+customers = ["C-STORE-1"]
+[callers.pos-2]
+cert_sha256 = "{fp2}"
+key_sha256 = "{key2}"
+profile = "store-2"
+accounts = ["A-STORE-2"]
+customers = ["C-STORE-2"]
+[callers.pos-3]
+key_sha256 = "{key3}"
+profile = "store-3"
+accounts = ["A-STORE-3"]
+customers = ["C-STORE-3"]
+"#,
+        tls = files.listen_keys(true),
+        profiles = store_profiles(&mock_url, 3),
+        fp2 = pos2.openssl_fingerprint(),
+        key2 = sha256_hex(POS2_KEY.as_bytes()),
+        key3 = sha256_hex(POS3_KEY.as_bytes()),
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let base = format!("https://{}", proxy.addr());
+    Gateway {
+        proxy,
+        base,
+        mock,
+        files,
+        pos1,
+        pos2,
+    }
+}
+
+/// The principal the mock saw for the last request to `path`.
+fn principal_of(mock: &MockTango, path: &str) -> Option<String> {
+    mock.requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path == path)
+        .and_then(|r| r.principal)
+}
+
+async fn error_cause(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let cause = r
+        .headers()
+        .get("x-tango-proxy-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, cause)
+}
+
+/// Own account 200 (reaching Tango as the caller's own profile), another store's account 403,
+/// a body naming another store's account 403: the gateway's guardrails, on one client.
+async fn assert_guardrails(
+    gw: &Gateway,
+    client: &reqwest::Client,
+    store: usize,
+    auth: Option<&str>,
+) {
+    let other = store % 3 + 1;
+    let with_auth = |rb: reqwest::RequestBuilder| match auth {
+        Some(a) => rb.header("authorization", a),
+        None => rb,
+    };
+    let path = format!("/raas/v2/accounts/A-STORE-{store}");
+    let own = with_auth(client.get(format!("{}{path}", gw.base)))
+        .send()
+        .await
+        .unwrap();
+    let version = own.version();
+    assert_eq!(own.status(), 200, "{:?}", own.text().await);
+    assert_eq!(
+        principal_of(&gw.mock, &path).as_deref(),
+        Some(format!("store-{store}").as_str()),
+        "reached Tango under another profile ({version:?})"
+    );
+    let theirs = with_auth(client.get(format!("{}/raas/v2/accounts/A-STORE-{other}", gw.base)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_cause(theirs).await,
+        (403, "caller_forbidden".to_string()),
+        "{version:?}"
+    );
+    let before = gw.mock.requests().len();
+    let trick = json!({
+        "accountIdentifier": format!("A-STORE-{store}"),
+        "customerIdentifier": format!("C-STORE-{store}"),
+        "amount": 1,
+        "utid": "U000001",
+        "recipient": {"accountIdentifier": format!("A-STORE-{other}")},
+    });
+    let r = with_auth(client.post(format!("{}/raas/v2/orders", gw.base)))
+        .json(&trick)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_cause(r).await,
+        (403, "caller_forbidden".to_string()),
+        "{version:?}"
+    );
+    assert_eq!(
+        gw.mock.requests().len(),
+        before,
+        "a body trick reached Tango"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_with_client_certificates_are_identified_without_a_key_over_http1_and_http2() {
+    let gw = start_gateway("").await;
+    let ca = gw.files.ca.pem.clone();
+    for h2 in [false, true] {
+        let pos1 = https(&ca, Some(&gw.pos1), h2);
+        let r = pos1
+            .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+            .send()
+            .await
+            .unwrap();
+        let expected = if h2 {
+            reqwest::Version::HTTP_2
+        } else {
+            reqwest::Version::HTTP_11
+        };
+        assert_eq!(r.version(), expected);
+        assert_guardrails(&gw, &pos1, 1, None).await;
+        // Known by its fingerprint, written with colons as openssl prints it.
+        assert_guardrails(&gw, &https(&ca, Some(&gw.pos2), h2), 2, None).await;
+        // No certificate: a key still authenticates (client certificates are optional).
+        let auth = basic("pos-3", POS3_KEY);
+        assert_guardrails(&gw, &https(&ca, None, h2), 3, Some(&auth)).await;
+
+        // A credential beside a certificate must name the certificate's caller.
+        let own_key = basic("pos-2", POS2_KEY);
+        let r = https(&ca, Some(&gw.pos2), h2)
+            .get(format!("{}/raas/v2/accounts/A-STORE-2", gw.base))
+            .header("authorization", &own_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        for auth in [own_key.as_str(), &basic("pos-3", POS3_KEY)] {
+            let before = gw.mock.requests().len();
+            let r = pos1
+                .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+                .header("authorization", auth)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                error_cause(r).await,
+                (401, "caller_unauthorized".to_string())
+            );
+            assert_eq!(gw.mock.requests().len(), before);
+        }
+        // Neither a certificate nor a key.
+        let r = https(&ca, None, h2)
+            .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_cause(r).await,
+            (401, "caller_unauthorized".to_string())
+        );
+    }
+    // Plain HTTP on the TLS listener gets no HTTP answer.
+    let plain = client()
+        .get(format!(
+            "http://{}/raas/v2/accounts/A-STORE-1",
+            gw.proxy.addr()
+        ))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_another_ca_expired_or_matching_no_caller_are_refused() {
+    let gw = start_gateway("").await;
+    let ca = gw.files.ca.pem.clone();
+    let stranger = Ca::new().client(&["spiffe://franchise/pos-1"], false);
+    let expired = gw.files.ca.client(&["spiffe://franchise/pos-1"], true);
+    let before = gw.mock.requests().len();
+    for (what, id) in [("another CA's", &stranger), ("an expired", &expired)] {
+        for h2 in [false, true] {
+            let r = https(&ca, Some(id), h2)
+                .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+                .send()
+                .await;
+            assert!(r.is_err(), "{what} certificate was accepted: {r:?}");
+        }
+    }
+    let refused = ended_count(
+        &gw.proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"tls_handshake\"}",
+    )
+    .await;
+    assert_eq!(refused, 4.0);
+    // Valid, but no caller carries its name: authenticated TLS, unauthenticated caller.
+    let nobody = gw.files.ca.client(&["spiffe://franchise/pos-99"], false);
+    for h2 in [false, true] {
+        let r = https(&ca, Some(&nobody), h2)
+            .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["httpCode"], 401, "{body}");
+        assert_eq!(body["i18nKey"], "proxy.caller_unauthorized", "{body}");
+    }
+    assert_eq!(
+        gw.mock.requests().len(),
+        before,
+        "a refused certificate reached Tango"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_refuse_a_handshake_without_one() {
+    let gw = start_gateway("tls_client_auth = \"required\"").await;
+    let ca = gw.files.ca.pem.clone();
+    let r = https(&ca, None, false)
+        .get(format!("{}/raas/v2/accounts/A-STORE-3", gw.base))
+        .header("authorization", basic("pos-3", POS3_KEY))
+        .send()
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    let r = https(&ca, Some(&gw.pos1), true)
+        .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A sidecar may take HTTPS too (no client identity then); an unfinished TLS handshake is closed
+/// after listen.header_timeout and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_serves_https_and_closes_an_unfinished_handshake() {
+    let upstream = FakeUpstream::start().await;
+    let files = TlsFiles::new();
+    let listen = format!("{}header_timeout = \"300ms\"\n", files.listen_keys(false));
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
+    let base = format!("https://{}", proxy.addr());
+    for h2 in [false, true] {
+        let r = https(&files.ca.pem, None, h2)
+            .get(format!("{base}/raas/v2/catalogs"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr()).await.unwrap();
+    // Half a ClientHello, then nothing.
+    silent
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the listener kept an unfinished handshake open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the connection closed, got {:?}", &buf[..n]);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    let ended = ended_count(
+        &proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"tls_handshake\"}",
+    )
+    .await;
+    assert_eq!(ended, 1.0);
+    // A finished handshake and then no HTTP/1.1 request: closed as a silent client.
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"http/1.1"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a silent TLS client was kept");
+    let silent = ended_count(
+        &proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"header_timeout\"}",
+    )
+    .await;
+    assert_eq!(silent, 1.0);
+    // An HTTP/2 connection with no request is closed after the same time.
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(stream).await.unwrap();
+    let opened = Instant::now();
+    let conn = tokio::spawn(conn);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+    assert!(opened.elapsed() >= Duration::from_millis(250));
+    drop(send);
+}
+
+/// The value of a connections-ended series once it stops changing: the listener counts a
+/// connection after closing it, so a client may see the close first. Polls for at most 5 s,
+/// returning as soon as two reads 50 ms apart agree on a non-zero value.
+async fn ended_count(admin_url: &str, series: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = metric(admin_url, series).await;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = metric(admin_url, series).await;
+        if now == last && now > 0.0 {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// A TLS HTTP/2 connection to `addr` with the raw h2 client.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+    config: rustls::ClientConfig,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(stream).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str, auth: &str) -> http::Request<()> {
+    http::Request::builder()
+        .uri(format!("https://localhost{path}"))
+        .header("authorization", auth)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_floods_and_rapid_resets_are_bounded_and_others_still_served() {
+    let gw = start_gateway("").await;
+    let ca = gw.files.ca.pem.clone();
+    let auth = basic("pos-3", POS3_KEY);
+
+    // The server announces its stream limit; the client can open no more at once.
+    let (mut send, conn) = h2_connection(gw.proxy.addr(), tls_client(&ca, None, &[b"h2"])).await;
+    send = send.ready().await.unwrap();
+    let response = send
+        .send_request(h2_get("/raas/v2/accounts/A-STORE-3", &auth), true)
+        .unwrap()
+        .0
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(send.current_max_send_streams(), 100);
+    drop((send, response));
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+
+    // Rapid reset: streams opened and cancelled at once. Past the limit the server ends the
+    // connection with GOAWAY instead of serving an unbounded number of cancelled requests.
+    let before = gw.mock.requests().len();
+    let (mut send, conn) = h2_connection(gw.proxy.addr(), tls_client(&ca, None, &[b"h2"])).await;
+    let mut refused = None;
+    for n in 0..5_000 {
+        match send.clone().ready().await {
+            Ok(ready) => send = ready,
+            Err(_) => {
+                refused = Some(n);
+                break;
+            }
+        }
+        match send.send_request(h2_get("/raas/v2/accounts/A-STORE-3", &auth), true) {
+            Ok((answer, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                drop(answer);
+            }
+            Err(_) => {
+                refused = Some(n);
+                break;
+            }
+        }
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    // The client may see the GOAWAY, or the closed connection its next write met.
+    let ended_with_error = matches!(outcome, Ok(Ok(Err(_))));
+    assert!(
+        refused.is_some_and(|n| n < 1_000) && ended_with_error,
+        "rapid resets were not stopped: refused after {refused:?} streams, {outcome:?}"
+    );
+    let counted = ended_count(
+        &gw.proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"malformed\"}",
+    )
+    .await;
+    assert_eq!(counted, 1.0, "the rapid-reset connection was not counted");
+    let forwarded = gw.mock.requests().len() - before;
+    assert!(
+        forwarded < 1_000,
+        "{forwarded} cancelled requests reached Tango"
+    );
+
+    // CONTINUATION flood: a header block that never ends. The server stops reading it once the
+    // header list limit is passed, instead of buffering without bound.
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&ca, None, &[b"h2"])));
+    let tcp = TcpStream::connect(gw.proxy.addr()).await.unwrap();
+    let mut raw = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    raw.write_all(&frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+    let mut first = Vec::new();
+    first.extend_from_slice(&[0x82, 0x87, 0x84]); // :method GET, :scheme https, :path /
+    first.extend_from_slice(&literal(b":authority", b"localhost"));
+    raw.write_all(&frame(0x1, 0x0, 1, &first)).await.unwrap(); // HEADERS without END_HEADERS
+    let filler = literal(b"x-flood", &[b'a'; 100]);
+    let block: Vec<u8> = filler
+        .iter()
+        .copied()
+        .cycle()
+        .take(filler.len() * 100)
+        .collect();
+    // 20 frames of ~11 KiB: past the 80 KiB header list limit, well within socket buffers.
+    for _ in 0..20 {
+        if raw.write_all(&frame(0x9, 0x0, 1, &block)).await.is_err() {
+            break;
+        }
+    }
+    let _ = raw.flush().await;
+    let goaway = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = [0u8; 9];
+        loop {
+            raw.read_exact(&mut head).await.ok()?;
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            raw.read_exact(&mut payload).await.ok()?;
+            if head[3] == 0x7 {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+        }
+    })
+    .await
+    .expect("the server kept reading an endless header block");
+    // ENHANCE_YOUR_CALM (too many CONTINUATION frames) or COMPRESSION_ERROR (block too large).
+    assert!(matches!(goaway, Some(0xb) | Some(0x9)), "{goaway:?}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open after GOAWAY");
+
+    // Others are still served, over both protocols.
+    for h2 in [false, true] {
+        let r = https(&ca, Some(&gw.pos1), h2)
+            .get(format!("{}/raas/v2/accounts/A-STORE-1", gw.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// An HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK literal header field without indexing, new name (both under 127 bytes).
+fn literal(name: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x00, u8::try_from(name.len()).unwrap()];
+    out.extend_from_slice(name);
+    out.push(u8::try_from(value.len()).unwrap());
+    out.extend_from_slice(value);
+    out
+}
+
+/// Every `[listen]` TLS mistake and every certificate identity mistake is reported by its key.
+#[test]
+fn tls_and_certificate_identity_mistakes_are_reported_by_key() {
+    let files = TlsFiles::new();
+    std::fs::write(files.path("empty.pem"), "").unwrap();
+    std::fs::write(
+        files.path("garbage.key"),
+        "-----BEGIN PRIVATE KEY-----\nnot base64!\n",
+    )
+    .unwrap();
+    let other = Ca::new().server();
+    std::fs::write(files.path("other.key"), &other.key_pem).unwrap();
+    let cert = files.path("server.pem");
+    let key = files.path("server.key");
+    let ca = files.path("clients-ca.pem");
+    let hash = sha256_hex(b"some caller key");
+    let fp = sha256_hex(b"some certificate");
+    let base = "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    let profile = "[profiles.default]\nauth = \"basic\"\nplatform_name = \"p\"\napi_key = \"k\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("tls_cert_file = \"{cert}\"\n"), "listen.tls_key_file: required with listen.tls_cert_file"),
+        (format!("tls_key_file = \"{key}\"\n"), "listen.tls_cert_file: required with listen.tls_key_file"),
+        (format!("tls_client_ca_file = \"{ca}\"\n"), "listen.tls_client_ca_file: only used together with listen.tls_cert_file"),
+        ("tls_client_auth = \"required\"\n".into(), "listen.tls_client_auth: \"required\" needs listen.tls_client_ca_file"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_auth = \"always\"\n"), "listen.tls_client_auth: expected \"optional\" or \"required\", found \"always\""),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_auth = \"required\"\n"), "listen.tls_client_auth: \"required\" needs listen.tls_client_ca_file"),
+        (format!("tls_cert_file = \"/dev/zero\"\ntls_key_file = \"{key}\"\n"), "listen.tls_cert_file: "),
+        (format!("tls_cert_file = \"{}\"\ntls_key_file = \"{key}\"\n", files.path("empty.pem")), "listen.tls_cert_file: "),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{}\"\n", files.path("garbage.key")), "listen.tls_key_file: "),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{cert}\"\n"), "listen.tls_key_file: "),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{}\"\n", files.path("other.key")), "listen.tls_key_file: the certificate and key do not make a server identity"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{}\"\n", files.path("missing.pem")), "listen.tls_client_ca_file: "),
+        (format!("[callers.a]\ncert_sha256 = \"{fp}\"\n"), "callers.a.cert_sha256: needs listen.tls_client_ca_file"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"12:34\"\n"), "callers.a.cert_sha256: expected the SHA-256 fingerprint"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"a b\"\n"), "callers.a.cert_san: expected a DNS name or URI"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"{fp}\"\n[callers.b]\ncert_sha256 = \"{}\"\n", fp.to_ascii_uppercase()), "callers.b.cert_sha256: the same as callers.a.cert_sha256"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"Till.Example\"\n[callers.b]\ncert_san = \"till.example\"\n"), "callers.b.cert_san: the same as callers.a.cert_san"),
+        ("[callers.a]\nprofile = \"default\"\n".into(), "callers.a.key_sha256: required (unless cert_sha256 or cert_san identifies the caller)"),
+    ];
+    for (listen, expected) in cases {
+        // Caller sections go after the profile; listen keys into [listen].
+        let (listen_keys, callers) = match listen.find("[callers") {
+            Some(i) => listen.split_at(i),
+            None => (listen.as_str(), ""),
+        };
+        let toml = format!("{base}{listen_keys}{profile}{callers}");
+        let err = Config::from_toml(&toml).err().map(|e| e.to_string());
+        let err = err.unwrap_or_else(|| panic!("accepted: {toml}"));
+        assert!(
+            err.contains(expected),
+            "{toml}\nexpected {expected:?} in:\n{err}"
+        );
+        assert!(!err.contains("BEGIN"), "{err}");
+    }
+    // A complete mutual-TLS gateway config is accepted, and shows its certificate identities.
+    let toml = format!(
+        "{base}tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n\
+         tls_client_auth = \"required\"\n{profile}[callers.a]\ncert_san = \"till.example\"\n\
+         [callers.b]\ncert_sha256 = \"{fp}\"\nkey_sha256 = \"{hash}\"\n"
+    );
+    let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.listen.tls.is_some());
+    assert!(config.callers["a"].key_sha256.is_none());
+    let shown = config.to_redacted_toml();
+    assert!(
+        shown.contains(&fp) && shown.contains("till.example"),
+        "{shown}"
+    );
+}
+
+/// An HTTP/2 answer still streaming is a request in progress: the idle close never cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_read_slowly_outlives_the_idle_timeout() {
+    let upstream = FakeUpstream::start().await;
+    let files = TlsFiles::new();
+    let listen = format!("{}header_timeout = \"200ms\"\n", files.listen_keys(false));
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // A small window: the proxy can send only as fast as the client reads.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(16 << 10)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::builder()
+        .uri("https://localhost/raas/v2/download?bytes=524288")
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let started = Instant::now();
+    let mut received = 0usize;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        received += chunk.len();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        // A slow reader: the whole answer takes several idle timeouts.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    assert_eq!(received, 524_288);
+    assert!(
+        started.elapsed() > Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    drop((send, body));
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+}
