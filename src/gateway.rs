@@ -61,7 +61,7 @@ pub struct Gateway {
     quiet: crate::listener::Quiet,
     ledger: Arc<dyn SpendLedger>,
     /// Repeated authentication failures, by address and by caller name.
-    throttle: throttle::Throttle,
+    throttle: Arc<throttle::Throttle>,
     /// `listen.trusted_proxies`: peers whose `X-Forwarded-For` names the client.
     trusted_proxies: Vec<throttle::Network>,
 }
@@ -182,7 +182,7 @@ impl Gateway {
             address_refusals: metrics.caller_counter(UNKNOWN_CALLER, "rate_limited"),
             quiet: crate::listener::Quiet::default(),
             ledger,
-            throttle: throttle::Throttle::default(),
+            throttle: Arc::new(throttle::Throttle::default()),
             trusted_proxies: config.listen.trusted_proxies.clone(),
         }))
     }
@@ -197,6 +197,13 @@ impl Gateway {
         &self.ledger
     }
 
+    /// This gateway with `previous`'s failure counts: a reload must not forgive a blocked
+    /// address or a guessed-at name.
+    pub fn keeping_throttle_of(mut self, previous: &Gateway) -> Self {
+        self.throttle = previous.throttle.clone();
+        self
+    }
+
     /// The caller a request's headers (or its connection's client certificate) prove, or why
     /// not. `peer` is the connection's address; failures are slowed down by client address and
     /// caller name (see [`throttle`]).
@@ -207,15 +214,34 @@ impl Gateway {
         peer: std::net::IpAddr,
     ) -> Result<&Arc<Caller>, Refusal> {
         let client = throttle::client_address(peer, headers, &self.trusted_proxies);
-        if let Some(wait) = self.throttle.address_refused(client, Instant::now()) {
-            self.address_refusals.inc();
-            return Err(Refusal::RateLimited(wait));
-        }
+        let now = Instant::now();
+        let blocked = self.throttle.address_refused(client, None, now);
         let (claimed, outcome) = self.identify(headers, cert);
-        match outcome {
-            Ok(caller) => Ok(caller),
-            Err(why) => {
-                let delay = self.throttle.failed(client, claimed, Instant::now());
+        match (outcome, claimed) {
+            (Ok(caller), Some(index)) => {
+                // A blocked address still lets through what cannot be a guess: a caller its
+                // client certificate names, or one that authenticated from here in the window.
+                let by_cert = cert.is_some()
+                    && !headers.contains_key(header::AUTHORIZATION)
+                    && !headers.contains_key(header::PROXY_AUTHORIZATION);
+                if let Some(wait) = blocked {
+                    if !by_cert
+                        && self
+                            .throttle
+                            .address_refused(client, Some(index), now)
+                            .is_some()
+                    {
+                        self.address_refusals.inc();
+                        return Err(Refusal::RateLimited(wait));
+                    }
+                } else {
+                    self.throttle.succeeded(client, index, now);
+                }
+                Ok(caller)
+            }
+            (Ok(caller), None) => Ok(caller),
+            (Err(why), _) => {
+                let delay = self.throttle.failed(client, claimed, now);
                 let named = claimed.and_then(|i| self.callers.get(i));
                 match named {
                     Some(c) => {
@@ -239,7 +265,14 @@ impl Gateway {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                Err(Refusal::Unauthorized(why))
+                match blocked {
+                    // Counted and slowed like any failure, answered like the block it met.
+                    Some(wait) => {
+                        self.address_refusals.inc();
+                        Err(Refusal::RateLimited(wait))
+                    }
+                    None => Err(Refusal::Unauthorized(why)),
+                }
             }
         }
     }

@@ -1,8 +1,12 @@
 //! Slowing down repeated authentication failures, by client address and by caller name.
 //!
 //! * **By address**: an address with [`ADDRESS_LIMIT`] failures within [`WINDOW`] gets
-//!   `429 rate_limited` for every request until the window that counted them ends — its
-//!   credentials are not even checked. Only that address is affected, which is why the address
+//!   `429 rate_limited` until the window that counted them ends — except for callers that
+//!   authenticated successfully from that address within the window (stores behind one shared
+//!   address, an SD-WAN exit, are not locked out by one misconfigured or removed neighbour), and
+//!   requests identified by a verified client certificate, which cannot be guessed. IPv6
+//!   addresses count by their /64 (one subscriber's prefix). Only that address is affected, which
+//!   is why the address
 //!   must be the real client's: behind a load balancer it is taken from `X-Forwarded-For`, but
 //!   only when the connection comes from one of `listen.trusted_proxies` (see
 //!   [`client_address`]); otherwise anyone could blame an address of their choosing.
@@ -13,8 +17,8 @@
 //!   bounded by the listener's connection cap).
 //!
 //! Memory is bounded: at most [`MAX_ADDRESSES`] addresses are tracked (when full, windows that
-//! have ended are dropped first, then everything: failing open on bookkeeping, never on
-//! credentials).
+//! have ended are dropped first, then the oldest tenth), each remembering at most
+//! [`MAX_KNOWN_GOOD`] callers that succeeded from it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,12 +35,21 @@ pub const NAME_LIMIT: u32 = 10;
 pub const NAME_DELAY: Duration = Duration::from_secs(1);
 /// Addresses tracked at most.
 pub const MAX_ADDRESSES: usize = 10_000;
+/// Callers remembered per address as having authenticated from it.
+pub const MAX_KNOWN_GOOD: usize = 64;
 
 /// One key's failures in its current window.
 #[derive(Debug, Clone, Copy)]
 struct Count {
     since: Instant,
     failures: u32,
+}
+
+/// One address: its failures, and the callers that succeeded from it, in the current window.
+#[derive(Debug, Clone)]
+struct Address {
+    count: Count,
+    good: Vec<usize>,
 }
 
 impl Count {
@@ -48,17 +61,46 @@ impl Count {
 /// Failure counts by address and by caller index.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    addresses: Mutex<HashMap<IpAddr, Count>>,
+    addresses: Mutex<HashMap<IpAddr, Address>>,
     names: Mutex<HashMap<usize, Count>>,
 }
 
 impl Throttle {
-    /// `Some(retry_after)` when `address` is refused now.
-    pub fn address_refused(&self, address: IpAddr, now: Instant) -> Option<Duration> {
+    /// `Some(retry_after)` when `address` is over its limit now. `caller`, once known, is let
+    /// through when it authenticated from this address earlier in the window.
+    pub fn address_refused(
+        &self,
+        address: IpAddr,
+        caller: Option<usize>,
+        now: Instant,
+    ) -> Option<Duration> {
         let map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.get(&address).filter(|c| c.live(now))?;
-        (count.failures >= ADDRESS_LIMIT)
-            .then(|| WINDOW.saturating_sub(now.saturating_duration_since(count.since)))
+        let entry = map.get(&key(address)).filter(|a| a.count.live(now))?;
+        if caller.is_some_and(|c| entry.good.contains(&c)) {
+            return None;
+        }
+        (entry.count.failures >= ADDRESS_LIMIT)
+            .then(|| WINDOW.saturating_sub(now.saturating_duration_since(entry.count.since)))
+    }
+
+    /// Records that `caller` authenticated from `address`.
+    pub fn succeeded(&self, address: IpAddr, caller: usize, now: Instant) {
+        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        // Only addresses with failures are tracked: a quiet fleet costs nothing here.
+        if let Some(entry) = map.get_mut(&key(address)) {
+            if !entry.count.live(now) {
+                *entry = Address {
+                    count: Count {
+                        since: now,
+                        failures: 0,
+                    },
+                    good: Vec::new(),
+                };
+            }
+            if !entry.good.contains(&caller) && entry.good.len() < MAX_KNOWN_GOOD {
+                entry.good.push(caller);
+            }
+        }
     }
 
     /// Records a failure from `address`, naming caller `named` if any; returns how long to
@@ -66,19 +108,28 @@ impl Throttle {
     pub fn failed(&self, address: IpAddr, named: Option<usize>, now: Instant) -> Duration {
         {
             let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+            let address = key(address);
             if map.len() >= MAX_ADDRESSES && !map.contains_key(&address) {
-                map.retain(|_, c| c.live(now));
+                map.retain(|_, a| a.count.live(now));
                 if map.len() >= MAX_ADDRESSES {
-                    map.clear();
+                    // The oldest tenth goes; the blocks of recent offenders stay.
+                    let mut ages: Vec<Instant> = map.values().map(|a| a.count.since).collect();
+                    ages.sort_unstable();
+                    let cut = ages[MAX_ADDRESSES / 10];
+                    map.retain(|_, a| a.count.since > cut);
                 }
             }
-            bump(
-                map.entry(address).or_insert(Count {
+            let entry = map.entry(address).or_insert(Address {
+                count: Count {
                     since: now,
                     failures: 0,
-                }),
-                now,
-            );
+                },
+                good: Vec::new(),
+            });
+            if !entry.count.live(now) {
+                entry.good.clear();
+            }
+            bump(&mut entry.count, now);
         }
         let Some(index) = named else {
             return Duration::ZERO;
@@ -170,6 +221,14 @@ impl serde::Serialize for Network {
     }
 }
 
+/// The key an address counts under: IPv4 as is, IPv6 by its /64.
+fn key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -194,7 +253,7 @@ pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[Networ
         entries.extend(text.split(',').map(str::trim));
     }
     for entry in entries.iter().rev() {
-        let Ok(ip) = entry.parse::<IpAddr>() else {
+        let Some(ip) = parse_forwarded(entry) else {
             return peer;
         };
         let ip = canonical(ip);
@@ -203,6 +262,20 @@ pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[Networ
         }
     }
     peer
+}
+
+/// An `X-Forwarded-For` entry: an address, or (as some load balancers write) `ip:port` or
+/// `[v6]:port`.
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (ip, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 #[cfg(test)]
@@ -276,12 +349,14 @@ mod tests {
         for _ in 0..ADDRESS_LIMIT - 1 {
             t.failed(a, None, now);
         }
-        assert!(t.address_refused(a, now).is_none());
+        assert!(t.address_refused(a, None, now).is_none());
         t.failed(a, None, now);
-        let wait = t.address_refused(a, now + Duration::from_secs(10)).unwrap();
+        let wait = t
+            .address_refused(a, None, now + Duration::from_secs(10))
+            .unwrap();
         assert_eq!(wait, Duration::from_secs(50));
-        assert!(t.address_refused(ip("203.0.113.8"), now).is_none());
-        assert!(t.address_refused(a, now + WINDOW).is_none());
+        assert!(t.address_refused(ip("203.0.113.8"), None, now).is_none());
+        assert!(t.address_refused(a, None, now + WINDOW).is_none());
     }
 
     #[test]
@@ -299,6 +374,47 @@ mod tests {
             t.failed(ip("198.51.100.200"), Some(3), now + WINDOW),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn known_good_callers_and_ipv6_prefixes() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        let shared = ip("203.0.113.7");
+        t.failed(shared, None, now);
+        t.succeeded(shared, 5, now);
+        for _ in 0..ADDRESS_LIMIT {
+            t.failed(shared, None, now);
+        }
+        // A neighbour that authenticated here earlier passes; anyone else is refused.
+        assert!(t.address_refused(shared, Some(5), now).is_none());
+        assert!(t.address_refused(shared, Some(6), now).is_some());
+        assert!(t.address_refused(shared, None, now).is_some());
+        // One /64 is one address.
+        for i in 0..ADDRESS_LIMIT {
+            t.failed(
+                IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i as u16]),
+                None,
+                now,
+            );
+        }
+        assert!(t
+            .address_refused(ip("2001:db8:0:1::ffff"), None, now)
+            .is_some());
+        assert!(t
+            .address_refused(ip("2001:db8:0:2::1"), None, now)
+            .is_none());
+        // Ports and brackets in X-Forwarded-For.
+        assert_eq!(
+            parse_forwarded("198.51.100.1:4711"),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(
+            parse_forwarded("[2001:db8::1]:443"),
+            Some(ip("2001:db8::1"))
+        );
+        assert_eq!(parse_forwarded("2001:db8::1"), Some(ip("2001:db8::1")));
+        assert_eq!(parse_forwarded("nonsense:80"), None);
     }
 
     #[test]

@@ -1421,8 +1421,30 @@ async fn repeated_authentication_failures_are_slowed_by_address_and_by_name() {
                 .unwrap()
         }
     };
-    // Twenty wrong keys for unknown names from one store's address (behind the trusted proxy).
-    for _ in 0..20 {
+    let till2_from = |from: &'static str| {
+        let url = format!("{}/raas/v2/accounts/A-2", proxy.url);
+        async move {
+            client()
+                .get(url)
+                .header("authorization", till(2))
+                .header("x-forwarded-for", from)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // A failure marks the address; till 2 then authenticates from it (a store sharing it).
+    assert_eq!(
+        attempt("203.0.113.7", basic("nobody", "guess"))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(till2_from("203.0.113.7").await, 200);
+    // Twenty more wrong keys for unknown names from that address (behind the trusted proxy).
+    for _ in 0..19 {
         let r = attempt("203.0.113.7", basic("nobody", "guess")).await;
         assert_eq!(r.status(), 401);
     }
@@ -1435,6 +1457,8 @@ async fn repeated_authentication_failures_are_slowed_by_address_and_by_name() {
         .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     assert_proxy_error(r, 429, "rate_limited").await;
+    // Till 2, which authenticated from there before the block, is not locked out by it.
+    assert_eq!(till2_from("203.0.113.7").await, 200);
     assert_eq!(attempt("203.0.113.8", till(1)).await.status(), 200);
     // X-Forwarded-For written by the client itself (left of what the proxy appended) is not
     // believed: the right-most untrusted entry counts.

@@ -14,7 +14,7 @@ use crate::support::*;
 
 fn config(mock_url: &str, callers: &[usize], extra_upstream: &str) -> String {
     let mut toml = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{extra_upstream}\n"
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{extra_upstream}\n"
     );
     for i in 1..=3 {
         toml.push_str(&format!(
@@ -37,10 +37,19 @@ fn auth(i: usize) -> String {
     )
 }
 
+/// Each poll comes from an address of its own (through the trusted local proxy), so the
+/// gateway's throttle of repeated failures never mistakes the test's polling for a guesser.
+static POLLS: AtomicU64 = AtomicU64::new(0);
+
 async fn status_of(proxy: &ProxyProcess, i: usize) -> u16 {
+    let n = POLLS.fetch_add(1, Ordering::Relaxed);
     client()
         .get(format!("{}/raas/v2/accounts/A-STORE-{i}", proxy.url()))
         .header("authorization", auth(i))
+        .header(
+            "x-forwarded-for",
+            format!("198.18.{}.{}", (n >> 8) & 0xff, n & 0xff),
+        )
         .send()
         .await
         .unwrap()
@@ -164,24 +173,44 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
         "{refusal}"
     );
     assert_eq!(status_of(&proxy, 1).await, 200);
-    // A change outside [callers] (here the upstream's timeout) is refused too, by name.
-    replace(&path, &config(&mock_url, &[1], "timeout = \"5s\""));
+    // A change a reload cannot apply (here the upstream's timeout) does not hold back the
+    // callers in the same file: pos-3 goes, and /status says what waits for a restart.
+    replace(&path, &config(&mock_url, &[1, 2], "timeout = \"5s\""));
+    hangup(&proxy);
+    until(&proxy, 401, Instant::now(), Duration::from_secs(5)).await;
+    let s = get_json(&format!("{}/status", proxy.admin_url())).await;
+    assert!(
+        s["config"]["pending_restart"]
+            .to_string()
+            .contains("upstream: changed"),
+        "{s}"
+    );
+    assert!(s["config"]["last_refusal"].is_null(), "{s}");
+    // Callers of a profile the process does not run are refused whole: pos-3 stays out.
+    let mut with_new_profile = config(&mock_url, &[1, 2], "");
+    with_new_profile.push_str(&format!(
+        "[profiles.store-4]\nauth = \"service_account\"\ntoken_url = \"{mock_url}/oauth/token\"\nclient_id = \"franchise\"\nclient_secret = \"franchise-secret\"\nusername = \"store-4\"\npassword = \"store-4-password\"\n[callers.pos-3]\nkey_sha256 = \"{}\"\nprofile = \"store-4\"\n",
+        sha256_hex(b"reload-key-3")
+    ));
+    replace(&path, &with_new_profile);
     hangup(&proxy);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = get_json(&format!("{}/status", proxy.admin_url())).await;
-        let problems = s["config"]["last_refusal"]["problems"].to_string();
-        if problems.contains("upstream: changed") {
+        if s["config"]["last_refusal"]["problems"]
+            .to_string()
+            .contains("adding a profile needs a restart")
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no upstream refusal: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "no refusal for a new profile: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        status_of(&proxy, 3).await,
-        200,
-        "a refused reload removed a caller"
-    );
+    assert_eq!(status_of(&proxy, 3).await, 401);
+    assert_eq!(status_of(&proxy, 1).await, 200);
     let metrics = get_text(&format!("{}/metrics", proxy.admin_url())).await;
     assert!(
         metrics.contains("tango_proxy_config_reloads_total{result=\"refused\"}"),
