@@ -75,6 +75,10 @@ pub const H2_MAX_STREAMS: u32 = 100;
 /// HTTP/2 streams a client may reset before they are served, at once, before the connection is
 /// ended with GOAWAY (hyper's rapid-reset protection).
 pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Request-body bytes one HTTP/2 stream may send ahead of the proxy reading them.
+pub const H2_STREAM_WINDOW: u32 = 64 << 10;
+/// The same for a whole HTTP/2 connection.
+pub const H2_CONNECTION_WINDOW: u32 = 256 << 10;
 /// Longest wait for the answer to an HTTP/2 keep-alive ping.
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -345,6 +349,10 @@ fn tls_builders(
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        // Receive windows bound what one connection can make the proxy hold of request bodies
+        // it has not read yet (hyper's defaults: 1 MiB each); Tango's bodies are small.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         // The same bound as an HTTP/1.1 head: above listen.max_header_size, so the proxy's own
         // check answers with its JSON 431; a header block (HEADERS plus CONTINUATION frames)
         // past it is refused by the HTTP/2 layer without being kept.
