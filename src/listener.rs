@@ -31,8 +31,11 @@
 //! they were served (rapid reset, CVE-2023-44487: past it the connection gets GOAWAY), a header
 //! list bounded like an HTTP/1.1 head (which bounds a CONTINUATION flood too), keep-alive pings
 //! every `listen.header_timeout`, and a connection with no request for `listen.header_timeout`
-//! is closed (`idle`), as a kept-alive HTTP/1.1 connection is. The client's certificate, when it
-//! sent one, is handed to the service builder with the remote address.
+//! is closed (`idle`), as a kept-alive HTTP/1.1 connection is. An HTTP/2 answer that has waited
+//! on its client (no flow-control window to send it) for `listen.body_idle_timeout` ends the
+//! connection (`write_stalled`): nothing is then written, so `AppIo` sees no write stall. The
+//! client's certificate, when it sent one, is handed to the service builder with the remote
+//! address.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -187,6 +190,7 @@ pub async fn serve<M, S, B>(
         acceptor: tokio_rustls::TlsAcceptor::from(config),
         builders: Arc::new(tls_builders(&settings)),
         header_timeout: settings.header_timeout,
+        body_idle: settings.write_idle_timeout,
     });
     let make = Arc::new(make);
 
@@ -329,6 +333,8 @@ struct TlsServing {
     /// For HTTP/1.1 and for HTTP/2, chosen by ALPN.
     builders: Arc<(auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>)>,
     header_timeout: Duration,
+    /// `listen.body_idle_timeout`: how long an HTTP/2 answer may wait on its client.
+    body_idle: Duration,
 }
 
 /// The connection builders of a TLS listener: HTTP/1.1 with the plain listener's settings, and
@@ -414,7 +420,18 @@ where
     // connection with no request in progress (an answer still streaming counts) is closed here,
     // gracefully: GOAWAY, then whatever is still buffered for a stream is delivered. A peer that
     // stops answering meanwhile is ended by the keep-alive ping's timeout.
+    //
+    // An HTTP/2 client can also stop taking an answer without stopping the connection: it opens
+    // no flow-control window (or never opens it again) while answering pings. Nothing is then
+    // written, so `AppIo` sees no stalled write, and the answer's body is never dropped, so the
+    // connection never idles. Such a connection is ended (not gracefully: GOAWAY would wait on
+    // the same stream) when an answer has waited on its client for `listen.body_idle_timeout`,
+    // or, once idle-closing, when what the last answers left buffered is still not taken that
+    // long after the GOAWAY.
     let mut closing = None;
+    // Armed (with listen.body_idle_timeout) only by an idle close.
+    let drain = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain);
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
@@ -426,6 +443,23 @@ where
                 conn.as_mut().graceful_shutdown();
                 let why = if activity.served() { IDLE } else { HEADER_TIMEOUT };
                 closing = Some(Some(why));
+                drain.as_mut().reset(tokio::time::Instant::now() + tls.body_idle);
+            }
+            () = activity.stalled_for(tls.body_idle), if h2 => {
+                tracing::debug!(
+                    %remote,
+                    "an HTTP/2 answer waited on its client for {} (listen.body_idle_timeout); closing",
+                    humantime::format_duration(tls.body_idle)
+                );
+                return Some(WRITE_STALLED);
+            }
+            () = &mut drain, if matches!(closing, Some(Some(_))) => {
+                tracing::debug!(
+                    %remote,
+                    "buffered HTTP/2 answers not taken within {} of closing (listen.body_idle_timeout)",
+                    humantime::format_duration(tls.body_idle)
+                );
+                return Some(WRITE_STALLED);
             }
         }
     };
@@ -448,42 +482,76 @@ where
     }
 }
 
-/// Requests in progress on one connection and when the last one ended: what tells an idle
-/// HTTP/2 connection.
+/// Requests in progress on one connection, when the last one ended, and which answers are
+/// waiting on the client: what tells an idle HTTP/2 connection, and one whose client stopped
+/// taking its answers.
 #[derive(Debug)]
 struct Activity {
-    state: Mutex<(usize, Instant, bool)>,
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    /// Requests in progress (their answers not yet dropped).
+    in_progress: usize,
+    /// When the last request in progress ended.
+    last_end: Instant,
+    /// A request has been received.
+    served: bool,
+    /// The id the next request gets.
+    next_id: u64,
+    /// Answers whose body is waiting on the connection to send, by id, and since when: handed to
+    /// hyper and not yet polled, or a frame handed out and the body not polled again. hyper polls
+    /// an HTTP/2 body for its next frame only once the client's window lets it send the last
+    /// one, so this is time spent waiting on the client; a body waiting on Tango has been polled
+    /// and said "pending", and is not here.
+    waiting: std::collections::HashMap<u64, Instant>,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
-            state: Mutex::new((0, Instant::now(), false)),
+            state: Mutex::new(ActivityState {
+                in_progress: 0,
+                last_end: Instant::now(),
+                served: false,
+                next_id: 0,
+                waiting: std::collections::HashMap::new(),
+            }),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn begin(self: &Arc<Self>) -> ActivityGuard {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 += 1;
-        s.2 = true;
-        ActivityGuard(self.clone())
+        let mut s = self.lock();
+        s.in_progress += 1;
+        s.served = true;
+        let id = s.next_id;
+        s.next_id += 1;
+        ActivityGuard {
+            activity: self.clone(),
+            id,
+        }
     }
 
     /// A request has been received on the connection.
     fn served(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
+        self.lock().served
     }
 
     /// Resolves once no request has been in progress for `limit`.
     async fn idle_for(&self, limit: Duration) {
         loop {
             let wait = {
-                let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                let since = s.1.elapsed();
-                if s.0 == 0 && since >= limit {
+                let s = self.lock();
+                let since = s.last_end.elapsed();
+                if s.in_progress == 0 && since >= limit {
                     return;
                 }
-                if s.0 > 0 {
+                if s.in_progress > 0 {
                     limit
                 } else {
                     limit - since
@@ -492,17 +560,50 @@ impl Activity {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// Resolves once an answer has waited on the client for `limit` (seen within half of
+    /// `limit` more).
+    async fn stalled_for(&self, limit: Duration) {
+        loop {
+            let wait = {
+                let s = self.lock();
+                match s.waiting.values().min().map(Instant::elapsed) {
+                    Some(since) if since >= limit => return,
+                    Some(since) => limit - since,
+                    None => limit / 2,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
-/// Ends a request's part in [`Activity`] when dropped.
+/// Ends a request's part in [`Activity`] when dropped; marks its answer's body waiting on the
+/// connection or not.
 #[derive(Debug)]
-struct ActivityGuard(Arc<Activity>);
+struct ActivityGuard {
+    activity: Arc<Activity>,
+    id: u64,
+}
+
+impl ActivityGuard {
+    /// The answer's body waits on the connection (`true`: from now) or on its source.
+    fn waiting(&self, waiting: bool) {
+        let mut s = self.activity.lock();
+        if waiting {
+            s.waiting.insert(self.id, Instant::now());
+        } else {
+            s.waiting.remove(&self.id);
+        }
+    }
+}
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = s.0.saturating_sub(1);
-        s.1 = Instant::now();
+        let mut s = self.activity.lock();
+        s.in_progress = s.in_progress.saturating_sub(1);
+        s.last_end = Instant::now();
+        s.waiting.remove(&self.id);
     }
 }
 
@@ -529,20 +630,23 @@ where
         Box::pin(async move {
             // The request stays in progress until its whole answer is sent (or dropped).
             let result = answer.await;
+            // From here the answer is hyper's to send.
+            guard.waiting(true);
             Ok(result
                 .unwrap_or_else(|never| match never {})
                 .map(|body| Guarded {
                     inner: Box::pin(body),
-                    _guard: guard,
+                    guard,
                 }))
         })
     }
 }
 
-/// An answer's body that keeps its request counted in [`Activity`] until it is dropped.
+/// An answer's body that keeps its request counted in [`Activity`] until it is dropped, and
+/// tells it whether the body is waiting on the connection (ready, not polled) or on its source.
 struct Guarded<B> {
     inner: Pin<Box<B>>,
-    _guard: ActivityGuard,
+    guard: ActivityGuard,
 }
 
 impl<B> std::fmt::Debug for Guarded<B> {
@@ -559,7 +663,12 @@ impl<B: Body> Body for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.inner.as_mut().poll_frame(cx)
+        let polled = self.inner.as_mut().poll_frame(cx);
+        // Pending: waiting on the source (Tango, bounded by upstream.body_idle_timeout). Ready:
+        // the frame (or the end) is the connection's to send, and hyper asks for the next one
+        // only once it could.
+        self.guard.waiting(polled.is_ready());
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

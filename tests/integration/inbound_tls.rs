@@ -805,12 +805,16 @@ fn tls_and_certificate_identity_mistakes_are_reported_by_key() {
     );
 }
 
-/// An HTTP/2 answer still streaming is a request in progress: the idle close never cuts it.
+/// An HTTP/2 answer still streaming is a request in progress: the idle close never cuts it, and
+/// a reader that is slow but keeps taking it is not a stalled one (listen.body_idle_timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_answer_read_slowly_outlives_the_idle_timeout() {
     let upstream = FakeUpstream::start().await;
     let files = TlsFiles::new();
-    let listen = format!("{}header_timeout = \"200ms\"\n", files.listen_keys(false));
+    let listen = format!(
+        "{}header_timeout = \"200ms\"\nbody_idle_timeout = \"300ms\"\n",
+        files.listen_keys(false)
+    );
     let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
     let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
@@ -851,4 +855,119 @@ async fn an_http2_answer_read_slowly_outlives_the_idle_timeout() {
     );
     drop((send, body));
     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+}
+
+/// An HTTP/2 client that never opens its flow-control window (answering pings all along) cannot
+/// hold a connection slot: an answer that makes no progress for `listen.body_idle_timeout` ends
+/// the connection, counted as `write_stalled`, whether the proxy still holds part of the body
+/// (window 0) or has handed all of it to the connection (window 1). Others are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_never_opens_its_window_loses_the_connection() {
+    let upstream = FakeUpstream::start().await;
+    let files = TlsFiles::new();
+    let listen = format!(
+        "{}header_timeout = \"500ms\"\nbody_idle_timeout = \"300ms\"\n",
+        files.listen_keys(false)
+    );
+    let proxy = TestProxy::start(&config_toml(
+        &upstream.url(),
+        &listen,
+        "body_idle_timeout = \"1500ms\"\n",
+    ))
+    .await;
+    for window in [0u32, 1] {
+        let tls =
+            tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
+        let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+        let stream = tls
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(window)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .unwrap();
+        // The connection task keeps running, so the server's pings are answered.
+        let conn = tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let request = http::Request::builder()
+            .uri("https://localhost/raas/v2/catalogs")
+            .body(())
+            .unwrap();
+        let started = Instant::now();
+        let (answer, _) = send.send_request(request, true).unwrap();
+        // The head needs no window; the body is never taken.
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let body = answer.into_body();
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        assert!(
+            ended.is_ok(),
+            "a client with window {window} kept its connection"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "window {window}: closed after {:?}",
+            started.elapsed()
+        );
+        drop((send, body));
+    }
+    let stalled = ended_count(
+        &proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"write_stalled\"}",
+    )
+    .await;
+    assert_eq!(stalled, 2.0);
+    for h2 in [false, true] {
+        let r = https(&files.ca.pem, None, h2)
+            .get(format!("https://{}/raas/v2/catalogs", proxy.addr()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // An answer slow because Tango is slow is not the client's stall: it runs until
+    // upstream.body_idle_timeout (1.5 s), well past listen.body_idle_timeout (300 ms).
+    let client = https(&files.ca.pem, None, true);
+    let started = Instant::now();
+    let mut r = client
+        .get(format!("https://{}/raas/v2/stall?bytes=10", proxy.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut received = 0;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match r.chunk().await {
+                Ok(Some(chunk)) => received += chunk.len(),
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("a stalled Tango answer was never ended");
+    assert!(end.is_err(), "a cut-off answer looked complete");
+    assert_eq!(received, 10);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "a slow Tango answer was cut after {:?}",
+        started.elapsed()
+    );
+    let cut = ended_count(
+        &proxy.admin_url,
+        "tango_proxy_upstream_errors_total{kind=\"body_stalled\"}",
+    )
+    .await;
+    assert_eq!(cut, 1.0);
+    let stalled = metric(
+        &proxy.admin_url,
+        "tango_proxy_connections_ended_total{listener=\"proxy\",reason=\"write_stalled\"}",
+    )
+    .await;
+    assert_eq!(
+        stalled, 2.0,
+        "a slow Tango answer was counted as the client's stall"
+    );
 }
