@@ -24,9 +24,12 @@
 //! * [`admin`] serves `/livez`, `/readyz`, `/status` and `/metrics` on a separate port;
 //!   [`metrics`] holds the Prometheus registry.
 //! * [`mock`] is a mock of Tango for the demo, local development and tests.
-//! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`;
+//! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`, and the
+//!   proxy listener's server configuration;
 //!   [`secret`] the redacting secret type; [`logging`] the log setup.
-//! * [`listener`] is the accept loop both listeners share: header timeout, connection caps, stalled
+//! * [`reload`] reloads a gateway's callers on SIGHUP and when its config file changes.
+//! * [`listener`] is the accept loop both listeners share (on the proxy listener optionally TLS,
+//!   HTTP/2 or HTTP/1.1 by ALPN, with the client certificate passed on): header timeout, connection caps, stalled
 //!   writes, what ended each connection, drain; [`idle`] the idle clock behind every body and
 //!   write timeout; [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
 //!   (`serve`, `check-config`, `keygen`, `mock-tango`, `demo`, `healthcheck`).

@@ -19,25 +19,6 @@ fn store_key(i: usize) -> String {
 
 const KEY_SALT: &str = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
 
-/// `[profiles.store-i]` for every store: a service account of the mock's `franchise` client.
-fn store_profiles(mock_url: &str, stores: usize) -> String {
-    (1..=stores)
-        .map(|i| {
-            format!(
-                r#"
-[profiles.store-{i}]
-auth = "service_account"
-token_url = "{mock_url}/oauth/token"
-client_id = "franchise"
-client_secret = "franchise-secret"
-username = "store-{i}"
-password = "store-{i}-password"
-"#
-            )
-        })
-        .collect()
-}
-
 /// `[callers.pos-i]`: key, profile `store-i`, bound to the store's account and customer.
 fn store_callers(stores: usize, extra: &str) -> String {
     (1..=stores)

@@ -178,25 +178,6 @@ fn basic(name: &str, key: &str) -> String {
     )
 }
 
-/// Profiles `store-1..=n` (service accounts of the mock's franchise client).
-fn store_profiles(mock_url: &str, stores: usize) -> String {
-    (1..=stores)
-        .map(|i| {
-            format!(
-                r#"
-[profiles.store-{i}]
-auth = "service_account"
-token_url = "{mock_url}/oauth/token"
-client_id = "franchise"
-client_secret = "franchise-secret"
-username = "store-{i}"
-password = "store-{i}-password"
-"#
-            )
-        })
-        .collect()
-}
-
 const POS3_KEY: &str = "pos-3-key-9f1c2e7a5b3d";
 const POS2_KEY: &str = "pos-2-key-4d6a8c0e2f1b";
 

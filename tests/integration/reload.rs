@@ -16,11 +16,7 @@ fn config(mock_url: &str, callers: &[usize], extra_upstream: &str) -> String {
     let mut toml = format!(
         "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{extra_upstream}\n"
     );
-    for i in 1..=3 {
-        toml.push_str(&format!(
-            "[profiles.store-{i}]\nauth = \"service_account\"\ntoken_url = \"{mock_url}/oauth/token\"\nclient_id = \"franchise\"\nclient_secret = \"franchise-secret\"\nusername = \"store-{i}\"\npassword = \"store-{i}-password\"\n"
-        ));
-    }
+    toml.push_str(&store_profiles(mock_url, 3));
     for i in callers {
         toml.push_str(&format!(
             "[callers.pos-{i}]\nkey_sha256 = \"{}\"\nprofile = \"store-{i}\"\naccounts = [\"A-STORE-{i}\"]\n",

@@ -28,14 +28,6 @@ async fn the_raas_python_sdk_works_through_the_gateway_unchanged() {
         .map(|i| {
             format!(
                 r#"
-[profiles.store-{i}]
-auth = "service_account"
-token_url = "{mock_url}/oauth/token"
-client_id = "franchise"
-client_secret = "franchise-secret"
-username = "store-{i}"
-password = "store-{i}-password"
-
 [callers.pos-{i}]
 key_sha256 = "{}"
 profile = "store-{i}"
@@ -53,7 +45,8 @@ daily_spend_limit = "100 USD"
         logs::watch_secret(format!("store-{i}-password"));
     }
     let toml = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{callers}"
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{}{callers}",
+        store_profiles(&mock_url, 2)
     );
     let proxy = TestProxy::start(&toml).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/raas_gateway.py");

@@ -570,3 +570,23 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `[profiles.store-i]` for every store: a service account of the mock's `franchise` client
+/// (`MockConfig::with_stores`).
+pub fn store_profiles(mock_url: &str, stores: usize) -> String {
+    (1..=stores)
+        .map(|i| {
+            format!(
+                r#"
+[profiles.store-{i}]
+auth = "service_account"
+token_url = "{mock_url}/oauth/token"
+client_id = "franchise"
+client_secret = "franchise-secret"
+username = "store-{i}"
+password = "store-{i}-password"
+"#
+            )
+        })
+        .collect()
+}
