@@ -34,7 +34,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import raas' 2>/dev/n
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check raas==2.2.0
 fi
-export TANGO_PROXY_RAAS_PYTHON="$PWD/$venv/bin/python"
+export RAAS_SDK_PYTHON="$PWD/$venv/bin/python"
 
 # The concurrency tests hold a few thousand loopback sockets at once; lift the soft limit.
 hard=$(ulimit -Hn)

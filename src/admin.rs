@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::auth::Profile;
+use crate::auth::ProfileSet;
 use crate::config::Config;
 use crate::gateway::spend::utc_day;
 use crate::gateway::Gateway;
@@ -32,7 +32,7 @@ pub struct AdminState(Arc<AdminInner>);
 
 #[derive(Debug)]
 struct AdminInner {
-    profiles: Vec<Profile>,
+    profiles: Arc<ProfileSet>,
     gateway: crate::reload::GatewayCell,
     reloads: Arc<std::sync::Mutex<crate::reload::ReloadStatus>>,
     metrics: Arc<Metrics>,
@@ -45,7 +45,7 @@ impl AdminState {
     /// Collects the state to report.
     pub fn new(
         config: &Config,
-        profiles: Vec<Profile>,
+        profiles: Arc<ProfileSet>,
         gateway: crate::reload::GatewayCell,
         reloads: Arc<std::sync::Mutex<crate::reload::ReloadStatus>>,
         metrics: Arc<Metrics>,
@@ -88,8 +88,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .0
         .profiles
         .iter()
-        .filter(|p| !p.authorizer.is_ready())
-        .map(|p| p.name.as_str())
+        .filter(|(_, a)| !a.is_ready())
+        .map(|(name, _)| name)
         .collect();
     if not_ready.is_empty() {
         (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
@@ -108,21 +108,20 @@ async fn status(State(state): State<AdminState>) -> Response {
     let profiles: serde_json::Map<String, serde_json::Value> = s
         .profiles
         .iter()
-        .map(|p| {
-            let status = p.authorizer.status();
+        .map(|(name, authorizer)| {
+            let status = authorizer.status();
             cache_healthy &= status.cache_healthy;
-            let ready = p.authorizer.is_ready();
+            let ready = authorizer.is_ready();
+            let idle = !ready && status.is_idle();
             let mut value = serde_json::to_value(status).unwrap_or_default();
-            let idle = !ready && is_idle(&value);
-            s.metrics
-                .set_profile_ready(&p.name, (!idle).then_some(ready));
+            s.metrics.set_profile_ready(name, (!idle).then_some(ready));
             if let Some(map) = value.as_object_mut() {
                 map.insert("ready".into(), ready.into());
                 if idle {
                     map.insert("idle".into(), true.into());
                 }
             }
-            (p.name.clone(), value)
+            (name.to_string(), value)
         })
         .collect();
     let mut body = json!({
@@ -136,22 +135,10 @@ async fn status(State(state): State<AdminState>) -> Response {
     let gateway = s.gateway.borrow().clone();
     if let Some(gateway) = &gateway {
         body["callers"] = callers_status(gateway).await;
-        let reloads = s.reloads.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        body["config"] = serde_json::to_value(reloads).unwrap_or_default();
     }
+    let reloads = s.reloads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    body["config"] = serde_json::to_value(reloads).unwrap_or_default();
     Json(body).into_response()
-}
-
-/// An OAuth profile whose token owner has not started: no token, no refresh, no failure yet
-/// (a gateway's profiles start when their first request arrives).
-fn is_idle(status: &serde_json::Value) -> bool {
-    let token = &status["token"];
-    token.is_object()
-        && token["expires_at"].is_null()
-        && token["last_refresh"].is_null()
-        && token["last_error"].is_null()
-        && token["refreshing"] == false
-        && token["consecutive_failures"] == 0
 }
 
 /// Each caller's counts and, for limited callers, today's spend (from the ledger; absent when
@@ -179,14 +166,13 @@ async fn callers_status(gateway: &Gateway) -> serde_json::Value {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    for p in &state.0.profiles {
-        let ready = p.authorizer.is_ready();
-        let idle =
-            !ready && is_idle(&serde_json::to_value(p.authorizer.status()).unwrap_or_default());
+    for (name, authorizer) in state.0.profiles.iter() {
+        let ready = authorizer.is_ready();
+        let idle = !ready && authorizer.status().is_idle();
         state
             .0
             .metrics
-            .set_profile_ready(&p.name, (!idle).then_some(ready));
+            .set_profile_ready(name, (!idle).then_some(ready));
     }
     (
         [(

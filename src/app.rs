@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::auth::{AuthBuildError, Profile};
+use crate::auth::{AuthBuildError, Profile, ProfileSet};
 use crate::config::CacheBackend;
 use crate::config::Config;
 use crate::gateway::spend::{MemoryLedger, RedisLedger, SpendLedger};
@@ -158,6 +158,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let profiles = Arc::new(ProfileSet::new(profiles));
     let ledger: Arc<dyn SpendLedger> = match redis {
         Some(store) => Arc::new(RedisLedger::new(store)),
         None => Arc::new(MemoryLedger::default()),
@@ -176,7 +177,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
     )?;
     let admin_state = AdminState::new(
         config,
-        profiles,
+        profiles.clone(),
         gateway_rx,
         reloads.clone(),
         metrics.clone(),
@@ -231,21 +232,25 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         move |_, _| TowerToHyperService::new(router.clone()),
         wait_for(stopped.clone()),
     ));
-    // A gateway loaded from a file reloads its callers on SIGHUP and when the file changes.
-    let reload_task = match (&config.source, config.is_gateway()) {
-        (Some(path), true) => {
-            let reloader = crate::reload::Reloader::new(
-                path.clone(),
-                config.clone(),
-                gateway_tx,
-                ledger,
-                metrics.clone(),
-                reloads,
-            );
-            Some(tokio::spawn(reloader.run(wait_for(stopped))))
-        }
-        _ => None,
-    };
+    // Reloads on SIGHUP and when the config file or a file it names changes: callers, and
+    // profiles' credentials (see `reload`).
+    let reloader = crate::reload::Reloader::new(
+        config.source.clone(),
+        config.clone(),
+        crate::reload::Targets {
+            gateway: gateway_tx,
+            ledger,
+            profiles: profiles.clone(),
+            builder: crate::reload::Builder {
+                upstream: config.upstream.clone(),
+                store,
+                metrics: metrics.clone(),
+                tuning,
+            },
+            status: reloads,
+        },
+    );
+    let reload_task = Some(tokio::spawn(reloader.run(wait_for(stopped))));
     let task = tokio::spawn(async move {
         let _ = proxy_task.await;
         let _ = admin_task.await;

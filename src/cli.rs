@@ -224,6 +224,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    ignore_hangups_until_serving();
     let config = match Config::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -239,6 +240,24 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         app::serve(&config, listeners, app::shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// SIGHUP means "reload" to a running proxy. Its default action ends the process, so a
+/// SIGHUP sent while the proxy is still starting (reading a large configuration, binding)
+/// would kill it: a handler is installed at once. It stays installed for the life of the
+/// process (the runtime's signal handling never removes one); hangups before the reloader
+/// listens are dropped, and the reloader starts by reading again any file changed since the
+/// configuration was read.
+fn ignore_hangups_until_serving() {
+    #[cfg(unix)]
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        rt.block_on(async {
+            let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        });
+    }
 }
 
 fn keygen(alg: DpopAlg, out: &std::path::Path) -> anyhow::Result<ExitCode> {

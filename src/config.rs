@@ -485,9 +485,13 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// `[callers.*]`, by name: any puts the proxy in gateway mode.
     pub callers: BTreeMap<String, CallerConfig>,
-    /// The file this was loaded from, if any (a gateway reloads it).
+    /// The file this was loaded from, if any (reloads read it again).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// When loading began: a file the configuration names that changed after this is read
+    /// again when the reloader starts.
+    #[serde(skip)]
+    pub loaded_at: Option<std::time::SystemTime>,
 }
 
 /// `[listen]`: sockets and inbound limits.
@@ -1332,6 +1336,7 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
         let path = path.map(Path::to_path_buf).or(from_env);
+        let loaded_at = std::time::SystemTime::now();
         let text = match &path {
             None => String::new(),
             Some(p) => read_config_file(p).map_err(|message| ConfigError {
@@ -1351,6 +1356,7 @@ impl Config {
             .collect();
         let mut config = Self::load_sources(&text, path.as_deref(), &env)?;
         config.source = path;
+        config.loaded_at = Some(loaded_at);
         Ok(config)
     }
 
@@ -1561,6 +1567,7 @@ impl Config {
                 profiles,
                 callers,
                 source: None,
+                loaded_at: None,
             }),
             _ => Err(ConfigError {
                 problems: problems.0,

@@ -96,6 +96,7 @@ pub struct Metrics {
     caller_spend: Family<CallerOnlyLabel, Gauge>,
     profile_ready: Family<ProfileLabel, Gauge>,
     config_reloads: Family<ResultLabel, Counter>,
+    credential_rotations: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -327,11 +328,23 @@ impl Metrics {
         let config_reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "config_reloads",
-            "Configuration reloads (gateway mode), by result: applied or refused",
+            "Configuration reloads, by result: applied or refused",
             config_reloads.clone(),
         );
         for result in ["applied", "refused"] {
             let _ = config_reloads.get_or_create(&ResultLabel { result });
+        }
+        let credential_rotations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "credential_rotations",
+            "Profile credential changes a reload brought, by result: applied (a new identity \
+             obtained a token and replaced the old one), refused (it could not; the old one \
+             keeps serving), secrets_loaded (new secrets taken for the next mint), \
+             secret_refused (the token endpoint refused rotated secrets at a mint)",
+            credential_rotations.clone(),
+        );
+        for result in ["applied", "refused", "secrets_loaded", "secret_refused"] {
+            let _ = credential_rotations.get_or_create(&ResultLabel { result });
         }
         let profile_ready = Family::<ProfileLabel, Gauge>::default();
         registry.register(
@@ -368,7 +381,15 @@ impl Metrics {
             caller_spend,
             profile_ready,
             config_reloads,
+            credential_rotations,
         }
+    }
+
+    /// Counts a credential rotation outcome (see the metric's help).
+    pub fn credential_rotation(&self, result: &'static str) {
+        self.credential_rotations
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// Counts a configuration reload: `applied` or `refused`.

@@ -1,40 +1,79 @@
-//! Reloading a gateway's callers without a restart: on SIGHUP, and when the config file (or
-//! the directory entry it is reached through — Kubernetes updates a mounted Secret by swapping
-//! a symlink) changes.
+//! Reloading the configuration without a restart: on SIGHUP, and when the config file or any
+//! file it names changes (Kubernetes updates a mounted ConfigMap or Secret by swapping a
+//! symlink in its directory; that counts as a change).
 //!
-//! What a reload may change in this version is **`[callers]`**: callers added, removed (the kill
-//! switch: a removed store's next request is refused) or changed take effect at once, without
-//! touching a request in flight (it keeps the caller it authenticated as). A new configuration
-//! that is invalid, or whose callers name a profile the process does not run, is **refused
-//! whole**: the running configuration keeps serving, and the refusal is logged at WARN, counted
-//! in `tango_proxy_config_reloads_total{result}` and shown in `/status` (`config.last_refusal`)
-//! with its problems. Changes a reload cannot apply (listeners, upstream, cache, profiles and
-//! their credentials, the contents of any file the configuration names) never hold back a
-//! caller change — the kill switch must work whatever else changed in the file — they are
-//! logged at WARN and listed in `/status` (`config.pending_restart`) until a restart.
-//! `/status` shows `config.generation`, which grows by one with every reload that took effect.
-//! Reading and checking the file runs off the async threads (a 500-profile file takes about a
-//! second).
+//! What a reload applies, without touching a request in flight (a request keeps the caller it
+//! authenticated as and the credentials it started with):
 //!
-//! Changes are found by polling every [`POLL`]: the config path's target, size and modification
-//! time, so a symlink swap counts; a change is applied once the file has been quiet for
-//! [`SETTLE`] (an editor's or kubelet's several writes become one reload).
+//! * **`[callers]`** (gateway mode): callers added, removed (the kill switch: a removed
+//!   store's next request is refused) or changed take effect at once.
+//! * **Credential rotation**, profile by profile:
+//!   * *Secrets only* (`client_secret`, `password` or their files changed, nothing else that
+//!     makes a token different): the profile keeps its token and sends the new secrets at its
+//!     next mint, whenever that falls due — `min_token_interval` still applies, so rotating a
+//!     client-credentials secret never costs a token. If the token endpoint refuses them at
+//!     that mint, the refusal is reported (WARN, `/status` `profiles.NAME.secret_rotation`,
+//!     `tango_proxy_credential_rotations_total{result="secret_refused"}`) and the previous
+//!     secrets, kept in memory since the rotation, are tried once (see
+//!     [`crate::auth::oauth::TokenClient`]).
+//!   * *Token identity* (token URL, grant, client id, user name, audience, scope or DPoP key —
+//!     what the cache fingerprint is made of): a new profile is built under the new
+//!     fingerprint and must obtain a token (from the shared cache, or minted — one mint for
+//!     the whole fleet) before it replaces the old one. Until then, and if it fails, the old
+//!     profile keeps serving; the outcome is logged, counted in
+//!     `tango_proxy_credential_rotations_total{result}` and shown in `/status`
+//!     (`config.rotations.NAME`: `testing`, `waiting_for_mint_budget`, `applied` or `refused`
+//!     with the problem). A refused rotation is tried again at the next reload.
+//!   * A client-credentials profile that keeps its client (same token URL and client id) but
+//!     changes audience, scope or DPoP key shares Tango's budget of one token per client per
+//!     20 hours with the token in hand: its new identity waits until `min_token_interval`
+//!     after that token was minted (by any replica) before it asks Tango for a token.
+//!   * A profile that has not served a request yet (a gateway's idle store) is replaced at
+//!     once and stays idle: testing it would spend a token on a store that may never call.
+//!   * A Basic profile's new platform name or key replaces the old at once (there is no token
+//!     to obtain first).
+//!
+//! A new configuration that is invalid, or whose callers name a profile the process does not
+//! run, is **refused whole**: the running configuration keeps serving, and the refusal is logged
+//! at WARN, counted in `tango_proxy_config_reloads_total{result}` and shown in `/status`
+//! (`config.last_refusal`) with its problems. Changes only a restart applies (listeners,
+//! upstream, cache, profiles added or removed, a profile's `refresh_window`,
+//! `min_token_interval` or `token_timeout`, a switch between Basic and OAuth, a sidecar gaining
+//! callers, the contents of the cache and upstream files) never hold back what a reload can
+//! apply — the kill switch must work whatever else changed in the file — they are logged at
+//! WARN and listed in `/status` (`config.pending_restart`) until a restart. The inbound TLS
+//! files are watched by the listener itself (see [`crate::tls`]). `config.generation` grows by
+//! one with every reload that took effect. Reading and checking the file runs off the async
+//! threads (a 500-profile file takes about a second).
+//!
+//! Changes are found by polling: the config file every [`POLL`], the other files it names
+//! every [`FILES_POLL`] — each path's target, size and modification time, so a symlink swap
+//! counts. A change is applied once the files have been quiet for [`SETTLE`] (an editor's or
+//! the kubelet's several writes become one reload). A process whose configuration comes from
+//! the environment alone has no file to read again: SIGHUP only logs that.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use crate::config::{AuthConfig, Config};
+use crate::auth::{Authorizer, Profile, ProfileSet, Target};
+use crate::config::{AuthConfig, Config, OAuthConfig, ProfileConfig, UpstreamConfig};
 use crate::gateway::spend::SpendLedger;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::token::store::TokenStore;
+use crate::token::Tuning;
 
 /// How often the config file is looked at.
 pub const POLL: Duration = Duration::from_millis(250);
-/// How long a changed file must stay unchanged before it is read.
+/// How often the other files the configuration names (secrets, keys, CA files) are looked at.
+pub const FILES_POLL: Duration = Duration::from_secs(1);
+/// How long changed files must stay unchanged before they are read.
 pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// What `/status` shows of reloads.
@@ -52,6 +91,9 @@ pub struct ReloadStatus {
     /// What the file changes that only a restart applies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
+    /// Each rotated profile's last (or current) change of token identity.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rotations: BTreeMap<String, RotationStatus>,
 }
 
 /// A refused reload.
@@ -63,119 +105,361 @@ pub struct Refusal {
     pub problems: Vec<String>,
 }
 
+/// Where a profile's change of token identity stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotationStatus {
+    /// `testing` (obtaining a token under the new identity), `waiting_for_mint_budget`,
+    /// `applied` or `refused`.
+    pub state: &'static str,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// Until when it waits for the mint budget (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Why it was refused (no secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 /// The gateway as requests see it, swapped whole by reloads.
 pub type GatewayCell = watch::Receiver<Option<Arc<Gateway>>>;
 
-/// Applies reloads: holds the running configuration and the sender requests read from.
+/// What a profile built by a reload is made with: the running process's upstream, token
+/// cache, metrics and tuning (a reload does not change those).
+#[derive(Debug, Clone)]
+pub struct Builder {
+    /// The running upstream settings.
+    pub upstream: UpstreamConfig,
+    /// The running token cache.
+    pub store: Arc<dyn TokenStore>,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The running tuning (`lazy` for a gateway).
+    pub tuning: Tuning,
+}
+
+/// The running state a reloader changes.
+#[derive(Debug)]
+pub struct Targets {
+    /// The gateway requests read (`None` in a sidecar, and it stays so).
+    pub gateway: watch::Sender<Option<Arc<Gateway>>>,
+    /// The spend ledger new gateways use.
+    pub ledger: Arc<dyn SpendLedger>,
+    /// The running profiles.
+    pub profiles: Arc<ProfileSet>,
+    /// How new profiles are built.
+    pub builder: Builder,
+    /// What `/status` shows.
+    pub status: Arc<Mutex<ReloadStatus>>,
+}
+
+/// A change of token identity being tested; aborted when dropped (a later reload changed
+/// the profile again).
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    target: ProfileConfig,
+    task: JoinHandle<()>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A rotation task's result.
+struct Done {
+    name: String,
+    id: u64,
+    outcome: Result<Arc<dyn Authorizer>, String>,
+}
+
+/// Applies reloads: holds the running configuration and the handles requests read from.
 #[derive(Debug)]
 pub struct Reloader {
-    path: PathBuf,
+    path: Option<PathBuf>,
     running: Config,
-    gateway: watch::Sender<Option<Arc<Gateway>>>,
-    ledger: Arc<dyn SpendLedger>,
-    metrics: Arc<Metrics>,
-    status: Arc<Mutex<ReloadStatus>>,
+    targets: Targets,
+    rotations: HashMap<String, InFlight>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    next_id: u64,
     /// Registered when the reloader is made, before the process says it is listening: a
     /// SIGHUP from then on reloads instead of ending the process (its default action).
     #[cfg(unix)]
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Done").field("name", &self.name).finish()
+    }
+}
+
+/// How a profile differs between the running and the new configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Same,
+    /// Only secrets changed.
+    Secrets,
+    /// What makes a token different changed (or a Basic credential).
+    Identity,
+    /// Something only a restart applies; `true` when the secrets changed as well.
+    Restart(String, bool),
+}
+
+/// What a new configuration brings, prepared off the async threads.
+struct Plan {
+    new: Config,
+    gateway: Option<Gateway>,
+    pending: Vec<String>,
+    changes: Vec<(String, Change)>,
+}
+
 impl Reloader {
-    /// A reloader for the configuration at `path`, running as `running`. Needs a Tokio
-    /// runtime (it registers the SIGHUP handler at once).
-    pub fn new(
-        path: PathBuf,
-        running: Config,
-        gateway: watch::Sender<Option<Arc<Gateway>>>,
-        ledger: Arc<dyn SpendLedger>,
-        metrics: Arc<Metrics>,
-        status: Arc<Mutex<ReloadStatus>>,
-    ) -> Self {
+    /// A reloader for the configuration at `path` (`None`: the configuration came from the
+    /// environment alone), running as `running`. Needs a Tokio runtime (it registers the
+    /// SIGHUP handler at once).
+    pub fn new(path: Option<PathBuf>, running: Config, targets: Targets) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
             path,
             running,
-            gateway,
-            ledger,
-            metrics,
-            status,
+            targets,
+            rotations: HashMap::new(),
+            done_tx,
+            done_rx,
+            next_id: 0,
             #[cfg(unix)]
             hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
         }
     }
 
-    /// Reads the file again and applies its callers if it may; returns whether it took effect.
+    fn status(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        lock(&self.targets.status)
+    }
+
+    /// Reads the file again and applies what it may; returns whether it took effect.
     pub async fn reload(&mut self, why: &str) -> bool {
-        let (path, running, ledger, metrics) = (
-            self.path.clone(),
+        let Some(path) = self.path.clone() else {
+            tracing::warn!(
+                "{why}: the configuration came from the environment alone; there is no file \
+                 to read again (restart to apply a change)"
+            );
+            return false;
+        };
+        let (running, ledger, metrics) = (
             self.running.clone(),
-            self.ledger.clone(),
-            self.metrics.clone(),
+            self.targets.ledger.clone(),
+            self.targets.builder.metrics.clone(),
         );
         let outcome =
             tokio::task::spawn_blocking(move || prepare(&path, running, ledger, &metrics))
                 .await
                 .unwrap_or_else(|e| Err(vec![format!("the reload failed: {e}")]));
         let now = rfc3339(SystemTime::now());
-        match outcome {
-            Ok((new, gateway, pending)) => {
-                let before: Vec<&String> = self.running.callers.keys().collect();
-                let added = new.callers.keys().filter(|c| !before.contains(c)).count();
-                let removed = before
-                    .iter()
-                    .filter(|c| !new.callers.contains_key(**c))
-                    .count();
-                let gateway = match self.gateway.borrow().as_ref() {
-                    Some(previous) => gateway.keeping_throttle_of(previous),
-                    None => gateway,
-                };
-                self.gateway.send_replace(Some(Arc::new(gateway)));
-                if !pending.is_empty() {
-                    tracing::warn!(
-                        pending = %pending.join("; "),
-                        "the reloaded file also changes what only a restart applies"
-                    );
-                }
-                let generation = {
-                    let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                    s.generation += 1;
-                    s.last_reload = Some(now);
-                    s.last_refusal = None;
-                    s.pending_restart = pending;
-                    s.generation
-                };
-                self.metrics.config_reload("applied");
-                tracing::info!(
-                    generation,
-                    callers = new.callers.len(),
-                    added,
-                    removed,
-                    "configuration reloaded ({why})"
-                );
-                self.running.callers = new.callers;
-                true
-            }
+        let plan = match outcome {
+            Ok(plan) => plan,
             Err(problems) => {
-                self.metrics.config_reload("refused");
+                self.targets.builder.metrics.config_reload("refused");
                 tracing::warn!(
                     problems = %problems.join("; "),
                     "configuration reload refused ({why}); the running configuration keeps serving"
                 );
-                let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                s.last_refusal = Some(Refusal { at: now, problems });
-                false
+                self.status().last_refusal = Some(Refusal { at: now, problems });
+                return false;
             }
+        };
+        let Plan {
+            new,
+            gateway,
+            pending,
+            changes,
+        } = plan;
+        let before: Vec<&String> = self.running.callers.keys().collect();
+        let added = new.callers.keys().filter(|c| !before.contains(c)).count();
+        let removed = before
+            .iter()
+            .filter(|c| !new.callers.contains_key(**c))
+            .count();
+        if let Some(gateway) = gateway {
+            let gateway = match self.targets.gateway.borrow().as_ref() {
+                Some(previous) => gateway.keeping_throttle_of(previous),
+                None => gateway,
+            };
+            self.targets.gateway.send_replace(Some(Arc::new(gateway)));
+        }
+        for (name, change) in changes {
+            if let Some(profile) = new.profiles.get(&name) {
+                self.apply_profile(&name, change, profile, &now);
+            }
+        }
+        if !pending.is_empty() {
+            tracing::warn!(
+                pending = %pending.join("; "),
+                "the reloaded configuration also changes what only a restart applies"
+            );
+        }
+        let generation = {
+            let mut s = self.status();
+            s.generation += 1;
+            s.last_reload = Some(now);
+            s.last_refusal = None;
+            s.pending_restart = pending;
+            s.generation
+        };
+        self.targets.builder.metrics.config_reload("applied");
+        tracing::info!(
+            generation,
+            callers = new.callers.len(),
+            added,
+            removed,
+            "configuration reloaded ({why})"
+        );
+        if self.running.is_gateway() {
+            self.running.callers = new.callers;
+        }
+        true
+    }
+
+    /// Applies one profile's change (see the module documentation).
+    fn apply_profile(&mut self, name: &str, change: Change, new: &ProfileConfig, now: &str) {
+        let Some(i) = self.targets.profiles.index(name) else {
+            return;
+        };
+        match change {
+            Change::Same => {
+                // Back to what runs: a rotation still being tested is no longer wanted.
+                if self.rotations.remove(name).is_some() {
+                    self.status().rotations.remove(name);
+                }
+            }
+            Change::Secrets | Change::Restart(_, true) => {
+                self.rotations.remove(name);
+                if self
+                    .targets
+                    .profiles
+                    .authorizer(i)
+                    .rotate_secrets(&new.auth)
+                {
+                    self.targets
+                        .builder
+                        .metrics
+                        .credential_rotation("secrets_loaded");
+                    if let Some(running) = self.running.profiles.get_mut(name) {
+                        take_secrets(&mut running.auth, &new.auth);
+                    }
+                }
+            }
+            Change::Identity => {
+                if self
+                    .rotations
+                    .get(name)
+                    .is_some_and(|r| same_profile(&r.target, new))
+                {
+                    return;
+                }
+                self.start_rotation(name, i, new.clone(), now);
+            }
+            Change::Restart(_, false) => {}
         }
     }
 
-    /// Runs until `stop` resolves: reloads on SIGHUP and when the file changes.
+    /// Starts testing `new` as profile `i`'s replacement (replacing a test in flight).
+    fn start_rotation(&mut self, name: &str, i: usize, new: ProfileConfig, now: &str) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let old = self.targets.profiles.authorizer(i);
+        let old_config = self.running.profiles.get(name).cloned();
+        let builder = self.targets.builder.clone();
+        let status = self.targets.status.clone();
+        let done = self.done_tx.clone();
+        let (task_name, target) = (name.to_string(), new.clone());
+        lock(&status).rotations.insert(
+            name.to_string(),
+            RotationStatus {
+                state: "testing",
+                since: now.to_string(),
+                until: None,
+                problem: None,
+            },
+        );
+        tracing::info!(profile = %name, "new token identity: obtaining a token with it before it replaces the running one");
+        let task = tokio::spawn(async move {
+            let outcome = rotate(&task_name, target, old, old_config, builder, &status).await;
+            let _ = done.send(Done {
+                name: task_name,
+                id,
+                outcome,
+            });
+        });
+        self.rotations.insert(
+            name.to_string(),
+            InFlight {
+                id,
+                target: new,
+                task,
+            },
+        );
+    }
+
+    /// A rotation task ended: swaps the profile in, or reports why not.
+    fn finish_rotation(&mut self, done: Done) {
+        let Some(flight) = self.rotations.get(&done.name).filter(|f| f.id == done.id) else {
+            return;
+        };
+        let target = flight.target.clone();
+        self.rotations.remove(&done.name);
+        let now = rfc3339(SystemTime::now());
+        let metrics = self.targets.builder.metrics.clone();
+        let entry = match done.outcome {
+            Ok(authorizer) => {
+                if let Some(i) = self.targets.profiles.index(&done.name) {
+                    self.targets.profiles.replace(i, authorizer);
+                }
+                self.running.profiles.insert(done.name.clone(), target);
+                metrics.credential_rotation("applied");
+                tracing::info!(profile = %done.name, "new token identity in use; the old one is retired once its requests end");
+                RotationStatus {
+                    state: "applied",
+                    since: now,
+                    until: None,
+                    problem: None,
+                }
+            }
+            Err(problem) => {
+                metrics.credential_rotation("refused");
+                tracing::warn!(profile = %done.name, problem = %problem, "the new token identity could not obtain a token; the running one keeps serving (tried again at the next reload)");
+                RotationStatus {
+                    state: "refused",
+                    since: now,
+                    until: None,
+                    problem: Some(problem),
+                }
+            }
+        };
+        self.status().rotations.insert(done.name, entry);
+    }
+
+    /// Runs until `stop` resolves: reloads on SIGHUP and when the files change.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut seen = stamp(&self.path);
+        let mut seen = self.stamps(true).await;
+        // A file written while the process was starting (after its configuration was read)
+        // is read now rather than at its next change.
+        let loaded = self.running.loaded_at;
+        let newer = |s: &Stamp| matches!((s, loaded), (Some((_, _, Some(m))), Some(l)) if *m > l);
+        if newer(&seen.config) || seen.files.iter().any(|(_, s)| newer(s)) {
+            self.reload("a file changed while the proxy was starting")
+                .await;
+        }
         #[cfg(unix)]
         let mut hangup = self.hangup.take();
         tokio::pin!(stop);
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = (FILES_POLL.as_millis() / POLL.as_millis()).max(1) as u64;
+        let mut ticks: u64 = 0;
         loop {
             #[cfg(unix)]
             let signal = async {
@@ -189,39 +473,126 @@ impl Reloader {
             tokio::select! {
                 () = &mut stop => return,
                 Some(()) = signal => {
-                    seen = stamp(&self.path);
+                    seen = self.stamps(true).await;
                     self.reload("SIGHUP").await;
                 }
+                Some(done) = self.done_rx.recv() => self.finish_rotation(done),
                 _ = poll.tick() => {
-                    let now = stamp(&self.path);
-                    if now != seen {
+                    ticks += 1;
+                    let all = ticks.is_multiple_of(every);
+                    let now = self.stamps(all).await;
+                    let config_changed = now.config != seen.config;
+                    if config_changed || (all && now.files != seen.files) {
                         // Let a burst of writes finish, then read what is there.
                         tokio::time::sleep(SETTLE).await;
-                        seen = stamp(&self.path);
-                        self.reload("the config file changed").await;
+                        let why = if config_changed {
+                            "the config file changed"
+                        } else {
+                            "a file the configuration names changed"
+                        };
+                        // Taken before reading, so a write during the reload is seen next time.
+                        seen = self.stamps(true).await;
+                        self.reload(why).await;
+                        // The files named may be others now: new ones are stamped as they are.
+                        let after = self.stamps(true).await;
+                        seen.files = after
+                            .files
+                            .into_iter()
+                            .map(|(f, now)| {
+                                let before = seen.files.iter().find(|(g, _)| *g == f);
+                                match before {
+                                    Some((_, s)) => (f, s.clone()),
+                                    None => (f, now),
+                                }
+                            })
+                            .collect();
                     }
                 }
             }
         }
     }
+
+    /// The stamps of the config file and (with `all`) of every file it names.
+    async fn stamps(&self, all: bool) -> Stamps {
+        let Some(path) = self.path.clone() else {
+            return Stamps::default();
+        };
+        let files = if all {
+            named_files(&self.running)
+        } else {
+            Vec::new()
+        };
+        tokio::task::spawn_blocking(move || Stamps {
+            config: stamp(&path),
+            files: files
+                .into_iter()
+                .map(|f| {
+                    let s = stamp(&f);
+                    (f, s)
+                })
+                .collect(),
+        })
+        .await
+        .unwrap_or_default()
+    }
 }
 
-/// What identifies the file's current content without reading it: where the path leads, its
+/// What identifies a file's current content without reading it: where the path leads, its
 /// size and modification time.
-fn stamp(path: &Path) -> Option<(PathBuf, u64, Option<SystemTime>)> {
+type Stamp = Option<(PathBuf, u64, Option<SystemTime>)>;
+
+/// The stamps of the config file and of the files it names.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Stamps {
+    config: Stamp,
+    files: Vec<(PathBuf, Stamp)>,
+}
+
+fn stamp(path: &Path) -> Stamp {
     let target = std::fs::canonicalize(path).ok()?;
     let meta = std::fs::metadata(&target).ok()?;
     Some((target, meta.len(), meta.modified().ok()))
 }
 
-/// Loads and checks the file; builds the gateway of its callers over the running profiles.
-/// Returns the new configuration, its gateway and what only a restart would apply.
+/// Every file the configuration names whose change a reload applies or reports, except the
+/// inbound TLS files (the listener watches those itself).
+fn named_files(c: &Config) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for p in c.profiles.values() {
+        match &p.auth {
+            AuthConfig::Basic { api_key_file, .. } => files.extend(api_key_file.clone()),
+            AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) => {
+                files.extend(o.client_secret_file.clone());
+                files.extend(o.password_file.clone());
+                files.extend(o.dpop.as_ref().map(|d| d.key_file.clone()));
+            }
+        }
+    }
+    files.extend(restart_files(c));
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// The files whose new contents only a restart applies.
+fn restart_files(c: &Config) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    files.extend(c.upstream.ca_file.clone());
+    files.extend(c.cache.encryption_key_file.clone());
+    files.extend(c.cache.previous_encryption_key_files.iter().cloned());
+    files.extend(c.cache.redis_password_file.clone());
+    files.extend(c.cache.redis_ca_file.clone());
+    files
+}
+
+/// Loads and checks the file; builds the gateway of its callers over the running profiles
+/// and sorts out how each profile changes.
 fn prepare(
     path: &Path,
     running: Config,
     ledger: Arc<dyn SpendLedger>,
     metrics: &Metrics,
-) -> Result<(Config, Gateway, Vec<String>), Vec<String>> {
+) -> Result<Plan, Vec<String>> {
     let new = Config::load(Some(path)).map_err(|e| {
         e.problems
             .iter()
@@ -242,33 +613,60 @@ fn prepare(
     if !missing.is_empty() {
         return Err(missing);
     }
-    let pending: Vec<String> = fixed_changes(&running, &new)
+    let mut pending: Vec<String> = fixed_changes(&running, &new)
         .into_iter()
         .map(|what| format!("{what}: changed; a restart applies it"))
         .collect();
-    // The new callers over the running profiles: their indexes are the running proxy's.
-    let mut merged = running;
-    merged.callers = new.callers.clone();
-    match Gateway::new(&merged, ledger, metrics) {
-        Ok(Some(g)) => Ok((new, g, pending)),
-        Ok(None) => Err(vec![
-            "callers: none left; a gateway cannot become a sidecar by reload".into(),
-        ]),
-        Err(e) => Err(vec![e]),
+    let mut changes = Vec::new();
+    for (name, old) in &running.profiles {
+        let Some(now) = new.profiles.get(name) else {
+            continue;
+        };
+        let change = classify(old, now);
+        if let Change::Restart(what, _) = &change {
+            pending.push(format!(
+                "profiles.{name}.{what}: changed; a restart applies it"
+            ));
+        }
+        changes.push((name.clone(), change));
     }
+    let gateway = if running.is_gateway() {
+        // The new callers over the running profiles: their indexes are the running proxy's.
+        let mut merged = running;
+        merged.callers = new.callers.clone();
+        match Gateway::new(&merged, ledger, metrics) {
+            Ok(Some(g)) => Some(g),
+            Ok(None) => {
+                return Err(vec![
+                    "callers: none left; a gateway cannot become a sidecar by reload".into(),
+                ])
+            }
+            Err(e) => return Err(vec![e]),
+        }
+    } else {
+        if new.is_gateway() {
+            pending.push("callers: added; a sidecar becomes a gateway only by a restart".into());
+        }
+        None
+    };
+    Ok(Plan {
+        new,
+        gateway,
+        pending,
+        changes,
+    })
 }
 
 /// The sections a reload does not apply, named, where `new` differs from `running`.
 fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
-    // A section that cannot be rendered counts as changed: never a silent "same".
-    fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        match (toml::to_string(a), toml::to_string(b)) {
-            (Ok(x), Ok(y)) => x != y,
-            _ => true,
-        }
-    }
-    if differ(&running.listen, &new.listen) {
+    // The inbound TLS files are the listener's to reload: only the rest of `listen` counts.
+    let listen = |c: &Config| {
+        let mut l = c.listen.clone();
+        l.tls = None;
+        l
+    };
+    if differ(&listen(running), &listen(new)) {
         out.push("listen".to_string());
     }
     if differ(&running.upstream, &new.upstream) {
@@ -277,12 +675,22 @@ fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
     if differ(&running.cache, &new.cache) {
         out.push("cache".to_string());
     }
-    for (file, was) in file_digests(running) {
-        let now = file_digests(new)
+    let digests = |c: &Config| {
+        restart_files(c)
             .into_iter()
-            .find(|(f, _)| *f == file)
-            .map(|(_, d)| d);
-        if now != Some(was) {
+            .map(|f| {
+                let digest =
+                    crate::config::read_small_file(&f, crate::config::MAX_SECRET_FILE, "file")
+                        .ok()
+                        .map(|bytes| crate::gateway::sha256(&bytes));
+                (f, digest)
+            })
+            .collect::<Vec<_>>()
+    };
+    let now = digests(new);
+    for (file, was) in digests(running) {
+        let is = now.iter().find(|(f, _)| *f == file).map(|(_, d)| *d);
+        if is != Some(was) {
             out.push(format!("the contents of {}", file.display()));
         }
     }
@@ -292,18 +700,80 @@ fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
     let names = |c: &Config| c.profiles.keys().cloned().collect::<Vec<_>>();
     if names(running) != names(new) {
         out.push("profiles (added or removed)".into());
-        return out;
-    }
-    for (name, old) in &running.profiles {
-        let Some(new) = new.profiles.get(name) else {
-            continue;
-        };
-        let same = !differ(old, new) && secrets(&old.auth) == secrets(&new.auth);
-        if !same {
-            out.push(format!("profiles.{name}"));
-        }
     }
     out
+}
+
+/// Whether two values render differently (one that cannot be rendered counts as changed:
+/// never a silent "same").
+fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    match (toml::to_string(a), toml::to_string(b)) {
+        (Ok(x), Ok(y)) => x != y,
+        _ => true,
+    }
+}
+
+/// The same profile, secrets included.
+fn same_profile(a: &ProfileConfig, b: &ProfileConfig) -> bool {
+    !differ(a, b) && secrets(&a.auth) == secrets(&b.auth) && identity(&a.auth) == identity(&b.auth)
+}
+
+/// How `new` differs from the running `old` (see the module documentation).
+fn classify(old: &ProfileConfig, new: &ProfileConfig) -> Change {
+    let secrets_changed = secrets(&old.auth) != secrets(&new.auth);
+    match (&old.auth, &new.auth) {
+        (AuthConfig::Basic { .. }, AuthConfig::Basic { .. }) => {
+            if identity(&old.auth) == identity(&new.auth) && !secrets_changed {
+                Change::Same
+            } else {
+                Change::Identity
+            }
+        }
+        (
+            AuthConfig::ClientCredentials(a) | AuthConfig::ServiceAccount(a),
+            AuthConfig::ClientCredentials(b) | AuthConfig::ServiceAccount(b),
+        ) => {
+            if identity(&old.auth) != identity(&new.auth) {
+                return Change::Identity;
+            }
+            let mut settings = Vec::new();
+            if a.refresh_window != b.refresh_window {
+                settings.push("refresh_window");
+            }
+            if a.min_token_interval != b.min_token_interval {
+                settings.push("min_token_interval");
+            }
+            if a.token_timeout != b.token_timeout {
+                settings.push("token_timeout");
+            }
+            match (settings.is_empty(), secrets_changed) {
+                (true, false) => Change::Same,
+                (true, true) => Change::Secrets,
+                (false, s) => Change::Restart(settings.join(", "), s),
+            }
+        }
+        _ => Change::Restart("auth".into(), secrets_changed),
+    }
+}
+
+/// What makes a profile's token (or Basic credential's user) different: the cache
+/// fingerprint's material, in clear (none of it is secret).
+fn identity(auth: &AuthConfig) -> Vec<String> {
+    match auth {
+        AuthConfig::Basic { platform_name, .. } => vec!["basic".into(), platform_name.clone()],
+        AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) => vec![
+            auth.method().as_str().into(),
+            o.token_url.clone(),
+            o.client_id.clone(),
+            o.username.clone().unwrap_or_default(),
+            o.audience.clone(),
+            o.scope.clone(),
+            o.dpop
+                .as_ref()
+                .map(|d| d.thumbprint.clone())
+                .unwrap_or_default(),
+        ],
+    }
 }
 
 /// A profile's credentials, compared by digest (a changed secret file is a change).
@@ -321,27 +791,125 @@ fn secrets(auth: &AuthConfig) -> Vec<[u8; 32]> {
     }
 }
 
-/// The files the configuration names outside profiles (whose secrets are compared as loaded),
-/// with a digest of their contents (`None` when unreadable).
-fn file_digests(c: &Config) -> Vec<(PathBuf, Option<[u8; 32]>)> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    files.extend(c.listen.tls_cert_file.clone());
-    files.extend(c.listen.tls_key_file.clone());
-    files.extend(c.listen.tls_client_ca_file.clone());
-    files.extend(c.upstream.ca_file.clone());
-    files.extend(c.cache.encryption_key_file.clone());
-    files.extend(c.cache.previous_encryption_key_files.iter().cloned());
-    files.extend(c.cache.redis_password_file.clone());
-    files.extend(c.cache.redis_ca_file.clone());
-    files
-        .into_iter()
-        .map(|f| {
-            let digest = crate::config::read_small_file(&f, crate::config::MAX_SECRET_FILE, "file")
-                .ok()
-                .map(|bytes| crate::gateway::sha256(&bytes));
-            (f, digest)
+/// `running` with the secrets (and the files they came from) of `new`, the same profile.
+fn take_secrets(running: &mut AuthConfig, new: &AuthConfig) {
+    if let (
+        AuthConfig::ClientCredentials(r) | AuthConfig::ServiceAccount(r),
+        AuthConfig::ClientCredentials(n) | AuthConfig::ServiceAccount(n),
+    ) = (running, new)
+    {
+        r.client_secret = n.client_secret.clone();
+        r.client_secret_file = n.client_secret_file.clone();
+        r.password = n.password.clone();
+        r.password_file = n.password_file.clone();
+    }
+}
+
+/// Tests `new` as the replacement of `old` (see the module documentation): the replacement's
+/// authorizer once it can authorize a request, or why it cannot.
+async fn rotate(
+    name: &str,
+    new: ProfileConfig,
+    old: Arc<dyn Authorizer>,
+    old_config: Option<ProfileConfig>,
+    builder: Builder,
+    status: &Mutex<ReloadStatus>,
+) -> Result<Arc<dyn Authorizer>, String> {
+    let build = |lazy: bool| {
+        let tuning = Tuning {
+            lazy,
+            ..builder.tuning.clone()
+        };
+        Profile::from_config(
+            &new,
+            &builder.upstream,
+            builder.store.clone(),
+            builder.metrics.clone(),
+            tuning,
+        )
+        .map(|p| p.authorizer)
+        .map_err(|e| e.to_string())
+    };
+    let basic = matches!(new.auth, AuthConfig::Basic { .. });
+    if basic || old.status().is_idle() {
+        return build(builder.tuning.lazy);
+    }
+    if let Some(open) = budget_opens(&new, old_config.as_ref(), &*old, &builder).await {
+        if let Ok(wait) = open.duration_since(SystemTime::now()) {
+            if let Some(s) = lock(status).rotations.get_mut(name) {
+                s.state = "waiting_for_mint_budget";
+                s.until = Some(rfc3339(open));
+            }
+            tracing::info!(
+                profile = %name,
+                until = %rfc3339(open),
+                "the new identity keeps the client: it asks for a token once the client's mint budget allows"
+            );
+            tokio::time::sleep(wait).await;
+            if let Some(s) = lock(status).rotations.get_mut(name) {
+                s.state = "testing";
+                s.until = None;
+            }
+        }
+    }
+    let authorizer = build(false)?;
+    let uri: http::Uri = builder
+        .upstream
+        .url
+        .to_string()
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    authorizer
+        .authorize(Target {
+            method: &http::Method::GET,
+            uri: &uri,
         })
-        .collect()
+        .resolve()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(authorizer)
+}
+
+/// For a client-credentials profile that keeps its client (token URL and client id): when
+/// the client's budget allows its next token — `min_token_interval` after the last mint by
+/// any replica (the token in hand's, or the shared ledger's).
+async fn budget_opens(
+    new: &ProfileConfig,
+    old: Option<&ProfileConfig>,
+    old_authorizer: &dyn Authorizer,
+    builder: &Builder,
+) -> Option<SystemTime> {
+    let (AuthConfig::ClientCredentials(n), Some(AuthConfig::ClientCredentials(o))) =
+        (&new.auth, old.map(|o| &o.auth))
+    else {
+        return None;
+    };
+    if n.token_url != o.token_url || n.client_id != o.client_id {
+        return None;
+    }
+    let interval = n.min_token_interval.max(o.min_token_interval)?;
+    let mut last = old_authorizer.minted_at();
+    let key = ledger_key(o);
+    if let Ok(Ok(Some(ago))) =
+        tokio::time::timeout(Duration::from_secs(2), builder.store.last_mint(&key)).await
+    {
+        let at = SystemTime::now().checked_sub(ago);
+        last = last.max(at);
+    }
+    last?.checked_add(interval)
+}
+
+/// The cache key (fingerprint) of a client-credentials profile.
+fn ledger_key(o: &OAuthConfig) -> String {
+    crate::token::fingerprint(
+        o,
+        "client_credentials",
+        o.dpop.as_ref().map(|d| d.thumbprint.as_str()),
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn rfc3339(t: SystemTime) -> String {

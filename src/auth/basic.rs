@@ -64,6 +64,7 @@ impl Authorizer for BasicAuth {
             identity: self.platform_name.clone(),
             cache_healthy: true,
             token: None,
+            secret_rotation: None,
         }
     }
 }

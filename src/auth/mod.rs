@@ -131,6 +131,25 @@ pub struct ProfileStatus {
     /// Token details for OAuth profiles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<serde_json::Value>,
+    /// The last rotation of the profile's secrets, once a reload has changed them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_rotation: Option<oauth::SecretRotation>,
+}
+
+impl ProfileStatus {
+    /// An OAuth profile whose token owner has not started: no token, no refresh, no failure
+    /// yet (a gateway's profiles start when their first request arrives).
+    pub fn is_idle(&self) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        !self.ready
+            && token["expires_at"].is_null()
+            && token["last_refresh"].is_null()
+            && token["last_error"].is_null()
+            && token["refreshing"] == false
+            && token["consecutive_failures"] == 0
+    }
 }
 
 /// Produces credentials for one profile.
@@ -156,6 +175,16 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     }
     /// Sees every upstream response to a request sent to `uri` (DPoP reads `DPoP-Nonce` here).
     fn observe(&self, _uri: &http::Uri, _headers: &http::HeaderMap) {}
+    /// A reload changed only the secrets of this profile (`auth`, the same identity): take
+    /// them for the next mint, keeping the token in hand. False when this authorizer cannot,
+    /// and the profile is rebuilt instead.
+    fn rotate_secrets(&self, _auth: &AuthConfig) -> bool {
+        false
+    }
+    /// When the token in hand was minted (by any replica), if there is one.
+    fn minted_at(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// One Tango identity and the authorizer that speaks for it.
@@ -192,12 +221,15 @@ impl Profile {
                         nonces: dpop::NonceCache::default(),
                     })
                 });
-                let client = oauth::TokenClient::new(oauth, upstream, dpop.clone())
-                    .map_err(AuthBuildError::TokenClient)?;
+                let client = Arc::new(
+                    oauth::TokenClient::new(oauth, upstream, dpop.clone())
+                        .map_err(AuthBuildError::TokenClient)?
+                        .with_metrics(metrics.clone()),
+                );
                 let manager = TokenManager::start(
                     &config.name,
                     oauth,
-                    Arc::new(client),
+                    client.clone(),
                     dpop.as_ref().map(|d| d.key.thumbprint()),
                     store,
                     metrics.clone(),
@@ -209,6 +241,7 @@ impl Profile {
                     config.auth.method(),
                     oauth,
                     manager,
+                    client,
                     dpop,
                     metrics,
                 ))
@@ -219,6 +252,91 @@ impl Profile {
             method: config.auth.method(),
             authorizer,
         })
+    }
+}
+
+/// The running profiles, in name order. Each one's authorizer can be replaced by a reload (a
+/// credential rotation) while requests run: a request holds the authorizer it started with
+/// until it ends, so a swap never touches a request in flight. Names and methods are fixed
+/// for the life of the process.
+#[derive(Debug)]
+pub struct ProfileSet {
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    method: AuthMethod,
+    authorizer: std::sync::RwLock<Arc<dyn Authorizer>>,
+}
+
+impl ProfileSet {
+    /// The set of `profiles`, in the order given.
+    pub fn new(profiles: Vec<Profile>) -> Self {
+        Self {
+            slots: profiles
+                .into_iter()
+                .map(|p| Slot {
+                    name: p.name,
+                    method: p.method,
+                    authorizer: std::sync::RwLock::new(p.authorizer),
+                })
+                .collect(),
+        }
+    }
+
+    /// How many profiles there are.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True without profiles.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The name of profile `i`.
+    pub fn name(&self, i: usize) -> &str {
+        &self.slots[i].name
+    }
+
+    /// The method of profile `i`.
+    pub fn method(&self, i: usize) -> AuthMethod {
+        self.slots[i].method
+    }
+
+    /// Where the profile called `name` is, if it runs.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
+    }
+
+    /// The authorizer of profile `i` as of now.
+    pub fn authorizer(&self, i: usize) -> Arc<dyn Authorizer> {
+        self.slots[i]
+            .authorizer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every profile's name and current authorizer.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Arc<dyn Authorizer>)> + '_ {
+        (0..self.slots.len()).map(|i| (self.name(i), self.authorizer(i)))
+    }
+
+    /// Makes `authorizer` profile `i`'s for every later request; the replaced one serves the
+    /// requests that hold it until they end.
+    pub fn replace(&self, i: usize, authorizer: Arc<dyn Authorizer>) {
+        let old = std::mem::replace(
+            &mut *self.slots[i]
+                .authorizer
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            authorizer,
+        );
+        // Dropped outside the lock (an OAuth authorizer's drop stops its token task).
+        drop(old);
     }
 }
 

@@ -28,22 +28,82 @@ use crate::secret::Secret;
 use crate::token::{MintError, MintFuture, Minted, Need, Token, TokenManager, TokenSource};
 
 /// Posts token requests for one profile.
-#[derive(Debug, Clone)]
+///
+/// **Secret rotation**: [`TokenClient::rotate`] replaces the client secret and password in
+/// place; the token in hand is kept and the new secrets are first sent at the next mint, whenever
+/// that falls due (the mint budget is the token manager's and is untouched). If the token
+/// endpoint rejects the new secrets at that mint, the failure is logged at WARN and shown in
+/// `/status`, and the previous secrets — kept in memory since the rotation, whether or not their
+/// file still exists — are tried **once**. They are forgotten after that attempt, or as soon as
+/// the new secrets have produced a token.
+#[derive(Debug)]
 pub struct TokenClient {
     http: reqwest::Client,
     url: String,
     form: Vec<(&'static str, FormValue)>,
+    /// The values of the form's plain fields.
+    plain: Vec<String>,
     timeout: Duration,
     dpop: Option<Arc<Dpop>>,
     /// The token endpoint's `htu` and origin, normalised once.
     htu: String,
     origin: String,
+    secrets: RwLock<Arc<Secrets>>,
+    rotation: std::sync::Mutex<Rotation>,
+    metrics: Option<Arc<Metrics>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum FormValue {
-    Plain(String),
-    Secret(Secret),
+    Plain(usize),
+    ClientSecret,
+    Password,
+}
+
+/// What a token request sends that is secret.
+#[derive(Debug)]
+struct Secrets {
+    client_secret: Secret,
+    password: Option<Secret>,
+}
+
+impl Secrets {
+    fn of(config: &OAuthConfig) -> Self {
+        Self {
+            client_secret: config.client_secret.clone(),
+            password: config.password.clone(),
+        }
+    }
+
+    fn same_as(&self, other: &Secrets) -> bool {
+        self.client_secret.expose() == other.client_secret.expose()
+            && self.password.as_ref().map(Secret::expose)
+                == other.password.as_ref().map(Secret::expose)
+    }
+}
+
+/// The state of the last secret rotation.
+#[derive(Debug, Default)]
+struct Rotation {
+    /// The secrets replaced by the last rotation, until they have been tried once or the new
+    /// ones have worked.
+    previous: Option<Arc<Secrets>>,
+    /// What `/status` shows.
+    status: Option<SecretRotation>,
+}
+
+/// A profile's last secret rotation, as `/status` shows it (`profiles.NAME.secret_rotation`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SecretRotation {
+    /// When the new secrets were loaded (RFC 3339).
+    pub rotated_at: String,
+    /// `pending` (not sent yet: the token in hand is still in use), `in_use` (a token was
+    /// minted with them), `refused_previous_used` (the token endpoint refused them; the previous
+    /// secrets produced the token) or `refused` (refused, and no previous secrets were left).
+    pub state: &'static str,
+    /// The token endpoint's answer to the new secrets, when it refused them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl TokenClient {
@@ -66,44 +126,147 @@ impl TokenClient {
             .user_agent(concat!("tango-auth-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the token client: {e}"))?;
-        let mut form = Vec::new();
         let grant = if config.username.is_some() {
             "password"
         } else {
             "client_credentials"
         };
-        form.push(("grant_type", FormValue::Plain(grant.into())));
-        form.push(("client_id", FormValue::Plain(config.client_id.clone())));
-        form.push((
-            "client_secret",
-            FormValue::Secret(config.client_secret.clone()),
-        ));
-        if let (Some(u), Some(p)) = (&config.username, &config.password) {
-            form.push(("username", FormValue::Plain(u.clone())));
-            form.push(("password", FormValue::Secret(p.clone())));
+        let mut plain = vec![grant.to_string(), config.client_id.clone()];
+        let mut form = vec![
+            ("grant_type", FormValue::Plain(0)),
+            ("client_id", FormValue::Plain(1)),
+            ("client_secret", FormValue::ClientSecret),
+        ];
+        if let (Some(u), Some(_)) = (&config.username, &config.password) {
+            plain.push(u.clone());
+            form.push(("username", FormValue::Plain(plain.len() - 1)));
+            form.push(("password", FormValue::Password));
         }
-        form.push(("scope", FormValue::Plain(config.scope.clone())));
-        form.push(("audience", FormValue::Plain(config.audience.clone())));
+        plain.push(config.scope.clone());
+        form.push(("scope", FormValue::Plain(plain.len() - 1)));
+        plain.push(config.audience.clone());
+        form.push(("audience", FormValue::Plain(plain.len() - 1)));
         Ok(Self {
             http,
             url: config.token_url.clone(),
             form,
+            plain,
             timeout: config.token_timeout,
             dpop,
             htu: htu(&uri),
             origin: origin(&uri),
+            secrets: RwLock::new(Arc::new(Secrets::of(config))),
+            rotation: std::sync::Mutex::default(),
+            metrics: None,
         })
     }
 
+    /// Counts refused secret rotations in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Takes the client secret and password of `config` (the same profile, reloaded) for the
+    /// next mint. Returns false when they are the ones already in use.
+    pub fn rotate(&self, config: &OAuthConfig) -> bool {
+        let new = Arc::new(Secrets::of(config));
+        let mut current = self.secrets.write().unwrap_or_else(|p| p.into_inner());
+        if current.same_as(&new) {
+            return false;
+        }
+        let old = std::mem::replace(&mut *current, new);
+        let mut rotation = self.rotation();
+        rotation.previous = Some(old);
+        rotation.status = Some(SecretRotation {
+            rotated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            state: "pending",
+            problem: None,
+        });
+        true
+    }
+
+    /// The last secret rotation, for `/status`.
+    pub fn rotation_status(&self) -> Option<SecretRotation> {
+        self.rotation().status.clone()
+    }
+
+    fn rotation(&self) -> std::sync::MutexGuard<'_, Rotation> {
+        self.rotation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current(&self) -> Arc<Secrets> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Requests one token. With DPoP, a `use_dpop_nonce` answer is retried once with the nonce.
-    /// An error never carries this client's secrets, even when the endpoint echoes them back.
+    /// After a secret rotation, a refusal of the new secrets is followed by one attempt with the
+    /// previous ones (see [`TokenClient`]). An error never carries this client's secrets, even
+    /// when the endpoint echoes them back.
     async fn request(&self) -> Result<Minted, MintError> {
-        self.exchange().await.map_err(|e| self.scrub(e))
+        let current = self.current();
+        let result = self.exchange(&current).await.map_err(|e| self.scrub(e));
+        let refused = match &result {
+            Ok(_) => {
+                let mut rotation = self.rotation();
+                rotation.previous = None;
+                if let Some(s) = rotation.status.as_mut() {
+                    s.state = "in_use";
+                    s.problem = None;
+                }
+                return result;
+            }
+            Err(e @ MintError::Rejected { .. }) => e.to_string(),
+            Err(_) => return result,
+        };
+        let previous = {
+            let mut rotation = self.rotation();
+            // Never rotated: the mint failed as any other does.
+            let Some(status) = rotation.status.as_mut() else {
+                return result;
+            };
+            status.state = "refused";
+            status.problem = Some(refused.clone());
+            if let Some(m) = &self.metrics {
+                m.credential_rotation("secret_refused");
+            }
+            // Kept until the attempt is over, so an echo of them is redacted too.
+            rotation.previous.clone()
+        };
+        let Some(previous) = previous else {
+            return result;
+        };
+        tracing::warn!(
+            "the token endpoint refused the rotated credentials ({refused}); trying the previous \
+             ones once"
+        );
+        let fallback = self.exchange(&previous).await.map_err(|e| self.scrub(e));
+        self.rotation().previous = None;
+        match &fallback {
+            Ok(_) => {
+                if let Some(s) = self.rotation().status.as_mut() {
+                    s.state = "refused_previous_used";
+                }
+                tracing::warn!(
+                    "the previous credentials produced the token; the rotated ones are tried \
+                     again at the next mint and the previous ones are forgotten"
+                );
+                fallback
+            }
+            Err(e) => {
+                tracing::warn!("the previous credentials failed too: {e}");
+                result
+            }
+        }
     }
 
     /// Replaces every secret this client sends (as sent, form-encoded, or raw) in an error.
     fn scrub(&self, e: MintError) -> MintError {
         let secrets = self.secrets();
+        let secrets: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
         let clean = |text: String| redact_all(text, &secrets);
         match e {
             MintError::RateLimited(m) => MintError::RateLimited(clean(m)),
@@ -121,8 +284,8 @@ impl TokenClient {
         }
     }
 
-    async fn exchange(&self) -> Result<Minted, MintError> {
-        let body = zeroize::Zeroizing::new(self.encoded_form());
+    async fn exchange(&self, secrets: &Secrets) -> Result<Minted, MintError> {
+        let body = zeroize::Zeroizing::new(self.encoded_form(secrets));
         let mut retried = false;
         loop {
             let mut request = self
@@ -164,7 +327,9 @@ impl TokenClient {
                 retried = true;
                 continue;
             }
-            return parse_answer(status, &bytes, &self.secrets());
+            let known = self.secrets();
+            let known: Vec<&str> = known.iter().map(|s| s.expose()).collect();
+            return parse_answer(status, &bytes, &known);
         }
     }
 
@@ -197,19 +362,18 @@ impl TokenClient {
         }
     }
 
-    /// The secrets this client sends, for redaction.
-    fn secrets(&self) -> Vec<&str> {
-        self.form
-            .iter()
-            .filter_map(|(_, v)| match v {
-                FormValue::Secret(s) => Some(s.expose()),
-                FormValue::Plain(_) => None,
-            })
-            .filter(|s| !s.is_empty())
+    /// The secrets this client sends or has sent since its last rotation, for redaction.
+    fn secrets(&self) -> Vec<Secret> {
+        let mut all = vec![self.current()];
+        all.extend(self.rotation().previous.clone());
+        all.iter()
+            .flat_map(|s| std::iter::once(&s.client_secret).chain(s.password.as_ref()))
+            .filter(|s| !s.expose().is_empty())
+            .cloned()
             .collect()
     }
 
-    fn encoded_form(&self) -> String {
+    fn encoded_form(&self, secrets: &Secrets) -> String {
         let mut out = String::new();
         for (i, (k, v)) in self.form.iter().enumerate() {
             if i > 0 {
@@ -217,9 +381,10 @@ impl TokenClient {
             }
             out.push_str(k);
             out.push('=');
-            let v = match v {
-                FormValue::Plain(s) => s.as_str(),
-                FormValue::Secret(s) => s.expose(),
+            let v = match *v {
+                FormValue::Plain(i) => self.plain[i].as_str(),
+                FormValue::ClientSecret => secrets.client_secret.expose(),
+                FormValue::Password => secrets.password.as_ref().map_or("", Secret::expose),
             };
             out.extend(form_urlencoded_byte_serialize(v));
         }
@@ -233,10 +398,7 @@ impl TokenSource for TokenClient {
     }
 
     fn grant(&self) -> &str {
-        match self.form.first() {
-            Some((_, FormValue::Plain(g))) => g,
-            _ => "",
-        }
+        self.plain.first().map_or("", String::as_str)
     }
 }
 
@@ -473,6 +635,8 @@ pub struct OAuthAuthorizer {
     method: AuthMethod,
     identity: String,
     manager: TokenManager,
+    /// The token endpoint client the manager mints with (its secrets rotate in place).
+    client: Arc<TokenClient>,
     dpop: Option<Arc<Dpop>>,
     metrics: Arc<Metrics>,
     skew_warned: AtomicBool,
@@ -482,12 +646,14 @@ pub struct OAuthAuthorizer {
 }
 
 impl OAuthAuthorizer {
-    /// Wraps a running token manager.
+    /// Wraps a running token manager and the client it mints with.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         profile: &str,
         method: AuthMethod,
         config: &OAuthConfig,
         manager: TokenManager,
+        client: Arc<TokenClient>,
         dpop: Option<Arc<Dpop>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -500,6 +666,7 @@ impl OAuthAuthorizer {
             method,
             identity,
             manager,
+            client,
             dpop,
             metrics,
             skew_warned: AtomicBool::new(false),
@@ -663,7 +830,28 @@ impl Authorizer for OAuthAuthorizer {
             identity: self.identity.clone(),
             cache_healthy: self.manager.cache_healthy(),
             token: serde_json::to_value(details).ok(),
+            secret_rotation: self.client.rotation_status(),
         }
+    }
+
+    fn rotate_secrets(&self, auth: &crate::config::AuthConfig) -> bool {
+        match auth {
+            crate::config::AuthConfig::ClientCredentials(o)
+            | crate::config::AuthConfig::ServiceAccount(o) => {
+                if self.client.rotate(o) {
+                    tracing::info!(
+                        profile = %self.profile,
+                        "new client secret / password loaded; the token in hand is kept and they are sent at the next mint"
+                    );
+                }
+                true
+            }
+            crate::config::AuthConfig::Basic { .. } => false,
+        }
+    }
+
+    fn minted_at(&self) -> Option<std::time::SystemTime> {
+        self.manager.minted_at()
     }
 }
 

@@ -320,6 +320,14 @@ impl MockTango {
         self.count(|s| s.revocations += 1);
     }
 
+    /// Stops accepting a client secret or service-account password, as an identity provider
+    /// does once a rotation is finished: token requests sending it get `invalid_client` (or
+    /// `invalid_grant`). A client may be configured more than once with the same id and
+    /// different secrets, so an old and a new secret can both be valid meanwhile.
+    pub fn retire_secret(&self, secret: &str) {
+        lock(&self.0.tokens.retired).insert(secret.to_string());
+    }
+
     /// Makes the next `count` token requests fail with `mode`.
     pub fn fail_token_requests(&self, mode: FailMode, count: usize) {
         self.0.tokens.fail_next(mode, count);

@@ -79,6 +79,8 @@ pub(super) struct Tokens {
     reject_all: Mutex<bool>,
     ignore_dpop: Mutex<bool>,
     cc_mints: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Client secrets and passwords no longer accepted (rotated out at the identity provider).
+    pub(super) retired: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for Tokens {
@@ -91,6 +93,7 @@ impl Default for Tokens {
             reject_all: Mutex::new(false),
             ignore_dpop: Mutex::new(false),
             cc_mints: Mutex::default(),
+            retired: Mutex::default(),
         }
     }
 }
@@ -254,9 +257,11 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
         None => {}
     }
 
+    let retired = lock(&tokens.retired).clone();
     let client = config.clients.iter().find(|c| {
         Some(c.client_id.as_str()) == form.client_id.as_deref()
             && Some(c.client_secret.expose()) == form.client_secret.as_deref()
+            && !retired.contains(c.client_secret.expose())
     });
     let Some(client) = client else {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized");
@@ -266,6 +271,7 @@ async fn issue_token(mock: &MockTango, headers: &HeaderMap, form: TokenForm) -> 
             let ok = client.service_accounts.iter().any(|(u, p)| {
                 Some(u.as_str()) == form.username.as_deref()
                     && Some(p.expose()) == form.password.as_deref()
+                    && !retired.contains(p.expose())
             });
             if !ok {
                 return oauth_error(

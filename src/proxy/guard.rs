@@ -492,7 +492,7 @@ impl Proxy {
                 Ok(state.currencies.get(utid).cloned())
             }
             Err(e) => {
-                tracing::warn!(profile = %inner.profiles[profile].name, "reward currencies unknown: {e}");
+                tracing::warn!(profile = %inner.profiles.name(profile), "reward currencies unknown: {e}");
                 state.failure = Some(e.clone());
                 Err(e)
             }
@@ -511,8 +511,9 @@ impl Proxy {
         let pq: http::uri::PathAndQuery = path.parse().map_err(|_| "bad path".to_string())?;
         let uri = self.upstream_uri(Some(&pq)).map_err(|e| e.to_string())?;
         let fetch = async {
-            let credential = inner.profiles[profile]
-                .authorizer
+            let credential = inner
+                .profiles
+                .authorizer(profile)
                 .authorize(Target {
                     method: &Method::GET,
                     uri: &uri,

@@ -35,7 +35,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::auth::{AfterRejection, AuthError, Credential, Profile, Target};
+use crate::auth::{AfterRejection, AuthError, Authorizer, Credential, ProfileSet, Target};
 use crate::config::{Config, UpstreamUrl};
 use crate::describe;
 use crate::metrics::Metrics;
@@ -57,8 +57,9 @@ pub struct Proxy(Arc<Inner>);
 struct Inner {
     upstream: UpstreamUrl,
     client: UpstreamClient,
-    /// Every profile, in name order; a sidecar has one.
-    profiles: Vec<Profile>,
+    /// Every profile, in name order; a sidecar has one. A reload may replace one's authorizer
+    /// (credential rotation); a request keeps the one it started with.
+    profiles: Arc<ProfileSet>,
     /// What a 401 tells the app when Tango gave no challenge it can act on, per profile.
     challenges: Vec<HeaderValue>,
     /// Gateway mode: the callers and their policies, swapped whole by a reload.
@@ -112,15 +113,14 @@ impl Proxy {
     /// in gateway mode, its callers; `bound` is the address the proxy listener really has.
     pub fn new(
         config: &Config,
-        profiles: Vec<Profile>,
+        profiles: Arc<ProfileSet>,
         gateway: crate::reload::GatewayCell,
         metrics: Arc<Metrics>,
         bound: SocketAddr,
     ) -> Result<Self, crate::tls::TlsError> {
         let client = client::build(&config.upstream)?;
-        let challenges = profiles
-            .iter()
-            .map(|p| headers::app_challenge(p.method == crate::config::AuthMethod::Basic))
+        let challenges = (0..profiles.len())
+            .map(|i| headers::app_challenge(profiles.method(i) == crate::config::AuthMethod::Basic))
             .collect();
         let catalogs = guard::Catalogs::new(profiles.len());
         let mut local_authorities = vec![
@@ -309,9 +309,10 @@ impl Proxy {
     ) -> Result<Forwarded, ProxyError> {
         let inner = &*self.0;
         let profile_index = profile;
-        let profile = &inner.profiles[profile];
+        // The profile's authorizer as of now, for every send of this request.
+        let authorizer = inner.profiles.authorizer(profile);
+        let authorizer = &*authorizer;
         // Nothing is read before the first send, so the credential is fetched right before it.
-        let authorizer = &profile.authorizer;
         let credential = authorizer
             .authorize(Target {
                 method: &parts.method,
@@ -342,7 +343,7 @@ impl Proxy {
         let first = with_credential(parts, &credential);
         let (response, credential) = self
             .send_resending(
-                profile,
+                authorizer,
                 first,
                 body,
                 credential,
@@ -393,7 +394,7 @@ impl Proxy {
             let replay = with_credential(template.clone(), &fresh);
             let (replay, used) = self
                 .send_resending(
-                    profile,
+                    authorizer,
                     replay,
                     body,
                     fresh,
@@ -429,7 +430,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn send_resending(
         &self,
-        profile: &Profile,
+        authorizer: &dyn Authorizer,
         parts: http::request::Parts,
         body: OutboundBody,
         credential: Credential,
@@ -457,8 +458,7 @@ impl Proxy {
                 return Err(err);
             }
         };
-        let fresh = profile
-            .authorizer
+        let fresh = authorizer
             .authorize(Target {
                 method: &template.method,
                 uri: &template.uri,

@@ -214,7 +214,7 @@ impl Drop for TokenManager {
 }
 
 /// A stable, non-secret key for what makes a token different.
-pub(crate) fn fingerprint(config: &OAuthConfig, grant: &str, jkt: Option<&str>) -> String {
+pub fn fingerprint(config: &OAuthConfig, grant: &str, jkt: Option<&str>) -> String {
     let material = [
         config.token_url.as_str(),
         grant,
@@ -316,6 +316,14 @@ impl TokenManager {
             .as_ref()
             .filter(|t| t.usable_at(Instant::now()))
             .cloned()
+    }
+
+    /// When the token in hand was minted, by this process or another replica (its wall-clock
+    /// expiry less its lifetime), usable or not.
+    pub fn minted_at(&self) -> Option<SystemTime> {
+        let snap = self.snapshot.borrow();
+        let t = snap.token.as_ref()?;
+        t.expires_at.checked_sub(t.lifetime)
     }
 
     /// True when a request can be authorized right now (and the owner task is alive).

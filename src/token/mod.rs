@@ -25,7 +25,8 @@ use base64::Engine;
 use tokio::time::Instant;
 
 pub use manager::{
-    Clock, ManagerStatus, Need, Snapshot, SystemClock, TokenManager, Tuning, Unavailable,
+    fingerprint, Clock, ManagerStatus, Need, Snapshot, SystemClock, TokenManager, Tuning,
+    Unavailable,
 };
 
 use crate::secret::Secret;

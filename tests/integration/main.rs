@@ -22,6 +22,7 @@ mod redis;
 mod refusals;
 mod reload;
 mod replay;
+mod rotation;
 mod sdk;
 mod store;
 mod streaming;

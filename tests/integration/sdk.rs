@@ -2,7 +2,7 @@
 //! only the base URL and its platform name and key.
 //!
 //! `scripts/test.sh` installs the SDK into `target/raas-venv` and names its Python in
-//! `TANGO_PROXY_RAAS_PYTHON`. Without it the test says so and passes on a developer machine; in
+//! `RAAS_SDK_PYTHON`. Without it the test says so and passes on a developer machine; in
 //! CI (`CI` set) a missing SDK fails it.
 
 use std::process::Command;
@@ -14,12 +14,12 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raas_python_sdk_works_through_the_gateway_unchanged() {
-    let Some(python) = std::env::var_os("TANGO_PROXY_RAAS_PYTHON") else {
+    let Some(python) = std::env::var_os("RAAS_SDK_PYTHON") else {
         assert!(
             std::env::var_os("CI").is_none(),
-            "TANGO_PROXY_RAAS_PYTHON is not set: run the tests with scripts/test.sh"
+            "RAAS_SDK_PYTHON is not set: run the tests with scripts/test.sh"
         );
-        eprintln!("skipped: TANGO_PROXY_RAAS_PYTHON not set (scripts/test.sh sets it up)");
+        eprintln!("skipped: RAAS_SDK_PYTHON not set (scripts/test.sh sets it up)");
         return;
     };
     let (mock, mock_url) = start_mock(MockConfig::with_stores(2)).await;

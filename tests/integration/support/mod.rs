@@ -160,11 +160,23 @@ impl TestProxy {
     pub async fn start(toml: &str) -> TestProxy {
         logs::capture();
         let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_config(&config).await
+    }
+
+    /// A proxy loaded from the config file at `path`, as `serve --config` loads it: it reloads
+    /// when the file, or a file it names, changes.
+    pub async fn start_file(path: &Path) -> TestProxy {
+        logs::capture();
+        let config = Config::load(Some(path)).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_config(&config).await
+    }
+
+    async fn start_config(config: &Config) -> TestProxy {
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let running = app::start(&config, listeners).unwrap();
+        let running = app::start(config, listeners).unwrap();
         let url = format!("http://{}", running.proxy_addr);
         let admin_url = format!("http://{}", running.admin_addr);
         TestProxy {

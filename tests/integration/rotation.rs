@@ -1,0 +1,474 @@
+//! Credential rotation by reload: a changed secret is taken for the next mint while the token in
+//! hand keeps serving; a refused new secret falls back to the previous one once; a new token
+//! identity replaces a profile only once it has a token, and a broken one never does; a
+//! client-credentials client is never asked for a token sooner than its budget allows; a
+//! sidecar reloads on SIGHUP instead of ending.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tango_auth_proxy::mock::{MockClient, MockConfig, MockTango};
+use tango_auth_proxy::secret::Secret;
+
+use crate::support::*;
+
+const NEW_SECRET: &str = "n3w-cl13nt-S3cret-Must-N0t-L3ak";
+const WRONG_SECRET: &str = "wr0ng-cl13nt-S3cret-Must-N0t-L3ak";
+const SECOND_CLIENT: &str = "second-client";
+const SECOND_SECRET: &str = "s3c0nd-cl13nt-S3cret-Must-N0t-L3ak";
+
+/// The test client, accepted with its current and its new secret (as an identity provider
+/// during a rotation), and a second client with the same service account.
+fn rotating_mock() -> MockConfig {
+    let mut config = mock_config(1.0);
+    let first = config.clients[0].clone();
+    config.clients.push(MockClient {
+        client_secret: Secret::new(NEW_SECRET),
+        ..first.clone()
+    });
+    config.clients.push(MockClient {
+        name: "Second".into(),
+        client_id: SECOND_CLIENT.into(),
+        client_secret: Secret::new(SECOND_SECRET),
+        ..first
+    });
+    config
+}
+
+async fn start_rotating_mock() -> (MockTango, String) {
+    for s in [NEW_SECRET, WRONG_SECRET, SECOND_SECRET] {
+        logs::watch_secret(s.to_string());
+    }
+    start_mock(rotating_mock()).await
+}
+
+/// A config file whose `default` profile reads its client secret from `secret_file`.
+fn config_text(mock_url: &str, auth: &str, client_id: &str, extra: &str) -> String {
+    let account = if auth == "service_account" {
+        format!("username = \"{USERNAME}\"\npassword = \"{PASSWORD}\"\n")
+    } else {
+        String::new()
+    };
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[upstream]
+url = "{mock_url}"
+allow_http = true
+[profiles.default]
+auth = "{auth}"
+token_url = "{mock_url}/oauth/token"
+client_id = "{client_id}"
+client_secret_file = "@SECRET@"
+{account}{extra}
+"#
+    )
+}
+
+/// Writes a file the way Kubernetes updates a mounted Secret: a new file, then a rename.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct Files {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    secret: PathBuf,
+}
+
+impl Files {
+    /// Replaces the config file with `text` (its secret file named in full).
+    fn rewrite(&self, text: &str) {
+        replace(
+            &self.config,
+            &text.replace("@SECRET@", self.secret.to_str().unwrap()),
+        );
+    }
+}
+
+fn files(config: &str, secret: &str) -> Files {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, sec) = (dir.path().join("proxy.toml"), dir.path().join("secret"));
+    std::fs::write(&sec, secret).unwrap();
+    std::fs::write(&cfg, config.replace("@SECRET@", sec.to_str().unwrap())).unwrap();
+    Files {
+        _dir: dir,
+        config: cfg,
+        secret: sec,
+    }
+}
+
+/// Polls `/status` until `check` holds (at most 20 s); returns that status.
+async fn status_until(proxy: &TestProxy, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = proxy.status().await;
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn account(proxy: &TestProxy) -> u16 {
+    proxy
+        .get(&format!(
+            "/raas/v2/accounts/{}",
+            tango_auth_proxy::mock::SEED_ACCOUNT
+        ))
+        .await
+        .status()
+        .as_u16()
+}
+
+fn secret_rotation(status: &Value) -> &Value {
+    &status["profiles"]["default"]["secret_rotation"]
+}
+
+#[tokio::test]
+async fn a_rotated_secret_is_used_at_the_next_mint_and_the_token_in_hand_is_kept() {
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(
+        &config_text(&url, "service_account", CLIENT_ID, ""),
+        CLIENT_SECRET,
+    );
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(mock.stats().tokens_issued, 1);
+
+    // The secret file is rotated and the identity provider stops taking the old secret.
+    replace(&f.secret, NEW_SECRET);
+    mock.retire_secret(CLIENT_SECRET);
+    let status = status_until(&proxy, "the new secret loaded", |s| {
+        secret_rotation(s)["state"] == "pending"
+    })
+    .await;
+    assert!(status["config"]["generation"].as_u64().unwrap() >= 1);
+    assert!(status["config"]["pending_restart"].is_null(), "{status:#}");
+    // The token in hand keeps serving: no mint for a secret change.
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(mock.stats().total_token_requests(), 1);
+    assert_eq!(
+        metric(
+            &proxy.admin_url,
+            "tango_proxy_credential_rotations_total{result=\"secrets_loaded\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // The next mint (Tango revoked the token) sends the new secret, which the identity
+    // provider accepts; with the old one it would have been refused.
+    mock.revoke_all();
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(mock.stats().tokens_issued, 2);
+    assert_eq!(mock.stats().total_token_requests(), 2);
+    let status = proxy.status().await;
+    assert_eq!(secret_rotation(&status)["state"], "in_use", "{status:#}");
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test]
+async fn a_refused_new_secret_is_reported_and_the_previous_one_is_tried_once() {
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(
+        &config_text(&url, "service_account", CLIENT_ID, ""),
+        CLIENT_SECRET,
+    );
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+
+    // A secret the identity provider does not know yet (rotated in the wrong order).
+    replace(&f.secret, WRONG_SECRET);
+    status_until(&proxy, "the new secret loaded", |s| {
+        secret_rotation(s)["state"] == "pending"
+    })
+    .await;
+    let before = mock.stats().total_token_requests();
+
+    // The next mint: the new secret is refused, the previous one tried once and it works.
+    mock.revoke_all();
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(mock.stats().total_token_requests(), before + 2);
+    let status = proxy.status().await;
+    let rotation = secret_rotation(&status);
+    assert_eq!(rotation["state"], "refused_previous_used", "{status:#}");
+    assert!(
+        rotation["problem"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
+        "{status:#}"
+    );
+    assert_eq!(
+        metric(
+            &proxy.admin_url,
+            "tango_proxy_credential_rotations_total{result=\"secret_refused\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // Once only: the next mint has the new secret alone, which is still refused. (Right
+    // after a mint caused by a 401, another 401 is passed on for a few seconds without a
+    // mint, so the budget cannot be burnt by a revocation loop; then the mint is tried.)
+    mock.revoke_all();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resp = loop {
+        let resp = proxy
+            .get(&format!(
+                "/raas/v2/accounts/{}",
+                tango_auth_proxy::mock::SEED_ACCOUNT
+            ))
+            .await;
+        if resp.status() != 401 {
+            break resp;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Tango's 401 was passed on for too long"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-tango-proxy-error"], "token_unavailable");
+    assert_eq!(mock.stats().total_token_requests(), before + 3);
+    let status = proxy.status().await;
+    assert_eq!(secret_rotation(&status)["state"], "refused", "{status:#}");
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(
+        &config_text(&url, "service_account", CLIENT_ID, ""),
+        CLIENT_SECRET,
+    );
+    let proxy = Arc::new(TestProxy::start_file(&f.config).await);
+    assert_eq!(account(&proxy).await, 200);
+
+    // Bounded load for the whole test; every answer must be a 200.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (proxy, stop, sent, failed) =
+            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 20_000 {
+                let status = account(&proxy).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // A client id the identity provider does not know: refused, the old profile serves on.
+    f.rewrite(&config_text(&url, "service_account", "no-such-client", ""));
+    let status = status_until(&proxy, "the broken identity refused", |s| {
+        s["config"]["rotations"]["default"]["state"] == "refused"
+    })
+    .await;
+    let problem = status["config"]["rotations"]["default"]["problem"]
+        .as_str()
+        .unwrap();
+    assert!(problem.contains("invalid_client"), "{status:#}");
+    assert_eq!(
+        status["profiles"]["default"]["identity"],
+        format!("{CLIENT_ID} / {USERNAME}")
+    );
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(
+        metric(
+            &proxy.admin_url,
+            "tango_proxy_credential_rotations_total{result=\"refused\"}"
+        )
+        .await,
+        1.0
+    );
+    assert!(!mock
+        .stats()
+        .credentials
+        .keys()
+        .any(|k| k.contains("no-such-client")));
+
+    // A working new client: it gets its token, then takes over.
+    replace(&f.secret, SECOND_SECRET);
+    f.rewrite(&config_text(&url, "service_account", SECOND_CLIENT, ""));
+    let status = status_until(&proxy, "the new identity applied", |s| {
+        s["config"]["rotations"]["default"]["state"] == "applied"
+    })
+    .await;
+    assert_eq!(
+        status["profiles"]["default"]["identity"],
+        format!("{SECOND_CLIENT} / {USERNAME}")
+    );
+    let by_second = |m: &MockTango| {
+        m.stats()
+            .credentials
+            .get(&format!("bearer:{SECOND_CLIENT}"))
+            .copied()
+            .unwrap_or(0)
+    };
+    let first_before = mock.stats().credentials[&format!("bearer:{CLIENT_ID}")];
+    let second_before = by_second(&mock);
+    for _ in 0..5 {
+        assert_eq!(account(&proxy).await, 200);
+    }
+    assert!(by_second(&mock) >= second_before + 5);
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    // Requests that began before the swap may still have gone out as the first client;
+    // none after it did.
+    let first_after = mock.stats().credentials[&format!("bearer:{CLIENT_ID}")];
+    assert!(
+        first_after - first_before <= 2,
+        "{first_before} -> {first_after}"
+    );
+    assert!(sent.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed across the rotation"
+    );
+    assert_eq!(
+        metric(
+            &proxy.admin_url,
+            "tango_proxy_credential_rotations_total{result=\"applied\"}"
+        )
+        .await,
+        1.0
+    );
+    let proxy = Arc::into_inner(proxy).unwrap();
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test]
+async fn a_client_credentials_rotation_never_asks_for_a_token_before_the_budget_allows() {
+    // The mock allows one client-credentials token per client per 20 hours, as Tango does.
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(
+        &config_text(&url, "client_credentials", CLIENT_ID, ""),
+        CLIENT_SECRET,
+    );
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+    let cc = |m: &MockTango| m.stats().token_requests["client_credentials"];
+    assert_eq!(cc(&mock), 1);
+
+    // A new secret: loaded for the next mint, no token asked for.
+    replace(&f.secret, NEW_SECRET);
+    status_until(&proxy, "the new secret loaded", |s| {
+        secret_rotation(s)["state"] == "pending"
+    })
+    .await;
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(cc(&mock), 1);
+
+    // A new scope for the same client: a new token identity, but the client minted moments
+    // ago, so it waits for the budget (20 h 15 m by default) and the old profile serves on.
+    f.rewrite(&config_text(
+        &url,
+        "client_credentials",
+        CLIENT_ID,
+        "scope = \"raas.all raas.read\"\n",
+    ));
+    let status = status_until(&proxy, "the rotation waiting for the budget", |s| {
+        s["config"]["rotations"]["default"]["state"] == "waiting_for_mint_budget"
+    })
+    .await;
+    let until = status["config"]["rotations"]["default"]["until"]
+        .as_str()
+        .unwrap();
+    let until = humantime::parse_rfc3339(until).unwrap();
+    let wait = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        wait > Duration::from_secs(20 * 3600),
+        "waits only {wait:?}: {status:#}"
+    );
+    for _ in 0..3 {
+        assert_eq!(account(&proxy).await, 200);
+    }
+    assert_eq!(
+        cc(&mock),
+        1,
+        "a rotation asked the client for a token early"
+    );
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_reloads_on_sighup_instead_of_ending() {
+    let (mock, url) = start_rotating_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, CLIENT_SECRET).unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        config_text(&url, "service_account", CLIENT_ID, "")
+            .replace("@SECRET@", secret.to_str().unwrap()),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start(&cfg, &[]);
+    let get = || async {
+        client()
+            .get(format!(
+                "{}/raas/v2/accounts/{}",
+                proxy.url(),
+                tango_auth_proxy::mock::SEED_ACCOUNT
+            ))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get().await, 200);
+    // The new secret arrives in place (no rename, so no change of the file's identity) and
+    // the operator says so with SIGHUP.
+    std::fs::write(&secret, NEW_SECRET).unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = get_json(&format!("{}/status", proxy.admin_url())).await;
+        if status["profiles"]["default"]["secret_rotation"]["state"] == "pending" {
+            assert!(status["config"]["generation"].as_u64().unwrap() >= 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload: {status:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    mock.retire_secret(CLIENT_SECRET);
+    mock.revoke_all();
+    assert_eq!(get().await, 200);
+    let (code, logs) = proxy.terminate();
+    assert_eq!(code, 0, "{logs}");
+    for s in [CLIENT_SECRET, NEW_SECRET] {
+        assert!(!logs.contains(s));
+    }
+}
