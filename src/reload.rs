@@ -915,3 +915,85 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(body: &str) -> ProfileConfig {
+        let toml = format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\nallow_http = true\n[profiles.p]\n{body}\n"
+        );
+        let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
+        config.profiles["p"].clone()
+    }
+
+    const OAUTH: &str = "auth = \"service_account\"\ntoken_url = \"http://127.0.0.1:1/oauth/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\nusername = \"u\"\npassword = \"p\"\n";
+
+    fn with(line: &str) -> ProfileConfig {
+        // A later key wins in TOML only by replacement: drop the line it overrides.
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let kept: String = OAUTH
+            .lines()
+            .filter(|l| l.split('=').next().unwrap_or_default().trim() != key)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        profile(&format!("{kept}{line}\n"))
+    }
+
+    #[test]
+    fn profile_changes_are_classified_by_what_makes_a_token_different() {
+        let base = profile(OAUTH);
+        assert_eq!(classify(&base, &profile(OAUTH)), Change::Same);
+        assert_eq!(
+            classify(&base, &with("client_secret = \"s2\"")),
+            Change::Secrets
+        );
+        assert_eq!(classify(&base, &with("password = \"p2\"")), Change::Secrets);
+        for identity in [
+            "client_id = \"c2\"",
+            "username = \"u2\"",
+            "scope = \"raas.read\"",
+            "audience = \"https://api.bhn.com/fiveminute\"",
+            "token_url = \"http://127.0.0.1:2/oauth/token\"",
+        ] {
+            assert_eq!(
+                classify(&base, &with(identity)),
+                Change::Identity,
+                "{identity}"
+            );
+        }
+        assert_eq!(
+            classify(&base, &with("refresh_window = \"1h\"")),
+            Change::Restart("refresh_window".into(), false)
+        );
+        let both = profile(&format!(
+            "{}token_timeout = \"3s\"\n",
+            OAUTH.replace("client_secret = \"s\"", "client_secret = \"s2\"")
+        ));
+        assert_eq!(
+            classify(&base, &both),
+            Change::Restart("token_timeout".into(), true)
+        );
+        let basic = profile("auth = \"basic\"\nplatform_name = \"n\"\napi_key = \"k\"\n");
+        assert_eq!(
+            classify(
+                &basic,
+                &profile("auth = \"basic\"\nplatform_name = \"n\"\napi_key = \"k2\"\n")
+            ),
+            Change::Identity
+        );
+        assert!(matches!(classify(&basic, &base), Change::Restart(..)));
+        assert!(same_profile(&base, &profile(OAUTH)));
+        assert!(!same_profile(&base, &with("client_secret = \"s2\"")));
+    }
+
+    #[test]
+    fn taking_new_secrets_leaves_the_identity_and_settings_alone() {
+        let mut running = profile(OAUTH);
+        let new = with("client_secret = \"s2\"");
+        take_secrets(&mut running.auth, &new.auth);
+        assert!(same_profile(&running, &new));
+        assert_eq!(classify(&running, &new), Change::Same);
+    }
+}
