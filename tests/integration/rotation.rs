@@ -472,3 +472,59 @@ async fn a_sidecar_reloads_on_sighup_instead_of_ending() {
         assert!(!logs.contains(s));
     }
 }
+
+#[tokio::test]
+async fn a_new_dpop_key_gets_its_own_token_before_it_replaces_the_old_one() {
+    let (mock, url) = start_rotating_mock().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (first, first_jkt) = crate::dpop::keygen(keys.path(), "ES256");
+    let (second, second_jkt) = crate::dpop::keygen(keys.path(), "EdDSA");
+    let f = files(
+        &config_text(
+            &url,
+            "service_account",
+            CLIENT_ID,
+            &format!("dpop_key_file = \"{}/key.pem\"\n", keys.path().display()),
+        ),
+        CLIENT_SECRET,
+    );
+    let key = keys.path().join("key.pem");
+    std::fs::copy(&first, &key).unwrap();
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+    let status = proxy.status().await;
+    assert_eq!(
+        status["profiles"]["default"]["token"]["dpop_jkt"],
+        first_jkt
+    );
+    let issued = mock.stats().tokens_issued;
+
+    // The key file is replaced (a new Secret version): a new fingerprint, so one new token,
+    // bound to the new key, before the swap; requests go on throughout.
+    let tmp = keys.path().join("key.pem.new");
+    std::fs::copy(&second, &tmp).unwrap();
+    std::fs::rename(&tmp, &key).unwrap();
+    let status = status_until(&proxy, "the new key in use", |s| {
+        s["config"]["rotations"]["default"]["state"] == "applied"
+    })
+    .await;
+    assert_eq!(
+        status["profiles"]["default"]["token"]["dpop_jkt"],
+        second_jkt
+    );
+    assert_eq!(mock.stats().tokens_issued, issued + 1);
+    // The mock checks each proof against the key the token is bound to.
+    for _ in 0..3 {
+        assert_eq!(account(&proxy).await, 200);
+    }
+    assert_eq!(
+        mock.stats()
+            .credentials
+            .get("dpop-invalid")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    proxy.stop();
+    proxy.wait().await;
+}
