@@ -42,7 +42,7 @@ use crate::secret::Secret;
 
 mod callers;
 pub use callers::{
-    currency_decimals, normalize_san, parse_sha256, valid_caller_name, CallerConfig, Money, Rate,
+    currency_decimals, parse_sha256, valid_caller_name, CallerConfig, Money, Rate, San,
 };
 
 /// Prefix of every configuration environment variable.
@@ -1644,7 +1644,7 @@ fn check_cert_identities(
     problems: &mut Problems,
 ) {
     let mut by_cert: BTreeMap<[u8; 32], &str> = BTreeMap::new();
-    let mut by_san: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut by_san: BTreeMap<&San, &str> = BTreeMap::new();
     let verifies = listen.is_none_or(|l| l.tls_client_ca_file.is_some());
     for c in callers.values() {
         if let Some(other) = c.cert_sha256.and_then(|h| by_cert.insert(h, &c.name)) {
@@ -1653,11 +1653,7 @@ fn check_cert_identities(
                 format!("the same as callers.{other}.cert_sha256: a certificate names one caller"),
             );
         }
-        if let Some(other) = c
-            .cert_san
-            .as_deref()
-            .and_then(|s| by_san.insert(s, &c.name))
-        {
+        if let Some(other) = c.cert_san.as_ref().and_then(|s| by_san.insert(s, &c.name)) {
             problems.push(
                 format!("callers.{}.cert_san", c.name),
                 format!("the same as callers.{other}.cert_san: a certificate names one caller"),

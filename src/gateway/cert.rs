@@ -1,5 +1,7 @@
 //! Callers known by their client certificate: the certificate's SHA-256 fingerprint
-//! (`cert_sha256`) or a DNS / URI subject alternative name it carries (`cert_san`).
+//! (`cert_sha256`) or a DNS / URI subject alternative name it carries (`cert_san`). Names are
+//! matched by kind: a caller configured with a DNS name is named only by a certificate's DNS
+//! name, one with a URI only by a URI ([`San`]).
 //!
 //! The certificate reaching here was verified during the TLS handshake against
 //! `listen.tls_client_ca_file` (chain, validity period, client-auth usage); this module only says
@@ -9,15 +11,15 @@
 
 use std::collections::HashMap;
 
-use crate::config::{normalize_san, CallerConfig};
+use crate::config::{CallerConfig, San};
 
 /// Which caller a client certificate names.
 #[derive(Debug, Default)]
 pub struct CertIndex {
     by_fingerprint: HashMap<[u8; 32], usize>,
-    by_san: HashMap<String, usize>,
+    by_san: HashMap<San, usize>,
     /// Per caller index: what its certificate must carry.
-    wants: Vec<(Option<[u8; 32]>, Option<String>)>,
+    wants: Vec<(Option<[u8; 32]>, Option<San>)>,
 }
 
 impl CertIndex {
@@ -77,7 +79,7 @@ impl CertIndex {
 
 /// The DNS names (lower case) and URIs in a certificate's subject alternative name extension;
 /// empty when it has none or the DER cannot be read.
-pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+pub fn subject_alt_names(der: &[u8]) -> Vec<San> {
     san_values(der).unwrap_or_default()
 }
 
@@ -96,7 +98,7 @@ const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
 /// Names kept from one certificate at most.
 const MAX_NAMES: usize = 64;
 
-fn san_values(der: &[u8]) -> Option<Vec<String>> {
+fn san_values(der: &[u8]) -> Option<Vec<San>> {
     let (tag, cert, _) = tlv(der)?;
     if tag != SEQUENCE {
         return None;
@@ -143,12 +145,13 @@ fn san_values(der: &[u8]) -> Option<Vec<String>> {
         while !names.is_empty() && out.len() < MAX_NAMES {
             let (tag, name, rest) = tlv(names)?;
             names = rest;
-            if tag == DNS_NAME || tag == URI {
-                if let Ok(text) = std::str::from_utf8(name) {
-                    if text.is_ascii() {
-                        out.push(normalize_san(text));
-                    }
-                }
+            let Some(text) = std::str::from_utf8(name).ok().filter(|t| t.is_ascii()) else {
+                continue;
+            };
+            match tag {
+                DNS_NAME => out.push(San::Dns(text.to_ascii_lowercase())),
+                URI => out.push(San::Uri(text.to_string())),
+                _ => {}
             }
         }
         return Some(out);
@@ -210,7 +213,10 @@ mod tests {
         let der = cert(&["Store-17.Example", "spiffe://franchise/store-17"]);
         assert_eq!(
             subject_alt_names(&der),
-            vec!["store-17.example", "spiffe://franchise/store-17"]
+            vec![
+                San::Dns("store-17.example".into()),
+                San::Uri("spiffe://franchise/store-17".into())
+            ]
         );
         assert!(subject_alt_names(&cert(&[])).is_empty());
     }

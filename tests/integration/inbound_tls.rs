@@ -41,16 +41,25 @@ impl Ca {
 
     /// A client certificate carrying `sans` (a name with `:` is a URI), optionally long expired.
     fn client(&self, sans: &[&str], expired: bool) -> Identity {
+        let sans = sans
+            .iter()
+            .map(|san| {
+                let value = rcgen::Ia5String::try_from(*san).unwrap();
+                if san.contains(':') {
+                    SanType::URI(value)
+                } else {
+                    SanType::DnsName(value)
+                }
+            })
+            .collect();
+        self.client_with(sans, expired)
+    }
+
+    /// A client certificate carrying exactly `sans`, optionally long expired.
+    fn client_with(&self, sans: Vec<SanType>, expired: bool) -> Identity {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for san in sans {
-            let value = rcgen::Ia5String::try_from(*san).unwrap();
-            params.subject_alt_names.push(if san.contains(':') {
-                SanType::URI(value)
-            } else {
-                SanType::DnsName(value)
-            });
-        }
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -439,6 +448,74 @@ async fn certificates_of_another_ca_expired_or_matching_no_caller_are_refused() 
     );
 }
 
+/// A `cert_san` names one kind of subject alternative name: a DNS name matches only a
+/// certificate's DNS name, a URI (a value with a scheme) only its URI. A certificate whose URI
+/// reads like a DNS caller's name, or whose DNS name reads like a URI caller's, names no caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_name_matches_only_a_caller_of_its_kind() {
+    let (mock, mock_url) = start_mock(MockConfig::with_stores(2)).await;
+    logs::watch_secret("franchise-secret".to_string());
+    for i in 1..=2 {
+        logs::watch_secret(format!("store-{i}-password"));
+    }
+    let files = TlsFiles::new();
+    let toml = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+{tls}
+[upstream]
+url = "{mock_url}"
+allow_http = true
+{profiles}
+[callers.till-dns]
+cert_san = "till.store-1.pos.example"
+profile = "store-1"
+accounts = ["A-STORE-1"]
+[callers.till-uri]
+cert_san = "spiffe://franchise/store-2"
+profile = "store-2"
+accounts = ["A-STORE-2"]
+"#,
+        tls = files.listen_keys(true),
+        profiles = store_profiles(&mock_url, 2),
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let base = format!("https://{}", proxy.addr());
+    let ia5 = |s: &str| rcgen::Ia5String::try_from(s).unwrap();
+    let cases = [
+        (SanType::DnsName(ia5("Till.Store-1.POS.example")), 1, true),
+        (SanType::URI(ia5("till.store-1.pos.example")), 1, false),
+        (SanType::URI(ia5("spiffe://franchise/store-2")), 2, true),
+        (
+            SanType::DnsName(ia5("spiffe://franchise/store-2")),
+            2,
+            false,
+        ),
+    ];
+    for (san, store, matches) in cases {
+        let shown = format!("{san:?}");
+        let id = files.ca.client_with(vec![san], false);
+        let before = mock.requests().len();
+        let r = https(&files.ca.pem, Some(&id), false)
+            .get(format!("{base}/raas/v2/accounts/A-STORE-{store}"))
+            .send()
+            .await
+            .unwrap();
+        if matches {
+            assert_eq!(r.status(), 200, "{shown}");
+        } else {
+            assert_eq!(
+                error_cause(r).await,
+                (401, "caller_unauthorized".to_string()),
+                "{shown} named a caller of the other kind"
+            );
+            assert_eq!(mock.requests().len(), before, "{shown}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_client_certificates_refuse_a_handshake_without_one() {
     let gw = start_gateway("tls_client_auth = \"required\"").await;
@@ -750,7 +827,8 @@ fn tls_and_certificate_identity_mistakes_are_reported_by_key() {
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{}\"\n", files.path("missing.pem")), "listen.tls_client_ca_file: "),
         (format!("[callers.a]\ncert_sha256 = \"{fp}\"\n"), "callers.a.cert_sha256: needs listen.tls_client_ca_file"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"12:34\"\n"), "callers.a.cert_sha256: expected the SHA-256 fingerprint"),
-        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"a b\"\n"), "callers.a.cert_san: expected a DNS name or URI"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"a b\"\n"), "callers.a.cert_san: expected a DNS name or a URI"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"17:till\"\n"), "callers.a.cert_san: expected a DNS name or a URI"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"{fp}\"\n[callers.b]\ncert_sha256 = \"{}\"\n", fp.to_ascii_uppercase()), "callers.b.cert_sha256: the same as callers.a.cert_sha256"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"Till.Example\"\n[callers.b]\ncert_san = \"till.example\"\n"), "callers.b.cert_san: the same as callers.a.cert_san"),
         ("[callers.a]\nprofile = \"default\"\n".into(), "callers.a.key_sha256: required (unless cert_sha256 or cert_san identifies the caller)"),
