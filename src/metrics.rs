@@ -96,6 +96,7 @@ pub struct Metrics {
     caller_spend: Family<CallerOnlyLabel, Gauge>,
     profile_ready: Family<ProfileLabel, Gauge>,
     config_reloads: Family<ResultLabel, Counter>,
+    tls_reloads: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -333,6 +334,16 @@ impl Metrics {
         for result in ["applied", "refused"] {
             let _ = config_reloads.get_or_create(&ResultLabel { result });
         }
+        let tls_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Changes of the proxy listener's TLS files (listen.tls_*), by result: applied or \
+             refused (the running certificate kept serving)",
+            tls_reloads.clone(),
+        );
+        for result in ["applied", "refused"] {
+            let _ = tls_reloads.get_or_create(&ResultLabel { result });
+        }
         let profile_ready = Family::<ProfileLabel, Gauge>::default();
         registry.register(
             "profile_ready",
@@ -368,12 +379,20 @@ impl Metrics {
             caller_spend,
             profile_ready,
             config_reloads,
+            tls_reloads,
         }
     }
 
     /// Counts a configuration reload: `applied` or `refused`.
     pub fn config_reload(&self, result: &'static str) {
         self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a change of the listener's TLS files: `applied` or `refused`.
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
             .get_or_create(&ResultLabel { result })
             .inc();
     }

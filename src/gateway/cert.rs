@@ -5,9 +5,10 @@
 //!
 //! The certificate reaching here was verified during the TLS handshake against
 //! `listen.tls_client_ca_file` (chain, validity period, client-auth usage); this module only says
-//! which caller it names. Subject alternative names are read from the DER with a small,
-//! bounded reader of the few structures involved: every length is checked against what is left,
-//! so a malformed certificate yields no names, never a panic.
+//! which caller it names. Subject alternative names (and, for `/status`, the listener's own
+//! certificate's expiry, [`not_after`]) are read from the DER with a small, bounded reader of
+//! the few structures involved: every length is checked against what is left, so a malformed
+//! certificate yields nothing, never a panic.
 
 use std::collections::HashMap;
 
@@ -159,6 +160,66 @@ fn san_values(der: &[u8]) -> Option<Vec<San>> {
     Some(Vec::new())
 }
 
+/// When a certificate stops being valid (its `notAfter`), as RFC 3339 in UTC
+/// (`2031-05-17T00:00:00Z`); `None` when the DER cannot be read.
+pub fn not_after(der: &[u8]) -> Option<String> {
+    const INTEGER: u8 = 0x02;
+    /// `[0] EXPLICIT Version` in a TBSCertificate.
+    const VERSION: u8 = 0xa0;
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+    let (tag, cert, _) = tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    // version (optional), serialNumber, signature, issuer, validity.
+    let (mut tag, _, mut rest) = tlv(tbs)?;
+    if tag == VERSION {
+        (tag, _, rest) = tlv(rest)?;
+    }
+    if tag != INTEGER {
+        return None;
+    }
+    for _ in 0..2 {
+        let (tag, _, after) = tlv(rest)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        rest = after;
+    }
+    let (tag, validity, _) = tlv(rest)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (_, _, validity) = tlv(validity)?;
+    let (tag, time, _) = tlv(validity)?;
+    // RFC 5280: YYMMDDHHMMSSZ (years 1950 to 2049) or YYYYMMDDHHMMSSZ.
+    let digits = time.strip_suffix(b"Z")?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let text = std::str::from_utf8(digits).ok()?;
+    let (century, rest) = match (tag, text.len()) {
+        (UTC_TIME, 12) => (if text < "50" { "20" } else { "19" }, text),
+        (GENERALIZED_TIME, 14) => text.split_at(2),
+        _ => return None,
+    };
+    let part = |i: usize| rest.get(i..i + 2);
+    Some(format!(
+        "{century}{}-{}-{}T{}:{}:{}Z",
+        part(0)?,
+        part(2)?,
+        part(4)?,
+        part(6)?,
+        part(8)?,
+        part(10)?
+    ))
+}
+
 /// One DER element: its tag, its contents and what follows it. Only single-byte tags and
 /// lengths up to four bytes, as certificates use.
 fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -222,15 +283,38 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_expiry_in_either_time_form() {
+        for (year, shown) in [
+            (2031, "2031-05-17T00:00:00Z"),
+            (1999, "1999-05-17T00:00:00Z"),
+            // From 2050 on a certificate carries a GeneralizedTime.
+            (2051, "2051-05-17T00:00:00Z"),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["gateway.example".to_string()])
+                .expect("certificate parameters");
+            params.not_after = rcgen::date_time_ymd(year, 5, 17);
+            let key = rcgen::KeyPair::generate().expect("key");
+            let der = params
+                .self_signed(&key)
+                .expect("certificate")
+                .der()
+                .to_vec();
+            assert_eq!(not_after(&der).as_deref(), Some(shown));
+        }
+    }
+
+    #[test]
     fn malformed_der_yields_no_names() {
         let der = cert(&["store-17.example"]);
         for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
             let _ = subject_alt_names(&der[..cut]);
+            let _ = not_after(&der[..cut]);
         }
         let mut flipped = der.clone();
         for i in 0..flipped.len() {
             flipped[i] ^= 0xff;
             let _ = subject_alt_names(&flipped);
+            let _ = not_after(&flipped);
             flipped[i] ^= 0xff;
         }
         assert!(subject_alt_names(b"\x30\x84\xff\xff\xff\xff").is_empty());
