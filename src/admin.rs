@@ -8,7 +8,8 @@
 //! token: one store's deleted service account must not take every store out of the load
 //! balancer. Each profile's readiness is in `/status` (`profiles.NAME.ready`) and in the
 //! `tango_proxy_profile_ready{profile}` gauge; `/status` also shows each caller's counts and,
-//! for limited callers, today's spend.
+//! for limited callers, today's spend. With `listen.tls_cert_file`, `/status` shows `tls`: the
+//! certificate new connections get (fingerprint, expiry) and its reloads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,7 @@ struct AdminInner {
     profiles: Arc<ProfileSet>,
     gateway: crate::reload::GatewayCell,
     reloads: Arc<std::sync::Mutex<crate::reload::ReloadStatus>>,
+    tls: Option<Arc<std::sync::Mutex<crate::tls_reload::TlsStatus>>>,
     metrics: Arc<Metrics>,
     cache_backend: &'static str,
     upstream: String,
@@ -54,11 +56,23 @@ impl AdminState {
             profiles,
             gateway,
             reloads,
+            tls: None,
             metrics,
             cache_backend: config.cache.backend.as_str(),
             upstream: config.upstream.url.to_string(),
             started: Instant::now(),
         }))
+    }
+
+    /// Reports on the proxy listener's TLS and its reloads too (`tls` in `/status`).
+    pub fn with_tls(
+        mut self,
+        tls: Option<Arc<std::sync::Mutex<crate::tls_reload::TlsStatus>>>,
+    ) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.tls = tls;
+        }
+        self
     }
 }
 
@@ -132,6 +146,10 @@ async fn status(State(state): State<AdminState>) -> Response {
         "cache": { "backend": s.cache_backend, "healthy": cache_healthy },
         "profiles": profiles,
     });
+    if let Some(tls) = &s.tls {
+        let tls = tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        body["tls"] = serde_json::to_value(tls).unwrap_or_default();
+    }
     let gateway = s.gateway.borrow().clone();
     if let Some(gateway) = &gateway {
         body["callers"] = callers_status(gateway).await;

@@ -175,13 +175,24 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         metrics.clone(),
         proxy_addr,
     )?;
+    // The proxy listener's TLS files are watched while it runs: new handshakes take what they
+    // hold now (see `tls_reload`).
+    let (tls_reloader, tls_cell, tls_status) = match &config.listen.tls {
+        Some(tls) => {
+            let (reloader, cell, status) =
+                crate::tls_reload::TlsReloader::new(tls, metrics.clone());
+            (Some(reloader), Some(cell), Some(status))
+        }
+        None => (None, None, None),
+    };
     let admin_state = AdminState::new(
         config,
         profiles.clone(),
         gateway_rx,
         reloads.clone(),
         metrics.clone(),
-    );
+    )
+    .with_tls(tls_status);
 
     let (stop, stopped) = watch::channel(false);
     let listen = &config.listen;
@@ -199,7 +210,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         &metrics,
     );
     let proxy_settings = listener::Settings {
-        tls: listen.tls.clone(),
+        tls: tls_cell,
         ..proxy_settings
     };
     let proxy_task = tokio::spawn(listener::serve(
@@ -232,6 +243,7 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         move |_, _| TowerToHyperService::new(router.clone()),
         wait_for(stopped.clone()),
     ));
+    let tls_task = tls_reloader.map(|r| tokio::spawn(r.run(wait_for(stopped.clone()))));
     // Reloads on SIGHUP and when the config file or a file it names changes: callers, and
     // profiles' credentials (see `reload`).
     let reloader = crate::reload::Reloader::new(
@@ -255,6 +267,9 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         let _ = proxy_task.await;
         let _ = admin_task.await;
         if let Some(t) = reload_task {
+            let _ = t.await;
+        }
+        if let Some(t) = tls_task {
             let _ = t.await;
         }
     });

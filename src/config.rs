@@ -28,7 +28,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use figment::Figment;
@@ -42,7 +41,7 @@ use crate::secret::Secret;
 
 mod callers;
 pub use callers::{
-    currency_decimals, normalize_san, parse_sha256, valid_caller_name, CallerConfig, Money, Rate,
+    currency_decimals, parse_sha256, valid_caller_name, CallerConfig, Money, Rate, San,
 };
 
 /// Prefix of every configuration environment variable.
@@ -535,9 +534,10 @@ pub struct ListenConfig {
     pub tls_client_ca_file: Option<PathBuf>,
     /// Whether a client certificate is required (only with `tls_client_ca_file`).
     pub tls_client_auth: crate::tls::ClientAuth,
-    /// The proxy listener's TLS configuration, built from the files above.
+    /// The proxy listener's TLS as built from the files above at load time (a running listener
+    /// takes later versions of the files from `tls_reload`).
     #[serde(skip)]
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::tls::InboundTls>,
 }
 
 /// `[upstream]`: where requests go.
@@ -1304,7 +1304,11 @@ pub fn load_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>
     pem_certificates(path, &bytes)
 }
 
-fn pem_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates in `bytes`, read from `path` (named in messages).
+pub(crate) fn pem_certificates(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
@@ -1651,7 +1655,7 @@ fn check_cert_identities(
     problems: &mut Problems,
 ) {
     let mut by_cert: BTreeMap<[u8; 32], &str> = BTreeMap::new();
-    let mut by_san: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut by_san: BTreeMap<&San, &str> = BTreeMap::new();
     let verifies = listen.is_none_or(|l| l.tls_client_ca_file.is_some());
     for c in callers.values() {
         if let Some(other) = c.cert_sha256.and_then(|h| by_cert.insert(h, &c.name)) {
@@ -1660,11 +1664,7 @@ fn check_cert_identities(
                 format!("the same as callers.{other}.cert_sha256: a certificate names one caller"),
             );
         }
-        if let Some(other) = c
-            .cert_san
-            .as_deref()
-            .and_then(|s| by_san.insert(s, &c.name))
-        {
+        if let Some(other) = c.cert_san.as_ref().and_then(|s| by_san.insert(s, &c.name)) {
             problems.push(
                 format!("callers.{}.cert_san", c.name),
                 format!("the same as callers.{other}.cert_san: a certificate names one caller"),
@@ -2181,7 +2181,7 @@ fn inbound_tls(
     (cert_file, key_file, ca_file): (Option<&Path>, Option<&Path>, Option<&Path>),
     client_auth: crate::tls::ClientAuth,
     p: &mut Problems,
-) -> Option<Arc<rustls::ServerConfig>> {
+) -> Option<crate::tls::InboundTls> {
     let (cert_file, key_file) = match (cert_file, key_file) {
         (Some(c), Some(k)) => (c, k),
         (None, None) => {
@@ -2214,63 +2214,43 @@ fn inbound_tls(
             return None;
         }
     };
-    let before = p.0.len();
-    let chain = load_pem_certificates(cert_file)
-        .map_err(|e| p.push("listen.tls_cert_file", e))
-        .ok();
-    let key = load_private_key(key_file)
-        .map_err(|e| p.push("listen.tls_key_file", e))
-        .ok();
-    let roots = match ca_file {
-        None => {
-            if client_auth == crate::tls::ClientAuth::Required {
-                p.push(
-                    "listen.tls_client_auth",
-                    "\"required\" needs listen.tls_client_ca_file: the roots client certificates \
-                     are verified against",
-                );
-            }
-            None
-        }
-        Some(f) => load_pem_certificates(f)
-            .map_err(|e| p.push("listen.tls_client_ca_file", e))
-            .ok(),
-    };
-    let (Some(chain), Some(key)) = (chain, key) else {
-        return None;
-    };
-    if p.0.len() != before {
-        return None;
+    let unverifiable = ca_file.is_none() && client_auth == crate::tls::ClientAuth::Required;
+    if unverifiable {
+        p.push(
+            "listen.tls_client_auth",
+            "\"required\" needs listen.tls_client_ca_file: the roots client certificates are \
+             verified against",
+        );
     }
-    let client = roots.as_deref().map(|r| (r, client_auth));
-    match crate::tls::server_config(chain, key, client) {
-        Ok(config) => Some(Arc::new(config)),
-        Err(e) => {
-            let key = if e.starts_with("a client CA") || e.starts_with("the client CAs") {
-                "listen.tls_client_ca_file"
-            } else {
-                "listen.tls_key_file"
-            };
-            p.push(key, e);
+    let files = crate::tls::InboundFiles {
+        cert: cert_file.to_path_buf(),
+        key: key_file.to_path_buf(),
+        client_ca: ca_file.map(Path::to_path_buf),
+        client_auth,
+    };
+    match crate::tls::InboundTls::load(&files) {
+        Ok(tls) => (!unverifiable).then_some(tls),
+        Err(problems) => {
+            p.0.extend(problems);
             None
         }
     }
 }
 
-/// Reads a PEM private key (PKCS#8, RSA or SEC1; at most [`MAX_SECRET_FILE`] bytes); the file's
-/// bytes are wiped once parsed.
-fn load_private_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
-    let mut bytes = read_small_file(path, MAX_SECRET_FILE, "key file")?;
+/// The private key in `bytes`, read from `path` (named in messages): PEM PKCS#8, RSA or SEC1.
+/// Messages never quote the file.
+pub(crate) fn pem_private_key(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
     // The parser's own message is left out: it may quote a line of the file.
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => format!(
             "{} holds no private key (PEM PKCS#8, RSA or SEC1 expected)",
             path.display()
         ),
         _ => format!("{} is not a valid PEM private key file", path.display()),
-    });
-    zeroize::Zeroize::zeroize(&mut bytes);
-    key
+    })
 }
 
 fn validate_upstream(raw: RawUpstream, p: &mut Problems) -> UpstreamConfig {

@@ -27,7 +27,9 @@
 //! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`, and the
 //!   proxy listener's server configuration;
 //!   [`secret`] the redacting secret type; [`logging`] the log setup.
-//! * [`reload`] reloads a gateway's callers on SIGHUP and when its config file changes.
+//! * [`reload`] reloads a gateway's callers on SIGHUP and when its config file changes;
+//!   [`tls_reload`] reloads the proxy listener's certificate, key and client CAs when their
+//!   files change (new handshakes get them, open connections keep theirs).
 //! * [`listener`] is the accept loop both listeners share (on the proxy listener optionally TLS,
 //!   HTTP/2 or HTTP/1.1 by ALPN, with the client certificate passed on): header timeout, connection caps, stalled
 //!   writes, what ended each connection, drain; [`idle`] the idle clock behind every body and
@@ -74,6 +76,7 @@ pub mod proxy;
 pub mod reload;
 pub mod secret;
 pub mod tls;
+pub mod tls_reload;
 pub mod token;
 
 /// `n` random bytes as hex (lease owners and similar unique ids).

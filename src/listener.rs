@@ -23,7 +23,9 @@
 //! * When accepting fails (out of descriptors), the loop pauses 50 ms instead of spinning, and says
 //!   so at most once every ten seconds.
 //!
-//! TLS connections (see [`serve_tls`]) keep every limit above: the handshake must finish within
+//! TLS connections (see [`serve_tls`]) take the server configuration current when they are
+//! accepted (`tls_reload` swaps it when the files change; a connection keeps the one it was
+//! accepted with), and keep every limit above: the handshake must finish within
 //! `listen.header_timeout` (else `tls_handshake`), and the connection holds its slot from accept.
 //! ALPN picks the protocol: `h2` is HTTP/2, anything else (or no ALPN) HTTP/1.1, so no
 //! connection waits on sniffing a preface. HTTP/2 runs with hyper's protections: at most
@@ -108,8 +110,9 @@ pub struct Settings {
     pub refused: Counter,
     /// Connections the listener itself ended, by why (in [`ENDED_KINDS`] order).
     pub ended: [Counter; 6],
-    /// TLS for every connection (the proxy listener with `listen.tls_cert_file`).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for every connection (the proxy listener with `listen.tls_cert_file`): each new
+    /// connection takes the configuration current at its accept.
+    pub tls: Option<crate::tls_reload::ServerConfigCell>,
 }
 
 impl Settings {
@@ -187,7 +190,7 @@ pub async fn serve<M, S, B>(
         .max_headers(MAX_HEADER_FIELDS)
         .keep_alive(true);
     let tls = settings.tls.clone().map(|config| TlsServing {
-        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        config,
         builders: Arc::new(tls_builders(&settings)),
         header_timeout: settings.header_timeout,
         body_idle: settings.write_idle_timeout,
@@ -329,7 +332,8 @@ fn why_ended(e: &hyper::Error, progress: &Progress) -> Option<usize> {
 /// What a TLS listener's connection tasks share.
 #[derive(Clone)]
 struct TlsServing {
-    acceptor: tokio_rustls::TlsAcceptor,
+    /// The server configuration as reloads leave it.
+    config: crate::tls_reload::ServerConfigCell,
     /// For HTTP/1.1 and for HTTP/2, chosen by ALPN.
     builders: Arc<(auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>)>,
     header_timeout: Duration,
@@ -387,7 +391,9 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let handshake = tokio::time::timeout(tls.header_timeout, tls.acceptor.accept(io));
+    // The configuration current now; a reload later does not touch this connection.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.borrow().clone());
+    let handshake = tokio::time::timeout(tls.header_timeout, acceptor.accept(io));
     let stream = tokio::select! {
         done = handshake => match done {
             Ok(Ok(stream)) => stream,

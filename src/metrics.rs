@@ -97,6 +97,7 @@ pub struct Metrics {
     profile_ready: Family<ProfileLabel, Gauge>,
     config_reloads: Family<ResultLabel, Counter>,
     credential_rotations: Family<ResultLabel, Counter>,
+    tls_reloads: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -346,6 +347,16 @@ impl Metrics {
         for result in ["applied", "refused", "secrets_loaded", "secret_refused"] {
             let _ = credential_rotations.get_or_create(&ResultLabel { result });
         }
+        let tls_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Changes of the proxy listener's TLS files (listen.tls_*), by result: applied or \
+             refused (the running certificate kept serving)",
+            tls_reloads.clone(),
+        );
+        for result in ["applied", "refused"] {
+            let _ = tls_reloads.get_or_create(&ResultLabel { result });
+        }
         let profile_ready = Family::<ProfileLabel, Gauge>::default();
         registry.register(
             "profile_ready",
@@ -382,6 +393,7 @@ impl Metrics {
             profile_ready,
             config_reloads,
             credential_rotations,
+            tls_reloads,
         }
     }
 
@@ -395,6 +407,13 @@ impl Metrics {
     /// Counts a configuration reload: `applied` or `refused`.
     pub fn config_reload(&self, result: &'static str) {
         self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a change of the listener's TLS files: `applied` or `refused`.
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
             .get_or_create(&ResultLabel { result })
             .inc();
     }

@@ -11,8 +11,10 @@
 //!   certificate keys a certificate must match both; certificate identities need
 //!   `listen.tls_client_ca_file` (checked with the other cross-section rules in `config`);
 //! * `cert_sha256` takes the fingerprint as `openssl x509 -noout -fingerprint -sha256` prints it
-//!   (colons and either case accepted); `cert_san` is a DNS name (compared without regard to
-//!   case) or, when it holds a `:`, a URI (compared exactly);
+//!   (colons and either case accepted); `cert_san` is a URI when it starts with a scheme
+//!   (`spiffe:`, `urn:`: a letter, then letters, digits, `+`, `-` or `.`, then `:`), compared
+//!   exactly with the certificate's URI names only, and otherwise a DNS name, compared without
+//!   regard to case with its DNS names only ([`San`]); any other value with a `:` is refused;
 //! * `rate` is `N/s`, `N/m` or `N/h` (whole N); `burst` defaults to the rate per second rounded
 //!   up, at least 1;
 //! * `daily_spend_limit` is an amount and an ISO 4217 code (`"500 USD"`, `"50000 JPY"`), counted
@@ -57,9 +59,8 @@ pub struct CallerConfig {
     /// SHA-256 of the DER of the client certificate that identifies the caller.
     #[serde(serialize_with = "ser_fingerprint")]
     pub cert_sha256: Option<[u8; 32]>,
-    /// A DNS or URI subject alternative name the caller's client certificate carries
-    /// (normalised by [`normalize_san`]).
-    pub cert_san: Option<String>,
+    /// A DNS or URI subject alternative name the caller's client certificate carries.
+    pub cert_san: Option<San>,
     /// The profile (Tango identity) its requests use.
     pub profile: String,
     /// `METHOD /pattern` entries; empty means every path.
@@ -216,13 +217,47 @@ fn ser_fingerprint<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok
     }
 }
 
-/// A `cert_san` as compared: a DNS name in lower case, a URI (anything with a `:`) as written.
-pub fn normalize_san(san: &str) -> String {
-    if san.contains(':') {
-        san.to_string()
-    } else {
-        san.to_ascii_lowercase()
+/// A subject alternative name as compared, with its kind: a certificate's DNS name never
+/// matches a URI, nor its URI a DNS name, however alike they read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum San {
+    /// A `dNSName`, in lower case (DNS names are compared without regard to case).
+    Dns(String),
+    /// A `uniformResourceIdentifier`, as written (compared exactly).
+    Uri(String),
+}
+
+impl San {
+    /// A `cert_san` as configured: a URI when it starts with a scheme (`spiffe:`, `urn:`), else
+    /// a DNS name. `None` for a value with a `:` that is not a scheme's (a DNS name has none).
+    pub fn from_config(value: &str) -> Option<San> {
+        match value.split_once(':') {
+            None => Some(San::Dns(value.to_ascii_lowercase())),
+            Some((scheme, _)) if is_uri_scheme(scheme) => Some(San::Uri(value.to_string())),
+            Some(_) => None,
+        }
     }
+
+    /// The name, without its kind.
+    pub fn as_str(&self) -> &str {
+        match self {
+            San::Dns(name) | San::Uri(name) => name,
+        }
+    }
+}
+
+impl Serialize for San {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // As configured: the kind follows from the value (a URI starts with its scheme).
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// RFC 3986 `scheme`: a letter, then letters, digits, `+`, `-` and `.`.
+fn is_uri_scheme(scheme: &str) -> bool {
+    let mut bytes = scheme.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
 
 /// Caller names: letters, digits, `-`, `_`; not starting with `_`; at most 64 bytes.
@@ -305,15 +340,18 @@ pub(super) fn validate_caller(
         hash
     });
     let cert_san = raw.cert_san.and_then(|Text(san, _)| {
-        if san.is_empty() || san.len() > 255 || !san.bytes().all(|b| b.is_ascii_graphic()) {
+        let parsed =
+            (!san.is_empty() && san.len() <= 255 && san.bytes().all(|b| b.is_ascii_graphic()))
+                .then(|| San::from_config(&san))
+                .flatten();
+        if parsed.is_none() {
             p.push(
                 format!("{key}.cert_san"),
-                "expected a DNS name or URI of 1 to 255 visible ASCII characters",
+                "expected a DNS name or a URI with its scheme (\"spiffe://...\"), 1 to 255 \
+                 visible ASCII characters",
             );
-            None
-        } else {
-            Some(normalize_san(&san))
         }
+        parsed
     });
     let key_sha256 = match raw.key_sha256 {
         None if cert_sha256.is_some() || cert_san.is_some() => None,
@@ -509,6 +547,22 @@ mod tests {
             assert!(!valid_caller_name(bad), "{bad:?} accepted");
         }
         assert!(parse_sha256(&"aB".repeat(32)).is_some());
+        // cert_san: a scheme makes a URI, kept as written; anything else is a DNS name.
+        let dns = |s: &str| Some(San::Dns(s.to_string()));
+        let uri = |s: &str| Some(San::Uri(s.to_string()));
+        assert_eq!(
+            San::from_config("Till.Store-17.example"),
+            dns("till.store-17.example")
+        );
+        assert_eq!(
+            San::from_config("spiffe://Franchise/S17"),
+            uri("spiffe://Franchise/S17")
+        );
+        assert_eq!(San::from_config("urn:store:17"), uri("urn:store:17"));
+        assert_eq!(San::from_config("x+y.z-1:a"), uri("x+y.z-1:a"));
+        for bad in [":store", "1x:store", "store 17:x", "st_ore:x"] {
+            assert_eq!(San::from_config(bad), None, "{bad:?} accepted");
+        }
         assert!(parse_sha256(&"g0".repeat(32)).is_none());
         assert!(parse_sha256("abcd").is_none());
     }

@@ -1,23 +1,26 @@
 //! Callers known by their client certificate: the certificate's SHA-256 fingerprint
-//! (`cert_sha256`) or a DNS / URI subject alternative name it carries (`cert_san`).
+//! (`cert_sha256`) or a DNS / URI subject alternative name it carries (`cert_san`). Names are
+//! matched by kind: a caller configured with a DNS name is named only by a certificate's DNS
+//! name, one with a URI only by a URI ([`San`]).
 //!
 //! The certificate reaching here was verified during the TLS handshake against
 //! `listen.tls_client_ca_file` (chain, validity period, client-auth usage); this module only says
-//! which caller it names. Subject alternative names are read from the DER with a small,
-//! bounded reader of the few structures involved: every length is checked against what is left,
-//! so a malformed certificate yields no names, never a panic.
+//! which caller it names. Subject alternative names (and, for `/status`, the listener's own
+//! certificate's expiry, [`not_after`]) are read from the DER with a small, bounded reader of
+//! the few structures involved: every length is checked against what is left, so a malformed
+//! certificate yields nothing, never a panic.
 
 use std::collections::HashMap;
 
-use crate::config::{normalize_san, CallerConfig};
+use crate::config::{CallerConfig, San};
 
 /// Which caller a client certificate names.
 #[derive(Debug, Default)]
 pub struct CertIndex {
     by_fingerprint: HashMap<[u8; 32], usize>,
-    by_san: HashMap<String, usize>,
+    by_san: HashMap<San, usize>,
     /// Per caller index: what its certificate must carry.
-    wants: Vec<(Option<[u8; 32]>, Option<String>)>,
+    wants: Vec<(Option<[u8; 32]>, Option<San>)>,
 }
 
 impl CertIndex {
@@ -77,7 +80,7 @@ impl CertIndex {
 
 /// The DNS names (lower case) and URIs in a certificate's subject alternative name extension;
 /// empty when it has none or the DER cannot be read.
-pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+pub fn subject_alt_names(der: &[u8]) -> Vec<San> {
     san_values(der).unwrap_or_default()
 }
 
@@ -96,7 +99,7 @@ const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
 /// Names kept from one certificate at most.
 const MAX_NAMES: usize = 64;
 
-fn san_values(der: &[u8]) -> Option<Vec<String>> {
+fn san_values(der: &[u8]) -> Option<Vec<San>> {
     let (tag, cert, _) = tlv(der)?;
     if tag != SEQUENCE {
         return None;
@@ -143,17 +146,78 @@ fn san_values(der: &[u8]) -> Option<Vec<String>> {
         while !names.is_empty() && out.len() < MAX_NAMES {
             let (tag, name, rest) = tlv(names)?;
             names = rest;
-            if tag == DNS_NAME || tag == URI {
-                if let Ok(text) = std::str::from_utf8(name) {
-                    if text.is_ascii() {
-                        out.push(normalize_san(text));
-                    }
-                }
+            let Some(text) = std::str::from_utf8(name).ok().filter(|t| t.is_ascii()) else {
+                continue;
+            };
+            match tag {
+                DNS_NAME => out.push(San::Dns(text.to_ascii_lowercase())),
+                URI => out.push(San::Uri(text.to_string())),
+                _ => {}
             }
         }
         return Some(out);
     }
     Some(Vec::new())
+}
+
+/// When a certificate stops being valid (its `notAfter`), as RFC 3339 in UTC
+/// (`2031-05-17T00:00:00Z`); `None` when the DER cannot be read.
+pub fn not_after(der: &[u8]) -> Option<String> {
+    const INTEGER: u8 = 0x02;
+    /// `[0] EXPLICIT Version` in a TBSCertificate.
+    const VERSION: u8 = 0xa0;
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+    let (tag, cert, _) = tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    // version (optional), serialNumber, signature, issuer, validity.
+    let (mut tag, _, mut rest) = tlv(tbs)?;
+    if tag == VERSION {
+        (tag, _, rest) = tlv(rest)?;
+    }
+    if tag != INTEGER {
+        return None;
+    }
+    for _ in 0..2 {
+        let (tag, _, after) = tlv(rest)?;
+        if tag != SEQUENCE {
+            return None;
+        }
+        rest = after;
+    }
+    let (tag, validity, _) = tlv(rest)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (_, _, validity) = tlv(validity)?;
+    let (tag, time, _) = tlv(validity)?;
+    // RFC 5280: YYMMDDHHMMSSZ (years 1950 to 2049) or YYYYMMDDHHMMSSZ.
+    let digits = time.strip_suffix(b"Z")?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let text = std::str::from_utf8(digits).ok()?;
+    let (century, rest) = match (tag, text.len()) {
+        (UTC_TIME, 12) => (if text < "50" { "20" } else { "19" }, text),
+        (GENERALIZED_TIME, 14) => text.split_at(2),
+        _ => return None,
+    };
+    let part = |i: usize| rest.get(i..i + 2);
+    Some(format!(
+        "{century}{}-{}-{}T{}:{}:{}Z",
+        part(0)?,
+        part(2)?,
+        part(4)?,
+        part(6)?,
+        part(8)?,
+        part(10)?
+    ))
 }
 
 /// One DER element: its tag, its contents and what follows it. Only single-byte tags and
@@ -210,9 +274,33 @@ mod tests {
         let der = cert(&["Store-17.Example", "spiffe://franchise/store-17"]);
         assert_eq!(
             subject_alt_names(&der),
-            vec!["store-17.example", "spiffe://franchise/store-17"]
+            vec![
+                San::Dns("store-17.example".into()),
+                San::Uri("spiffe://franchise/store-17".into())
+            ]
         );
         assert!(subject_alt_names(&cert(&[])).is_empty());
+    }
+
+    #[test]
+    fn reads_the_expiry_in_either_time_form() {
+        for (year, shown) in [
+            (2031, "2031-05-17T00:00:00Z"),
+            (1999, "1999-05-17T00:00:00Z"),
+            // From 2050 on a certificate carries a GeneralizedTime.
+            (2051, "2051-05-17T00:00:00Z"),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["gateway.example".to_string()])
+                .expect("certificate parameters");
+            params.not_after = rcgen::date_time_ymd(year, 5, 17);
+            let key = rcgen::KeyPair::generate().expect("key");
+            let der = params
+                .self_signed(&key)
+                .expect("certificate")
+                .der()
+                .to_vec();
+            assert_eq!(not_after(&der).as_deref(), Some(shown));
+        }
     }
 
     #[test]
@@ -220,11 +308,13 @@ mod tests {
         let der = cert(&["store-17.example"]);
         for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
             let _ = subject_alt_names(&der[..cut]);
+            let _ = not_after(&der[..cut]);
         }
         let mut flipped = der.clone();
         for i in 0..flipped.len() {
             flipped[i] ^= 0xff;
             let _ = subject_alt_names(&flipped);
+            let _ = not_after(&flipped);
             flipped[i] ^= 0xff;
         }
         assert!(subject_alt_names(b"\x30\x84\xff\xff\xff\xff").is_empty());

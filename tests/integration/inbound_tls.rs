@@ -41,16 +41,25 @@ impl Ca {
 
     /// A client certificate carrying `sans` (a name with `:` is a URI), optionally long expired.
     fn client(&self, sans: &[&str], expired: bool) -> Identity {
+        let sans = sans
+            .iter()
+            .map(|san| {
+                let value = rcgen::Ia5String::try_from(*san).unwrap();
+                if san.contains(':') {
+                    SanType::URI(value)
+                } else {
+                    SanType::DnsName(value)
+                }
+            })
+            .collect();
+        self.client_with(sans, expired)
+    }
+
+    /// A client certificate carrying exactly `sans`, optionally long expired.
+    fn client_with(&self, sans: Vec<SanType>, expired: bool) -> Identity {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for san in sans {
-            let value = rcgen::Ia5String::try_from(*san).unwrap();
-            params.subject_alt_names.push(if san.contains(':') {
-                SanType::URI(value)
-            } else {
-                SanType::DnsName(value)
-            });
-        }
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -439,6 +448,74 @@ async fn certificates_of_another_ca_expired_or_matching_no_caller_are_refused() 
     );
 }
 
+/// A `cert_san` names one kind of subject alternative name: a DNS name matches only a
+/// certificate's DNS name, a URI (a value with a scheme) only its URI. A certificate whose URI
+/// reads like a DNS caller's name, or whose DNS name reads like a URI caller's, names no caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_name_matches_only_a_caller_of_its_kind() {
+    let (mock, mock_url) = start_mock(MockConfig::with_stores(2)).await;
+    logs::watch_secret("franchise-secret".to_string());
+    for i in 1..=2 {
+        logs::watch_secret(format!("store-{i}-password"));
+    }
+    let files = TlsFiles::new();
+    let toml = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+{tls}
+[upstream]
+url = "{mock_url}"
+allow_http = true
+{profiles}
+[callers.till-dns]
+cert_san = "till.store-1.pos.example"
+profile = "store-1"
+accounts = ["A-STORE-1"]
+[callers.till-uri]
+cert_san = "spiffe://franchise/store-2"
+profile = "store-2"
+accounts = ["A-STORE-2"]
+"#,
+        tls = files.listen_keys(true),
+        profiles = store_profiles(&mock_url, 2),
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let base = format!("https://{}", proxy.addr());
+    let ia5 = |s: &str| rcgen::Ia5String::try_from(s).unwrap();
+    let cases = [
+        (SanType::DnsName(ia5("Till.Store-1.POS.example")), 1, true),
+        (SanType::URI(ia5("till.store-1.pos.example")), 1, false),
+        (SanType::URI(ia5("spiffe://franchise/store-2")), 2, true),
+        (
+            SanType::DnsName(ia5("spiffe://franchise/store-2")),
+            2,
+            false,
+        ),
+    ];
+    for (san, store, matches) in cases {
+        let shown = format!("{san:?}");
+        let id = files.ca.client_with(vec![san], false);
+        let before = mock.requests().len();
+        let r = https(&files.ca.pem, Some(&id), false)
+            .get(format!("{base}/raas/v2/accounts/A-STORE-{store}"))
+            .send()
+            .await
+            .unwrap();
+        if matches {
+            assert_eq!(r.status(), 200, "{shown}");
+        } else {
+            assert_eq!(
+                error_cause(r).await,
+                (401, "caller_unauthorized".to_string()),
+                "{shown} named a caller of the other kind"
+            );
+            assert_eq!(mock.requests().len(), before, "{shown}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_client_certificates_refuse_a_handshake_without_one() {
     let gw = start_gateway("tls_client_auth = \"required\"").await;
@@ -750,7 +827,8 @@ fn tls_and_certificate_identity_mistakes_are_reported_by_key() {
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{}\"\n", files.path("missing.pem")), "listen.tls_client_ca_file: "),
         (format!("[callers.a]\ncert_sha256 = \"{fp}\"\n"), "callers.a.cert_sha256: needs listen.tls_client_ca_file"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"12:34\"\n"), "callers.a.cert_sha256: expected the SHA-256 fingerprint"),
-        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"a b\"\n"), "callers.a.cert_san: expected a DNS name or URI"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"a b\"\n"), "callers.a.cert_san: expected a DNS name or a URI"),
+        (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"17:till\"\n"), "callers.a.cert_san: expected a DNS name or a URI"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_sha256 = \"{fp}\"\n[callers.b]\ncert_sha256 = \"{}\"\n", fp.to_ascii_uppercase()), "callers.b.cert_sha256: the same as callers.a.cert_sha256"),
         (format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\ntls_client_ca_file = \"{ca}\"\n[callers.a]\ncert_san = \"Till.Example\"\n[callers.b]\ncert_san = \"till.example\"\n"), "callers.b.cert_san: the same as callers.a.cert_san"),
         ("[callers.a]\nprofile = \"default\"\n".into(), "callers.a.key_sha256: required (unless cert_sha256 or cert_san identifies the caller)"),
@@ -951,4 +1029,331 @@ async fn an_http2_client_that_never_opens_its_window_loses_the_connection() {
         stalled, 2.0,
         "a slow Tango answer was counted as the client's stall"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reloading the listener's TLS files
+
+/// Registers every base64 line of a PEM private key with the log scan: no line of a key may
+/// appear in a log.
+fn watch_key(key_pem: &str) {
+    for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+        logs::watch_secret(line.to_string());
+    }
+}
+
+/// `/status`'s `tls` once `ready` holds for it; fails after 15 s with what it last showed.
+async fn tls_status_once(proxy: &TestProxy, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let tls = proxy.status().await["tls"].clone();
+        if ready(&tls) {
+            return tls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TLS status never got there: {tls}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The certificate a new handshake with the listener is shown (the client trusts `ca_pem`).
+async fn presented_certificate(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(ca_pem, None, &[b"http/1.1"])));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = tls
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Writes `contents` to `path` the way a careful tool does: a temporary file beside it, renamed
+/// over it.
+fn replace_by_rename(path: &std::path::Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// An HTTP/2 request on an open connection; its status.
+async fn h2_status(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> u16 {
+    let request = http::Request::builder()
+        .uri(format!("https://localhost{path}"))
+        .body(())
+        .unwrap();
+    let ready = send.clone().ready().await.unwrap();
+    *send = ready;
+    let (answer, _) = send.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    let status = answer.status().as_u16();
+    let mut body = answer.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    status
+}
+
+/// The certificate and key files replaced — by rename, then by a Kubernetes-style swap of the
+/// `..data` symlink in the mounted directory — reach new handshakes without a restart, while a
+/// connection opened before keeps the session it has and keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_certificate_files_reach_new_handshakes_and_spare_open_connections() {
+    use std::os::unix::fs::symlink;
+
+    let upstream = FakeUpstream::start().await;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    // What the kubelet makes of a mounted Secret: tls.crt -> ..data/tls.crt, ..data -> ..v1.
+    let write_version = |version: &str, id: &Identity| {
+        std::fs::create_dir(at(version)).unwrap();
+        std::fs::write(at(version).join("tls.crt"), &id.cert_pem).unwrap();
+        std::fs::write(at(version).join("tls.key"), &id.key_pem).unwrap();
+    };
+    let first = ca.server();
+    write_version("..v1", &first);
+    symlink("..v1", at("..data")).unwrap();
+    symlink("..data/tls.crt", at("tls.crt")).unwrap();
+    symlink("..data/tls.key", at("tls.key")).unwrap();
+    let (second, third) = (ca.server(), ca.server());
+    for id in [&first, &second, &third] {
+        watch_key(&id.key_pem);
+    }
+    let listen = format!(
+        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        at("tls.crt").display(),
+        at("tls.key").display()
+    );
+    let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
+    let tls = proxy.status().await["tls"].clone();
+    assert_eq!(tls["generation"], 0, "{tls}");
+    assert_eq!(
+        tls["certificate"]["sha256"],
+        sha256_hex(&first.der),
+        "{tls}"
+    );
+    assert!(tls["certificate"]["not_after"].is_string(), "{tls}");
+    assert_eq!(
+        presented_certificate(proxy.addr(), &ca.pem).await,
+        first.der
+    );
+
+    // A connection opened with the first certificate, kept open across both replacements.
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&ca.pem, None, &[b"h2"])));
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let shown = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(shown, first.der);
+    let (mut open, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(h2_status(&mut open, "/raas/v2/catalogs").await, 200);
+
+    // By rename, inside the current version's directory.
+    replace_by_rename(&at("..v1").join("tls.key"), &second.key_pem);
+    replace_by_rename(&at("..v1").join("tls.crt"), &second.cert_pem);
+    let tls = tls_status_once(&proxy, |t| t["generation"] == 1).await;
+    assert_eq!(
+        tls["certificate"]["sha256"],
+        sha256_hex(&second.der),
+        "{tls}"
+    );
+    assert!(tls["last_reload"].is_string(), "{tls}");
+    assert_eq!(
+        presented_certificate(proxy.addr(), &ca.pem).await,
+        second.der
+    );
+    assert_eq!(h2_status(&mut open, "/raas/v2/catalogs").await, 200);
+
+    // By the kubelet's swap: a new version directory, and ..data pointed at it in one rename.
+    write_version("..v2", &third);
+    symlink("..v2", at("..data_tmp")).unwrap();
+    std::fs::rename(at("..data_tmp"), at("..data")).unwrap();
+    let tls = tls_status_once(&proxy, |t| t["generation"] == 2).await;
+    assert_eq!(
+        tls["certificate"]["sha256"],
+        sha256_hex(&third.der),
+        "{tls}"
+    );
+    assert_eq!(
+        presented_certificate(proxy.addr(), &ca.pem).await,
+        third.der
+    );
+    for h2 in [false, true] {
+        let r = https(&ca.pem, None, h2)
+            .get(format!("https://{}/raas/v2/catalogs", proxy.addr()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The connection from before both is still served, on its first session.
+    assert_eq!(h2_status(&mut open, "/raas/v2/catalogs").await, 200);
+    assert!(!conn.is_finished(), "the open connection was closed");
+    let applied = metric(
+        &proxy.admin_url,
+        "tango_proxy_tls_reloads_total{result=\"applied\"}",
+    )
+    .await;
+    assert_eq!(applied, 2.0);
+    assert!(
+        logs::captured().contains("TLS files reloaded"),
+        "no log line says the certificate was reloaded"
+    );
+    drop(open);
+}
+
+/// A replacement that does not make a server identity — a key file of garbage, or a new
+/// certificate beside the old key (a pair replaced one file at a time, caught in between) — is
+/// refused: the running certificate keeps serving, `/status` shows the refusal and the metric
+/// counts it. Once the pair is whole it is applied. No key text reaches a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_certificate_files_are_refused_and_the_running_certificate_keeps_serving() {
+    let upstream = FakeUpstream::start().await;
+    let files = TlsFiles::new();
+    let key_path = files.dir.path().join("server.key");
+    let cert_path = files.dir.path().join("server.pem");
+    let original_key = std::fs::read_to_string(&key_path).unwrap();
+    // Valid base64 that is no key: it gets past the PEM reader to the key loader.
+    let garbage = "-----BEGIN PRIVATE KEY-----\n\
+                   R2FyYmFnZS1rZXktbWF0ZXJpYWwtdGhhdC1tdXN0LW5vdC1sZWFr\n\
+                   -----END PRIVATE KEY-----\n";
+    let next = files.ca.server();
+    for key in [original_key.as_str(), garbage, &next.key_pem] {
+        watch_key(key);
+    }
+    let proxy =
+        TestProxy::start(&config_toml(&upstream.url(), &files.listen_keys(false), "")).await;
+    let logged_from = logs::captured_len();
+    let serving = proxy.status().await["tls"]["certificate"]["sha256"].clone();
+    let original = presented_certificate(proxy.addr(), &files.ca.pem).await;
+    assert_eq!(serving, sha256_hex(&original));
+    let counted = |result: &'static str| {
+        let admin = proxy.admin_url.clone();
+        async move {
+            metric(
+                &admin,
+                &format!("tango_proxy_tls_reloads_total{{result=\"{result}\"}}"),
+            )
+            .await
+        }
+    };
+
+    replace_by_rename(&key_path, garbage);
+    let tls = tls_status_once(&proxy, |t| t["last_refusal"].is_object()).await;
+    let problems = tls["last_refusal"]["problems"].to_string();
+    assert!(problems.contains("listen.tls_key_file"), "{tls}");
+    assert!(tls["last_refusal"]["at"].is_string(), "{tls}");
+    assert_eq!(tls["generation"], 0, "{tls}");
+    assert_eq!(tls["certificate"]["sha256"], serving, "{tls}");
+    assert_eq!(
+        presented_certificate(proxy.addr(), &files.ca.pem).await,
+        original
+    );
+    assert_eq!(counted("refused").await, 1.0);
+    assert_eq!(counted("applied").await, 0.0);
+    let r = https(&files.ca.pem, None, true)
+        .get(format!("https://{}/raas/v2/catalogs", proxy.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The serving key back: nothing to apply, and no refusal left standing.
+    replace_by_rename(&key_path, &original_key);
+    let tls = tls_status_once(&proxy, |t| t["last_refusal"].is_null()).await;
+    assert_eq!(tls["generation"], 0, "{tls}");
+
+    // Half a pair: the new certificate beside the old key.
+    replace_by_rename(&cert_path, &next.cert_pem);
+    let tls = tls_status_once(&proxy, |t| t["last_refusal"].is_object()).await;
+    assert!(
+        tls["last_refusal"]["problems"]
+            .to_string()
+            .contains("do not make a server identity"),
+        "{tls}"
+    );
+    assert_eq!(
+        presented_certificate(proxy.addr(), &files.ca.pem).await,
+        original
+    );
+    assert_eq!(counted("refused").await, 2.0);
+
+    // The other half arrives: the pair is applied whole.
+    replace_by_rename(&key_path, &next.key_pem);
+    let tls = tls_status_once(&proxy, |t| t["generation"] == 1).await;
+    assert!(tls["last_refusal"].is_null(), "{tls}");
+    assert_eq!(tls["certificate"]["sha256"], sha256_hex(&next.der), "{tls}");
+    assert_eq!(
+        presented_certificate(proxy.addr(), &files.ca.pem).await,
+        next.der
+    );
+    assert_eq!(counted("applied").await, 1.0);
+
+    let logged = logs::captured_since(logged_from);
+    assert!(
+        logged.contains("changed TLS files refused"),
+        "the refusal was not logged"
+    );
+    assert!(
+        !logged.contains("PRIVATE KEY"),
+        "a key file was quoted in the logs"
+    );
+}
+
+/// A new client CA file takes effect without a restart: a store certificate from the new CA is
+/// accepted (and still names its caller), one from the old CA is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_ca_file_admits_its_certificates_and_refuses_the_old_ones() {
+    let gw = start_gateway("").await;
+    let server_ca = gw.files.ca.pem.clone();
+    let new_ca = Ca::new();
+    let moved = new_ca.client(&["spiffe://franchise/pos-1"], false);
+    watch_key(&moved.key_pem);
+    watch_key(&gw.pos1.key_pem);
+    let url = format!("{}/raas/v2/accounts/A-STORE-1", gw.base);
+    let serving = gw.proxy.status().await["tls"]["certificate"]["sha256"].clone();
+    let r = https(&server_ca, Some(&moved), false)
+        .get(&url)
+        .send()
+        .await;
+    assert!(
+        r.is_err(),
+        "a certificate of a CA not yet trusted was accepted: {r:?}"
+    );
+
+    replace_by_rename(&gw.files.dir.path().join("clients-ca.pem"), &new_ca.pem);
+    let tls = tls_status_once(&gw.proxy, |t| t["generation"] == 1).await;
+    // The listener's own certificate did not change.
+    assert_eq!(tls["certificate"]["sha256"], serving, "{tls}");
+    for h2 in [false, true] {
+        let r = https(&server_ca, Some(&moved), h2)
+            .get(&url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "h2: {h2}");
+        assert_eq!(
+            principal_of(&gw.mock, "/raas/v2/accounts/A-STORE-1").as_deref(),
+            Some("store-1")
+        );
+        let r = https(&server_ca, Some(&gw.pos1), h2).get(&url).send().await;
+        assert!(
+            r.is_err(),
+            "h2: {h2}: the old CA's certificate was accepted: {r:?}"
+        );
+    }
+    // A store known by its key is not affected.
+    let r = https(&server_ca, None, true)
+        .get(format!("{}/raas/v2/accounts/A-STORE-3", gw.base))
+        .header("authorization", basic("pos-3", POS3_KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
