@@ -24,12 +24,19 @@
 //!     `tango_proxy_credential_rotations_total{result}` and shown in `/status`
 //!     (`config.rotations.NAME`: `testing`, `waiting_for_mint_budget`, `applied` or `refused`
 //!     with the problem). A refused rotation is tried again at the next reload.
-//!   * A client-credentials profile that keeps its client (same token URL and client id) but
-//!     changes audience, scope or DPoP key shares Tango's budget of one token per client per
-//!     20 hours with the token in hand: its new identity waits until `min_token_interval`
-//!     after that token was minted (by any replica) before it asks Tango for a token.
-//!   * A profile that has not served a request yet (a gateway's idle store) is replaced at
-//!     once and stays idle: testing it would spend a token on a store that may never call.
+//!   * A profile that keeps its client (same token URL and client id) and has a mint budget
+//!     (`min_token_interval`: by default 20 h 15 m for client credentials, as Tango allows one
+//!     token per client per 20 hours) shares that budget with the token in hand: the old profile
+//!     stops renewing inside its refresh window, and the new identity asks for the client's next
+//!     token once the budget allows (status `waiting_for_mint_budget`, `until`), after writing
+//!     the old fingerprint's mint ledger so replicas still on the old configuration do not
+//!     renew as well. A token that becomes unusable or is rejected meanwhile is still replaced,
+//!     and the wait starts again from that mint.
+//!   * Every changed identity is tested, idle gateway profiles too (a broken one must never
+//!     replace one that works, and stores call rarely); at most four at a time, so a change to
+//!     hundreds of stores is a trickle of token requests.
+//!   * A refused change is tried again after a minute, then at doubling intervals up to an
+//!     hour, and at every reload; the old profile serves meanwhile.
 //!   * A Basic profile's new platform name or key replaces the old at once (there is no token
 //!     to obtain first).
 //!
@@ -50,7 +57,10 @@
 //! every [`FILES_POLL`] — each path's target, size and modification time, so a symlink swap
 //! counts. A change is applied once the files have been quiet for [`SETTLE`] (an editor's or
 //! the kubelet's several writes become one reload). A process whose configuration comes from
-//! the environment alone has no file to read again: SIGHUP only logs that.
+//! the environment alone has no file to read again: SIGHUP only logs that. A refused
+//! configuration is read again every [`REFUSED_RETRY`] (a file it names may arrive after it,
+//! as when a ConfigMap lands before the Secret); the refusal is logged and counted once per
+//! distinct set of problems.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -119,6 +129,9 @@ pub struct RotationStatus {
     /// Why it was refused (no secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Which test this is (a superseded one's task may still report).
+    #[serde(skip)]
+    id: u64,
 }
 
 /// The gateway as requests see it, swapped whole by reloads.
@@ -159,6 +172,10 @@ pub struct Targets {
 struct InFlight {
     id: u64,
     target: ProfileConfig,
+    /// A later reload's version of the profile with the same token identity (new secrets or
+    /// settings): applied over the target once it is in, rather than restarting a test that
+    /// may already have its token.
+    latest: Option<ProfileConfig>,
     task: JoinHandle<()>,
 }
 
@@ -167,6 +184,26 @@ impl Drop for InFlight {
         self.task.abort();
     }
 }
+
+/// A refused change of token identity, tried again later.
+#[derive(Debug)]
+struct Retry {
+    target: ProfileConfig,
+    at: tokio::time::Instant,
+    delay: Duration,
+}
+
+/// The first wait before a refused change of token identity is tried again; it doubles up to
+/// [`ROTATION_RETRY_CAP`].
+pub const ROTATION_RETRY: Duration = Duration::from_secs(60);
+/// The longest wait between tries of a refused change of token identity.
+pub const ROTATION_RETRY_CAP: Duration = Duration::from_secs(3600);
+/// How often a refused configuration is read again (a file it needs may arrive later, as when
+/// a ConfigMap lands before the Secret it names).
+pub const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// Changes of token identity tested at once (a change to hundreds of store profiles is a
+/// trickle of token requests, not a burst).
+const ROTATIONS_AT_ONCE: usize = 4;
 
 /// A rotation task's result.
 struct Done {
@@ -182,9 +219,14 @@ pub struct Reloader {
     running: Config,
     targets: Targets,
     rotations: HashMap<String, InFlight>,
+    retries: HashMap<String, Retry>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     next_id: u64,
+    testing: Arc<tokio::sync::Semaphore>,
+    /// The problems of the last refused reload, while no reload has taken effect since, and
+    /// when it was.
+    refused: Option<(Vec<String>, tokio::time::Instant)>,
     /// Registered when the reloader is made, before the process says it is listening: a
     /// SIGHUP from then on reloads instead of ending the process (its default action).
     #[cfg(unix)]
@@ -228,9 +270,12 @@ impl Reloader {
             running,
             targets,
             rotations: HashMap::new(),
+            retries: HashMap::new(),
             done_tx,
             done_rx,
             next_id: 0,
+            testing: Arc::new(tokio::sync::Semaphore::new(ROTATIONS_AT_ONCE)),
+            refused: None,
             #[cfg(unix)]
             hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
         }
@@ -262,6 +307,13 @@ impl Reloader {
         let plan = match outcome {
             Ok(plan) => plan,
             Err(problems) => {
+                let again = self.refused.as_ref().is_some_and(|(p, _)| *p == problems);
+                self.refused = Some((problems.clone(), tokio::time::Instant::now()));
+                if again {
+                    // Read again on its own (see `REFUSED_RETRY`): said once, not every time.
+                    tracing::debug!("the configuration is still refused ({why})");
+                    return false;
+                }
                 self.targets.builder.metrics.config_reload("refused");
                 tracing::warn!(
                     problems = %problems.join("; "),
@@ -271,6 +323,7 @@ impl Reloader {
                 return false;
             }
         };
+        self.refused = None;
         let Plan {
             new,
             gateway,
@@ -294,6 +347,18 @@ impl Reloader {
             if let Some(profile) = new.profiles.get(&name) {
                 self.apply_profile(&name, change, profile, &now);
             }
+        }
+        // A profile the file no longer has is not changed by it (removing one takes a
+        // restart): a rotation of it is no longer wanted.
+        let gone: Vec<String> = self
+            .rotations
+            .keys()
+            .chain(self.retries.keys())
+            .filter(|n| !new.profiles.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.drop_rotation(&name);
         }
         if !pending.is_empty() {
             tracing::warn!(
@@ -329,14 +394,11 @@ impl Reloader {
             return;
         };
         match change {
-            Change::Same => {
-                // Back to what runs: a rotation still being tested is no longer wanted.
-                if self.rotations.remove(name).is_some() {
-                    self.status().rotations.remove(name);
-                }
-            }
+            // Back to what runs, or a change only a restart applies: a rotation still being
+            // tested or waiting to be tried again is no longer wanted.
+            Change::Same | Change::Restart(_, false) => self.drop_rotation(name),
             Change::Secrets | Change::Restart(_, true) => {
-                self.rotations.remove(name);
+                self.drop_rotation(name);
                 if self
                     .targets
                     .profiles
@@ -353,41 +415,65 @@ impl Reloader {
                 }
             }
             Change::Identity => {
-                if self
-                    .rotations
-                    .get(name)
-                    .is_some_and(|r| same_profile(&r.target, new))
-                {
-                    return;
+                if let Some(flight) = self.rotations.get_mut(name) {
+                    if same_profile(&flight.target, new) {
+                        flight.latest = None;
+                        return;
+                    }
+                    if identity(&flight.target.auth) == identity(&new.auth) {
+                        flight.latest = Some(new.clone());
+                        return;
+                    }
                 }
                 self.start_rotation(name, i, new.clone(), now);
             }
-            Change::Restart(_, false) => {}
+        }
+    }
+
+    /// Forgets a rotation of `name` in flight or waiting to be tried again.
+    fn drop_rotation(&mut self, name: &str) {
+        let had = self.rotations.remove(name).is_some() | self.retries.remove(name).is_some();
+        if had {
+            self.status().rotations.remove(name);
         }
     }
 
     /// Starts testing `new` as profile `i`'s replacement (replacing a test in flight).
     fn start_rotation(&mut self, name: &str, i: usize, new: ProfileConfig, now: &str) {
+        self.retries.remove(name);
         self.next_id += 1;
         let id = self.next_id;
-        let old = self.targets.profiles.authorizer(i);
-        let old_config = self.running.profiles.get(name).cloned();
-        let builder = self.targets.builder.clone();
-        let status = self.targets.status.clone();
-        let done = self.done_tx.clone();
-        let (task_name, target) = (name.to_string(), new.clone());
-        lock(&status).rotations.insert(
+        let job = Job {
+            name: name.to_string(),
+            id,
+            new: new.clone(),
+            old: self.targets.profiles.authorizer(i),
+            old_config: self.running.profiles.get(name).cloned(),
+            builder: self.targets.builder.clone(),
+            status: self.targets.status.clone(),
+            testing: self.testing.clone(),
+        };
+        lock(&self.targets.status).rotations.insert(
             name.to_string(),
             RotationStatus {
                 state: "testing",
                 since: now.to_string(),
                 until: None,
                 problem: None,
+                id,
             },
         );
         tracing::info!(profile = %name, "new token identity: obtaining a token with it before it replaces the running one");
+        let done = self.done_tx.clone();
+        let task_name = name.to_string();
         let task = tokio::spawn(async move {
-            let outcome = rotate(&task_name, target, old, old_config, builder, &status).await;
+            // In a task of its own, so a panic is a refusal rather than a test that never ends;
+            // aborted with this one.
+            let mut inner = AbortOnDrop(tokio::spawn(rotate(job)));
+            let outcome = match (&mut inner.0).await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(format!("the rotation failed: {e}")),
+            };
             let _ = done.send(Done {
                 name: task_name,
                 id,
@@ -399,6 +485,7 @@ impl Reloader {
             InFlight {
                 id,
                 target: new,
+                latest: None,
                 task,
             },
         );
@@ -406,40 +493,106 @@ impl Reloader {
 
     /// A rotation task ended: swaps the profile in, or reports why not.
     fn finish_rotation(&mut self, done: Done) {
-        let Some(flight) = self.rotations.get(&done.name).filter(|f| f.id == done.id) else {
+        // A superseded test's result is dropped with it.
+        if self.rotations.get(&done.name).map(|f| f.id) != Some(done.id) {
+            return;
+        }
+        let Some(mut flight) = self.rotations.remove(&done.name) else {
             return;
         };
-        let target = flight.target.clone();
-        self.rotations.remove(&done.name);
+        let (target, latest) = (flight.target.clone(), flight.latest.take());
         let now = rfc3339(SystemTime::now());
         let metrics = self.targets.builder.metrics.clone();
         let entry = match done.outcome {
             Ok(authorizer) => {
-                if let Some(i) = self.targets.profiles.index(&done.name) {
-                    self.targets.profiles.replace(i, authorizer);
-                }
-                self.running.profiles.insert(done.name.clone(), target);
+                let Some(i) = self.targets.profiles.index(&done.name) else {
+                    return;
+                };
+                self.targets.profiles.replace(i, authorizer);
+                self.running
+                    .profiles
+                    .insert(done.name.clone(), target.clone());
+                self.retries.remove(&done.name);
                 metrics.credential_rotation("applied");
                 tracing::info!(profile = %done.name, "new token identity in use; the old one is retired once its requests end");
-                RotationStatus {
-                    state: "applied",
-                    since: now,
-                    until: None,
-                    problem: None,
+                self.status().rotations.insert(
+                    done.name.clone(),
+                    RotationStatus {
+                        state: "applied",
+                        since: now.clone(),
+                        until: None,
+                        problem: None,
+                        id: done.id,
+                    },
+                );
+                // A later version of the same identity (new secrets, settings) goes on top.
+                if let Some(latest) = latest {
+                    let change = classify(&target, &latest);
+                    if let Change::Restart(what, _) = &change {
+                        self.status().pending_restart.push(format!(
+                            "profiles.{}.{what}: changed; a restart applies it",
+                            done.name
+                        ));
+                    }
+                    self.apply_profile(&done.name, change, &latest, &now);
                 }
+                return;
             }
             Err(problem) => {
                 metrics.credential_rotation("refused");
-                tracing::warn!(profile = %done.name, problem = %problem, "the new token identity could not obtain a token; the running one keeps serving (tried again at the next reload)");
+                let delay = self
+                    .retries
+                    .get(&done.name)
+                    .map_or(ROTATION_RETRY, |r| (r.delay * 2).min(ROTATION_RETRY_CAP));
+                let retry_at = SystemTime::now() + delay;
+                tracing::warn!(profile = %done.name, problem = %problem, "the new token identity could not obtain a token; the running one keeps serving (tried again in {})", humantime::format_duration(delay));
+                self.retries.insert(
+                    done.name.clone(),
+                    Retry {
+                        target: latest.unwrap_or(target),
+                        at: tokio::time::Instant::now() + delay,
+                        delay,
+                    },
+                );
                 RotationStatus {
                     state: "refused",
                     since: now,
-                    until: None,
+                    until: Some(rfc3339(retry_at)),
                     problem: Some(problem),
+                    id: done.id,
                 }
             }
         };
         self.status().rotations.insert(done.name, entry);
+    }
+
+    /// Starts the refused rotations whose time to be tried again has come.
+    fn retry_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let Some(retry) = self.retries.remove(&name) else {
+                continue;
+            };
+            let Some(i) = self.targets.profiles.index(&name) else {
+                continue;
+            };
+            let stamp = rfc3339(SystemTime::now());
+            self.start_rotation(&name, i, retry.target.clone(), &stamp);
+            // The wait doubles from this one if it is refused again.
+            self.retries.insert(
+                name,
+                Retry {
+                    at: now + ROTATION_RETRY_CAP * 1000,
+                    ..retry
+                },
+            );
+        }
     }
 
     /// Runs until `stop` resolves: reloads on SIGHUP and when the files change.
@@ -479,6 +632,16 @@ impl Reloader {
                 Some(done) = self.done_rx.recv() => self.finish_rotation(done),
                 _ = poll.tick() => {
                     ticks += 1;
+                    self.retry_due();
+                    if self
+                        .refused
+                        .as_ref()
+                        .is_some_and(|(_, at)| at.elapsed() >= REFUSED_RETRY)
+                    {
+                        seen = self.stamps(true).await;
+                        self.reload("reading a refused configuration again").await;
+                        continue;
+                    }
                     let all = ticks.is_multiple_of(every);
                     let now = self.stamps(all).await;
                     let config_changed = now.config != seen.config;
@@ -805,55 +968,127 @@ fn take_secrets(running: &mut AuthConfig, new: &AuthConfig) {
     }
 }
 
-/// Tests `new` as the replacement of `old` (see the module documentation): the replacement's
-/// authorizer once it can authorize a request, or why it cannot.
-async fn rotate(
-    name: &str,
+/// What a rotation task needs.
+struct Job {
+    name: String,
+    id: u64,
     new: ProfileConfig,
     old: Arc<dyn Authorizer>,
     old_config: Option<ProfileConfig>,
     builder: Builder,
-    status: &Mutex<ReloadStatus>,
-) -> Result<Arc<dyn Authorizer>, String> {
+    status: Arc<Mutex<ReloadStatus>>,
+    testing: Arc<tokio::sync::Semaphore>,
+}
+
+impl Job {
+    /// Updates this test's `/status` entry (not a later test's).
+    fn show(&self, state: &'static str, until: Option<SystemTime>) {
+        if let Some(s) = lock(&self.status)
+            .rotations
+            .get_mut(&self.name)
+            .filter(|s| s.id == self.id)
+        {
+            s.state = state;
+            s.until = until.map(rfc3339);
+        }
+    }
+}
+
+/// Resumes the old profile's renewals when a rotation that held them ends without replacing
+/// it (refused, superseded or aborted).
+struct Held(Option<Arc<dyn Authorizer>>);
+
+impl Held {
+    /// The rotation replaced the old profile: it stays held (a retired profile that requests
+    /// still hold must not renew into the new one's budget).
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            old.hold_renewals(false);
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Tests `job.new` as the replacement of `job.old` (see the module documentation): the
+/// replacement's authorizer once it can authorize a request, or why it cannot.
+async fn rotate(job: Job) -> Result<Arc<dyn Authorizer>, String> {
     let build = |lazy: bool| {
         let tuning = Tuning {
             lazy,
-            ..builder.tuning.clone()
+            ..job.builder.tuning.clone()
         };
         Profile::from_config(
-            &new,
-            &builder.upstream,
-            builder.store.clone(),
-            builder.metrics.clone(),
+            &job.new,
+            &job.builder.upstream,
+            job.builder.store.clone(),
+            job.builder.metrics.clone(),
             tuning,
         )
         .map(|p| p.authorizer)
         .map_err(|e| e.to_string())
     };
-    let basic = matches!(new.auth, AuthConfig::Basic { .. });
-    if basic || old.status().is_idle() {
-        return build(builder.tuning.lazy);
+    if matches!(job.new.auth, AuthConfig::Basic { .. }) {
+        return build(job.builder.tuning.lazy);
     }
-    if let Some(open) = budget_opens(&new, old_config.as_ref(), &*old, &builder).await {
-        if let Ok(wait) = open.duration_since(SystemTime::now()) {
-            if let Some(s) = lock(status).rotations.get_mut(name) {
-                s.state = "waiting_for_mint_budget";
-                s.until = Some(rfc3339(open));
-            }
+    // Same client, same mint budget: the old profile stops renewing in its window and this
+    // rotation makes the client's next mint, once the budget allows it.
+    let shared = shared_budget(&job.new, job.old_config.as_ref());
+    let held = match shared {
+        Some(_) => {
+            job.old.hold_renewals(true);
+            Held(Some(job.old.clone()))
+        }
+        None => Held(None),
+    };
+    if let Some((interval, old_key)) = &shared {
+        loop {
+            let Some(open) = budget_opens(*interval, old_key, &*job.old, &job.builder).await else {
+                break;
+            };
+            let Ok(wait) = open.duration_since(SystemTime::now()) else {
+                break;
+            };
+            job.show("waiting_for_mint_budget", Some(open));
             tracing::info!(
-                profile = %name,
+                profile = %job.name,
                 until = %rfc3339(open),
-                "the new identity keeps the client: it asks for a token once the client's mint budget allows"
+                "the new token identity keeps the client: it asks for a token once the client's mint budget allows"
             );
             tokio::time::sleep(wait).await;
-            if let Some(s) = lock(status).rotations.get_mut(name) {
-                s.state = "testing";
-                s.until = None;
-            }
+            // The old profile may have minted meanwhile (its token expired or was refused).
         }
     }
+    let _permit = job
+        .testing
+        .acquire()
+        .await
+        .map_err(|_| "the proxy is stopping".to_string())?;
+    job.show("testing", None);
+    if let Some((_, old_key)) = &shared {
+        // Replicas still on the old configuration read this before they renew.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            job.builder.store.record_mint(old_key),
+        )
+        .await;
+    }
     let authorizer = build(false)?;
-    let uri: http::Uri = builder
+    let uri: http::Uri = job
+        .builder
         .upstream
         .url
         .to_string()
@@ -867,45 +1102,52 @@ async fn rotate(
         .resolve()
         .await
         .map_err(|e| e.to_string())?;
+    held.keep();
     Ok(authorizer)
 }
 
-/// For a client-credentials profile that keeps its client (token URL and client id): when
-/// the client's budget allows its next token — `min_token_interval` after the last mint by
-/// any replica (the token in hand's, or the shared ledger's).
-async fn budget_opens(
-    new: &ProfileConfig,
-    old: Option<&ProfileConfig>,
-    old_authorizer: &dyn Authorizer,
-    builder: &Builder,
-) -> Option<SystemTime> {
-    let (AuthConfig::ClientCredentials(n), Some(AuthConfig::ClientCredentials(o))) =
-        (&new.auth, old.map(|o| &o.auth))
-    else {
-        return None;
+/// For an OAuth profile that keeps its client (token URL and client id) and has a mint budget
+/// (`min_token_interval`, by default 20 h 15 m for client credentials): the budget and the
+/// old profile's cache key.
+fn shared_budget(new: &ProfileConfig, old: Option<&ProfileConfig>) -> Option<(Duration, String)> {
+    let oauth = |auth: &AuthConfig| match auth {
+        AuthConfig::ClientCredentials(o) | AuthConfig::ServiceAccount(o) => Some(o.clone()),
+        AuthConfig::Basic { .. } => None,
     };
+    let n = oauth(&new.auth)?;
+    let old = old?;
+    let o = oauth(&old.auth)?;
     if n.token_url != o.token_url || n.client_id != o.client_id {
         return None;
     }
     let interval = n.min_token_interval.max(o.min_token_interval)?;
-    let mut last = old_authorizer.minted_at();
-    let key = ledger_key(o);
+    Some((interval, ledger_key(&old.auth, &o)))
+}
+
+/// When the client's budget allows its next token: `interval` after the last mint by any
+/// replica (the token in hand's, or the shared ledger's).
+async fn budget_opens(
+    interval: Duration,
+    old_key: &str,
+    old: &dyn Authorizer,
+    builder: &Builder,
+) -> Option<SystemTime> {
+    let mut last = old.minted_at();
     if let Ok(Ok(Some(ago))) =
-        tokio::time::timeout(Duration::from_secs(2), builder.store.last_mint(&key)).await
+        tokio::time::timeout(Duration::from_secs(2), builder.store.last_mint(old_key)).await
     {
-        let at = SystemTime::now().checked_sub(ago);
-        last = last.max(at);
+        last = last.max(SystemTime::now().checked_sub(ago));
     }
     last?.checked_add(interval)
 }
 
-/// The cache key (fingerprint) of a client-credentials profile.
-fn ledger_key(o: &OAuthConfig) -> String {
-    crate::token::fingerprint(
-        o,
-        "client_credentials",
-        o.dpop.as_ref().map(|d| d.thumbprint.as_str()),
-    )
+/// The cache key (fingerprint) of an OAuth profile.
+fn ledger_key(auth: &AuthConfig, o: &OAuthConfig) -> String {
+    let grant = match auth {
+        AuthConfig::ServiceAccount(_) => "password",
+        _ => "client_credentials",
+    };
+    crate::token::fingerprint(o, grant, o.dpop.as_ref().map(|d| d.thumbprint.as_str()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -185,6 +185,9 @@ pub trait Authorizer: fmt::Debug + Send + Sync {
     fn minted_at(&self) -> Option<std::time::SystemTime> {
         None
     }
+    /// Stops (`true`) or resumes the token's renewals inside its refresh window (a rotation
+    /// sharing the client's mint budget makes the next mint instead).
+    fn hold_renewals(&self, _hold: bool) {}
 }
 
 /// One Tango identity and the authorizer that speaks for it.

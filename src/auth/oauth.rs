@@ -210,24 +210,31 @@ impl TokenClient {
         let current = self.current();
         let result = self.exchange(&current).await.map_err(|e| self.scrub(e));
         let refused = match &result {
-            Ok(_) => {
+            Err(e @ MintError::Rejected { .. }) => e.to_string(),
+            _ => {
                 let mut rotation = self.rotation();
-                rotation.previous = None;
-                if let Some(s) = rotation.status.as_mut() {
-                    s.state = "in_use";
-                    s.problem = None;
+                // A success with the secrets in use now ends a rotation (not one with secrets
+                // a rotation replaced while this request was out).
+                if result.is_ok() && Arc::ptr_eq(&current, &self.current()) {
+                    rotation.previous = None;
+                    if let Some(s) = rotation.status.as_mut() {
+                        s.state = "in_use";
+                        s.problem = None;
+                    }
                 }
                 return result;
             }
-            Err(e @ MintError::Rejected { .. }) => e.to_string(),
-            Err(_) => return result,
         };
         let previous = {
             let mut rotation = self.rotation();
-            // Never rotated: the mint failed as any other does.
+            // Never rotated, rotated secrets already proven, or secrets replaced while the
+            // request was out: the mint failed as any other does.
             let Some(status) = rotation.status.as_mut() else {
                 return result;
             };
+            if status.state == "in_use" || !Arc::ptr_eq(&current, &self.current()) {
+                return result;
+            }
             status.state = "refused";
             status.problem = Some(refused.clone());
             if let Some(m) = &self.metrics {
@@ -237,6 +244,7 @@ impl TokenClient {
             rotation.previous.clone()
         };
         let Some(previous) = previous else {
+            tracing::warn!("the token endpoint refused the rotated credentials ({refused})");
             return result;
         };
         tracing::warn!(
@@ -852,6 +860,10 @@ impl Authorizer for OAuthAuthorizer {
 
     fn minted_at(&self) -> Option<std::time::SystemTime> {
         self.manager.minted_at()
+    }
+
+    fn hold_renewals(&self, hold: bool) {
+        self.manager.hold_renewals(hold);
     }
 }
 

@@ -153,6 +153,8 @@ pub enum Event {
     Minted(Result<Arc<Token>, MintError>),
     /// The outcome of background bookkeeping.
     Bookkept(Result<(), StoreError>),
+    /// Stop (true) or resume (false) renewals inside the refresh window.
+    HoldRenewals(bool),
 }
 
 /// What one look at the store found.
@@ -222,6 +224,7 @@ pub struct Carry {
     retry_at: Option<Instant>,
     last_rejected_mint: Option<Instant>,
     rejections: u64,
+    renewals_held: bool,
 }
 
 /// One profile's token state.
@@ -259,6 +262,10 @@ pub struct Machine {
     pub declined: Option<(String, u64)>,
     /// When the current token was obtained (minted or adopted).
     pub last_refresh: Option<Instant>,
+    /// No renewal inside the refresh window while set (a credential rotation that shares this
+    /// client's mint budget is waiting to make the next mint); an unusable or rejected token
+    /// is still replaced.
+    renewals_held: bool,
     rng: u64,
 }
 
@@ -284,6 +291,7 @@ impl Machine {
             rejections: 0,
             declined: None,
             last_refresh: None,
+            renewals_held: false,
             rng: seed | 1,
         }
     }
@@ -307,6 +315,7 @@ impl Machine {
         m.retry_at = carry.retry_at;
         m.last_rejected_mint = carry.last_rejected_mint;
         m.rejections = carry.rejections;
+        m.renewals_held = carry.renewals_held;
         m
     }
 
@@ -319,6 +328,7 @@ impl Machine {
             retry_at: self.retry_at,
             last_rejected_mint: self.last_rejected_mint,
             rejections: self.rejections,
+            renewals_held: self.renewals_held,
         }
     }
 
@@ -377,6 +387,7 @@ impl Machine {
         let mut fx = Vec::new();
         match event {
             Event::Tick => {}
+            Event::HoldRenewals(hold) => self.renewals_held = hold,
             Event::Rejected(ath) => self.on_rejected(ath, now, &mut fx),
             Event::Loaded(seen) => self.on_loaded(seen, now, &mut fx),
             Event::Ledger(result) => self.on_ledger(result, now, &mut fx),
@@ -397,6 +408,9 @@ impl Machine {
     /// When the current token's renewal may start: the jittered window start, not before the
     /// mint budget opens; `None` when the budget forbids renewing before the token is unusable.
     fn renew_at(&self, token: &Token) -> Option<Instant> {
+        if self.renewals_held {
+            return None;
+        }
         let window = self
             .refresh_at
             .unwrap_or_else(|| token.refresh_from(self.policy.refresh_window));

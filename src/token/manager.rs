@@ -318,6 +318,12 @@ impl TokenManager {
             .cloned()
     }
 
+    /// Stops (`true`) or resumes renewals inside the refresh window: a token that becomes
+    /// unusable or is rejected is still replaced. Survives a restart of the owner task.
+    pub fn hold_renewals(&self, hold: bool) {
+        let _ = self.events.send(Event::HoldRenewals(hold));
+    }
+
     /// When the token in hand was minted, by this process or another replica (its wall-clock
     /// expiry less its lifetime), usable or not.
     pub fn minted_at(&self) -> Option<SystemTime> {

@@ -19,16 +19,20 @@ const NEW_SECRET: &str = "n3w-cl13nt-S3cret-Must-N0t-L3ak";
 const WRONG_SECRET: &str = "wr0ng-cl13nt-S3cret-Must-N0t-L3ak";
 const SECOND_CLIENT: &str = "second-client";
 const SECOND_SECRET: &str = "s3c0nd-cl13nt-S3cret-Must-N0t-L3ak";
+/// A new secret as long as [`CLIENT_SECRET`].
+const SAME_LENGTH_SECRET: &str = "cl13nt-S3cret-Must-N0t-N3w!";
 
 /// The test client, accepted with its current and its new secret (as an identity provider
 /// during a rotation), and a second client with the same service account.
 fn rotating_mock() -> MockConfig {
     let mut config = mock_config(1.0);
     let first = config.clients[0].clone();
-    config.clients.push(MockClient {
-        client_secret: Secret::new(NEW_SECRET),
-        ..first.clone()
-    });
+    for secret in [NEW_SECRET, SAME_LENGTH_SECRET] {
+        config.clients.push(MockClient {
+            client_secret: Secret::new(secret),
+            ..first.clone()
+        });
+    }
     config.clients.push(MockClient {
         name: "Second".into(),
         client_id: SECOND_CLIENT.into(),
@@ -39,7 +43,7 @@ fn rotating_mock() -> MockConfig {
 }
 
 async fn start_rotating_mock() -> (MockTango, String) {
-    for s in [NEW_SECRET, WRONG_SECRET, SECOND_SECRET] {
+    for s in [NEW_SECRET, WRONG_SECRET, SECOND_SECRET, SAME_LENGTH_SECRET] {
         logs::watch_secret(s.to_string());
     }
     start_mock(rotating_mock()).await
@@ -264,19 +268,22 @@ async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
     // Bounded load for the whole test; every answer must be a 200.
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (proxy, stop, sent, failed) =
-            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 20_000 {
-                let status = account(&proxy).await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
+    // Eight requests in flight at a time, so the swap lands while some are out.
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (proxy, stop, sent, failed) =
+                (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 40_000 {
+                    let status = account(&proxy).await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-            }
+            })
         })
-    };
+        .collect();
 
     // A client id the identity provider does not know: refused, the old profile serves on.
     f.rewrite(&config_text(&url, "service_account", "no-such-client", ""));
@@ -332,12 +339,14 @@ async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
     }
     assert!(by_second(&mock) >= second_before + 5);
     stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    // Requests that began before the swap may still have gone out as the first client;
-    // none after it did.
+    for worker in load {
+        worker.await.unwrap();
+    }
+    // Requests that began before the swap may still have gone out as the first client (one
+    // per worker at most); none after it did.
     let first_after = mock.stats().credentials[&format!("bearer:{CLIENT_ID}")];
     assert!(
-        first_after - first_before <= 2,
+        first_after - first_before <= 8,
         "{first_before} -> {first_after}"
     );
     assert!(sent.load(Ordering::Relaxed) > 0);
@@ -412,6 +421,133 @@ async fn a_client_credentials_rotation_never_asks_for_a_token_before_the_budget_
         1,
         "a rotation asked the client for a token early"
     );
+
+    // Taking the change back drops the waiting rotation.
+    f.rewrite(&config_text(&url, "client_credentials", CLIENT_ID, ""));
+    status_until(&proxy, "the waiting rotation dropped", |s| {
+        s["config"]["rotations"]["default"].is_null()
+    })
+    .await;
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(cc(&mock), 1);
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test]
+async fn when_the_budget_opens_the_client_gets_one_token_not_two() {
+    // Tokens live 24 s here (the mock's clock runs 3600 times fast): renewal from 18 s, usable
+    // until 21.6 s. The budget (19 s) opens inside the window, where the running profile would
+    // renew at the same moment as the rotation mints, unless the rotation holds it.
+    let mut config = rotating_mock();
+    config.time_scale = 1.0 / 3600.0;
+    config.client_credentials_limit = None;
+    for s in [NEW_SECRET, WRONG_SECRET, SECOND_SECRET, SAME_LENGTH_SECRET] {
+        logs::watch_secret(s.to_string());
+    }
+    let (mock, url) = start_mock(config).await;
+    let f = files(
+        &config_text(
+            &url,
+            "client_credentials",
+            CLIENT_ID,
+            "min_token_interval = \"19s\"\n",
+        ),
+        CLIENT_SECRET,
+    );
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+    let cc = |m: &MockTango| m.stats().token_requests["client_credentials"];
+    assert_eq!(cc(&mock), 1);
+    f.rewrite(&config_text(
+        &url,
+        "client_credentials",
+        CLIENT_ID,
+        "min_token_interval = \"19s\"\nscope = \"raas.all raas.read\"\n",
+    ));
+    status_until(&proxy, "the rotation waiting for the budget", |s| {
+        s["config"]["rotations"]["default"]["state"] == "waiting_for_mint_budget"
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = proxy.status().await;
+        if status["config"]["rotations"]["default"]["state"] == "applied" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied: {status:#}");
+        assert_eq!(account(&proxy).await, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(account(&proxy).await, 200);
+    assert_eq!(
+        cc(&mock),
+        2,
+        "the client was asked for more than one token when its budget opened"
+    );
+    proxy.stop();
+    proxy.wait().await;
+}
+
+#[tokio::test]
+async fn an_idle_store_profile_is_not_replaced_by_a_broken_identity() {
+    let (mock, url) = start_mock(MockConfig::with_stores(2)).await;
+    let key = |i: usize| format!("rotation-pos-key-{i}-7a1c9e");
+    let text = |store2_user: &str| {
+        let mut t = format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nurl = \"{url}\"\nallow_http = true\n"
+        );
+        t.push_str(&store_profiles(&url, 2).replace(
+            "username = \"store-2\"",
+            &format!("username = \"{store2_user}\""),
+        ));
+        for i in 1..=2 {
+            logs::watch_secret(key(i));
+            t.push_str(&format!(
+                "[callers.pos-{i}]\nkey_sha256 = \"{}\"\nprofile = \"store-{i}\"\naccounts = [\"A-STORE-{i}\"]\n",
+                sha256_hex(key(i).as_bytes())
+            ));
+        }
+        t
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(&cfg, text("store-2")).unwrap();
+    let proxy = TestProxy::start_file(&cfg).await;
+    let get = |i: usize| {
+        let url = format!("{}/raas/v2/accounts/A-STORE-{i}", proxy.url);
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(key(i))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get(1).await, 200);
+    let status = proxy.status().await;
+    assert_eq!(status["profiles"]["store-2"]["idle"], true, "{status:#}");
+
+    // store-2 has never called; its profile is moved to a service account Tango does not know.
+    replace(&cfg, &text("store-2-typo"));
+    let status = status_until(&proxy, "the broken identity refused", |s| {
+        s["config"]["rotations"]["store-2"]["state"] == "refused"
+    })
+    .await;
+    assert!(
+        status["config"]["rotations"]["store-2"]["until"].is_string(),
+        "{status:#}"
+    );
+    // Its first request is served by the identity that works.
+    assert_eq!(get(2).await, 200);
+    assert!(
+        mock.stats().by_principal.contains_key("store-2"),
+        "{:?}",
+        mock.stats()
+    );
     proxy.stop();
     proxy.wait().await;
 }
@@ -444,9 +580,21 @@ async fn a_sidecar_reloads_on_sighup_instead_of_ending() {
             .as_u16()
     };
     assert_eq!(get().await, 200);
-    // The new secret arrives in place (no rename, so no change of the file's identity) and
-    // the operator says so with SIGHUP.
-    std::fs::write(&secret, NEW_SECRET).unwrap();
+    // The new secret arrives in place, with the same length and modification time as the old
+    // (so the file watch cannot see it), and the operator says so with SIGHUP.
+    assert_eq!(SAME_LENGTH_SECRET.len(), CLIENT_SECRET.len());
+    let mtime = std::fs::metadata(&secret).unwrap().modified().unwrap();
+    std::fs::write(&secret, SAME_LENGTH_SECRET).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&secret)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    // Longer than the file watch takes to look, so a reload seen now came from the signal.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = get_json(&format!("{}/status", proxy.admin_url())).await;
+    assert_eq!(status["config"]["generation"], 0, "{status:#}");
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &proxy.pid().to_string()])
         .status()
@@ -468,7 +616,7 @@ async fn a_sidecar_reloads_on_sighup_instead_of_ending() {
     assert_eq!(get().await, 200);
     let (code, logs) = proxy.terminate();
     assert_eq!(code, 0, "{logs}");
-    for s in [CLIENT_SECRET, NEW_SECRET] {
+    for s in [CLIENT_SECRET, SAME_LENGTH_SECRET] {
         assert!(!logs.contains(s));
     }
 }
