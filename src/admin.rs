@@ -98,10 +98,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         )
             .into_response();
     }
-    let not_ready: Vec<&str> = state
+    let not_ready: Vec<String> = state
         .0
         .profiles
         .iter()
+        .into_iter()
         .filter(|(_, a)| !a.is_ready())
         .map(|(name, _)| name)
         .collect();
@@ -122,20 +123,21 @@ async fn status(State(state): State<AdminState>) -> Response {
     let profiles: serde_json::Map<String, serde_json::Value> = s
         .profiles
         .iter()
+        .into_iter()
         .map(|(name, authorizer)| {
             let status = authorizer.status();
             cache_healthy &= status.cache_healthy;
             let ready = authorizer.is_ready();
             let idle = !ready && status.is_idle();
             let mut value = serde_json::to_value(status).unwrap_or_default();
-            s.metrics.set_profile_ready(name, (!idle).then_some(ready));
+            s.metrics.set_profile_ready(&name, (!idle).then_some(ready));
             if let Some(map) = value.as_object_mut() {
                 map.insert("ready".into(), ready.into());
                 if idle {
                     map.insert("idle".into(), true.into());
                 }
             }
-            (name.to_string(), value)
+            (name, value)
         })
         .collect();
     let mut body = json!({
@@ -190,7 +192,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         state
             .0
             .metrics
-            .set_profile_ready(name, (!idle).then_some(ready));
+            .set_profile_ready(&name, (!idle).then_some(ready));
     }
     (
         [(

@@ -163,9 +163,11 @@ pub fn start(config: &Config, listeners: Listeners) -> Result<Running, AppError>
         Some(store) => Arc::new(RedisLedger::new(store)),
         None => Arc::new(MemoryLedger::default()),
     };
-    let gateway = Gateway::new(config, ledger.clone(), &metrics)
-        .map_err(AppError::Gateway)?
-        .map(Arc::new);
+    let gateway = Gateway::new(config, ledger.clone(), &metrics, &|name| {
+        profiles.index(name)
+    })
+    .map_err(AppError::Gateway)?
+    .map(Arc::new);
     let (gateway_tx, gateway_rx) = watch::channel(gateway);
     let reloads = Arc::new(std::sync::Mutex::new(crate::reload::ReloadStatus::default()));
     let proxy = Proxy::new(

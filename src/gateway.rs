@@ -87,7 +87,7 @@ pub struct Caller {
     key_sha256: Option<[u8; 32]>,
     /// The profile its requests use.
     pub profile: String,
-    /// That profile's place in `config.profiles` (name order): the proxy's profile list.
+    /// That profile's place in the proxy's profiles.
     pub profile_index: usize,
     allow: Vec<AllowRule>,
     /// The accounts and customers it may name.
@@ -147,10 +147,12 @@ pub struct CallerStatus {
 
 impl Gateway {
     /// Builds the gateway for `config`'s callers; `None` when there are none (sidecar mode).
+    /// `profile_index` gives the place of a profile by name in the proxy's profiles.
     pub fn new(
         config: &Config,
         ledger: Arc<dyn SpendLedger>,
         metrics: &Metrics,
+        profile_index: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<Option<Self>, String> {
         if !config.is_gateway() {
             return Ok(None);
@@ -160,10 +162,7 @@ impl Gateway {
         let mut by_hash = HashMap::new();
         let mut by_cert = cert::CertIndex::default();
         for c in config.callers.values() {
-            let profile_index = config
-                .profiles
-                .keys()
-                .position(|p| p == &c.profile)
+            let profile_index = profile_index(&c.profile)
                 .ok_or_else(|| format!("callers.{}.profile: no such profile", c.name))?;
             let caller = Caller::new(c, profile_index, metrics)?;
             by_name.insert(c.name.clone(), callers.len());

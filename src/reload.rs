@@ -7,6 +7,12 @@
 //!
 //! * **`[callers]`** (gateway mode): callers added, removed (the kill switch: a removed
 //!   store's next request is refused) or changed take effect at once.
+//! * **Profiles added or removed** (gateway mode): a store comes with its own Tango identity.
+//!   An added profile takes a new place in the proxy's profiles before any caller can name it,
+//!   and starts idle like every gateway profile; a removed one refuses from then on (no caller
+//!   names it any more), leaves `/status`, and its token task ends once the requests holding it
+//!   have. A profile keeps its place for the life of the process, so a gateway that adds and
+//!   removes stores for months grows by one small record per store added.
 //! * **Credential rotation**, profile by profile:
 //!   * *Secrets only* (`client_secret`, `password` or their files changed, nothing else that
 //!     makes a token different): the profile keeps its token and sends the new secrets at its
@@ -44,7 +50,7 @@
 //! run, is **refused whole**: the running configuration keeps serving, and the refusal is logged
 //! at WARN, counted in `tango_proxy_config_reloads_total{result}` and shown in `/status`
 //! (`config.last_refusal`) with its problems. Changes only a restart applies (listeners,
-//! upstream, cache, profiles added or removed, a profile's `refresh_window`,
+//! upstream, cache, a sidecar's profile added or removed, a profile's `refresh_window`,
 //! `min_token_interval` or `token_timeout`, a switch between Basic and OAuth, a sidecar gaining
 //! callers, the contents of the cache and upstream files) never hold back what a reload can
 //! apply — the kill switch must work whatever else changed in the file — they are logged at
@@ -257,6 +263,10 @@ struct Plan {
     gateway: Option<Gateway>,
     pending: Vec<String>,
     changes: Vec<(String, Change)>,
+    /// Profiles the gateway adds, in the order they take their places.
+    added: Vec<String>,
+    /// Profiles the gateway removes.
+    removed: Vec<String>,
 }
 
 impl Reloader {
@@ -294,13 +304,14 @@ impl Reloader {
             );
             return false;
         };
-        let (running, ledger, metrics) = (
+        let (running, places, ledger, metrics) = (
             self.running.clone(),
+            self.targets.profiles.names(),
             self.targets.ledger.clone(),
             self.targets.builder.metrics.clone(),
         );
         let outcome =
-            tokio::task::spawn_blocking(move || prepare(&path, running, ledger, &metrics))
+            tokio::task::spawn_blocking(move || prepare(&path, running, places, ledger, &metrics))
                 .await
                 .unwrap_or_else(|e| Err(vec![format!("the reload failed: {e}")]));
         let now = rfc3339(SystemTime::now());
@@ -329,7 +340,43 @@ impl Reloader {
             gateway,
             pending,
             changes,
+            added: profiles_added,
+            removed: profiles_removed,
         } = plan;
+        // Profiles added take their places before a caller can name them.
+        let built: Result<Vec<Profile>, String> = profiles_added
+            .iter()
+            .filter_map(|name| new.profiles.get(name))
+            .map(|p| {
+                Profile::from_config(
+                    p,
+                    &self.targets.builder.upstream,
+                    self.targets.builder.store.clone(),
+                    self.targets.builder.metrics.clone(),
+                    self.targets.builder.tuning.clone(),
+                )
+                .map_err(|e| format!("profiles.{}: {e}", p.name))
+            })
+            .collect();
+        let built = match built {
+            Ok(b) => b,
+            Err(problem) => {
+                self.targets.builder.metrics.config_reload("refused");
+                tracing::warn!(problems = %problem, "configuration reload refused ({why}); the running configuration keeps serving");
+                self.status().last_refusal = Some(Refusal {
+                    at: now,
+                    problems: vec![problem],
+                });
+                return false;
+            }
+        };
+        for profile in built {
+            let name = profile.name.clone();
+            self.targets.profiles.push(profile);
+            if let Some(config) = new.profiles.get(&name) {
+                self.running.profiles.insert(name, config.clone());
+            }
+        }
         let before: Vec<&String> = self.running.callers.keys().collect();
         let added = new.callers.keys().filter(|c| !before.contains(c)).count();
         let removed = before
@@ -348,8 +395,17 @@ impl Reloader {
                 self.apply_profile(&name, change, profile, &now);
             }
         }
-        // A profile the file no longer has is not changed by it (removing one takes a
-        // restart): a rotation of it is no longer wanted.
+        // Profiles removed: refused from now on (no caller names them), their token tasks end.
+        for name in &profiles_removed {
+            self.drop_rotation(name);
+            if let Some(i) = self.targets.profiles.index(name) {
+                self.targets.profiles.retire(i);
+            }
+            self.targets.builder.metrics.set_profile_ready(name, None);
+            self.running.profiles.remove(name);
+        }
+        // A profile the file no longer has is not changed by it: a rotation of it is no
+        // longer wanted.
         let gone: Vec<String> = self
             .rotations
             .keys()
@@ -380,6 +436,8 @@ impl Reloader {
             callers = new.callers.len(),
             added,
             removed,
+            profiles_added = profiles_added.len(),
+            profiles_removed = profiles_removed.len(),
             "configuration reloaded ({why})"
         );
         if self.running.is_gateway() {
@@ -749,10 +807,12 @@ fn restart_files(c: &Config) -> Vec<PathBuf> {
 }
 
 /// Loads and checks the file; builds the gateway of its callers over the running profiles
-/// and sorts out how each profile changes.
+/// (`places`: their names by place, `None` for a retired one) and those it adds, and sorts out
+/// how each profile changes.
 fn prepare(
     path: &Path,
     running: Config,
+    places: Vec<Option<String>>,
     ledger: Arc<dyn SpendLedger>,
     metrics: &Metrics,
 ) -> Result<Plan, Vec<String>> {
@@ -762,21 +822,27 @@ fn prepare(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
     })?;
-    let missing: Vec<String> = new
-        .callers
-        .values()
-        .filter(|c| !running.profiles.contains_key(&c.profile))
-        .map(|c| {
-            format!(
-                "callers.{}.profile: profile {:?} is not running; adding a profile needs a restart",
-                c.name, c.profile
-            )
-        })
-        .collect();
-    if !missing.is_empty() {
-        return Err(missing);
-    }
-    let mut pending: Vec<String> = fixed_changes(&running, &new)
+    let gateway_mode = running.is_gateway();
+    // A gateway adds and removes profiles (stores come and go); a sidecar's one profile only
+    // changes by restart.
+    let (added, removed): (Vec<String>, Vec<String>) = if gateway_mode {
+        (
+            new.profiles
+                .keys()
+                .filter(|n| !running.profiles.contains_key(*n))
+                .cloned()
+                .collect(),
+            running
+                .profiles
+                .keys()
+                .filter(|n| !new.profiles.contains_key(*n))
+                .cloned()
+                .collect(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut pending: Vec<String> = fixed_changes(&running, &new, gateway_mode)
         .into_iter()
         .map(|what| format!("{what}: changed; a restart applies it"))
         .collect();
@@ -793,11 +859,23 @@ fn prepare(
         }
         changes.push((name.clone(), change));
     }
-    let gateway = if running.is_gateway() {
-        // The new callers over the running profiles: their indexes are the running proxy's.
+    let gateway = if gateway_mode {
+        // The new callers over the running listener settings; a profile's place is its
+        // running one, or after them in the order the added ones are pushed.
+        let place = |name: &str| {
+            places
+                .iter()
+                .position(|p| p.as_deref() == Some(name))
+                .or_else(|| {
+                    added
+                        .iter()
+                        .position(|a| a == name)
+                        .map(|k| places.len() + k)
+                })
+        };
         let mut merged = running;
         merged.callers = new.callers.clone();
-        match Gateway::new(&merged, ledger, metrics) {
+        match Gateway::new(&merged, ledger, metrics, &place) {
             Ok(Some(g)) => Some(g),
             Ok(None) => {
                 return Err(vec![
@@ -817,11 +895,14 @@ fn prepare(
         gateway,
         pending,
         changes,
+        added,
+        removed,
     })
 }
 
-/// The sections a reload does not apply, named, where `new` differs from `running`.
-fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
+/// The sections a reload does not apply, named, where `new` differs from `running` (`gateway`:
+/// profiles may be added and removed).
+fn fixed_changes(running: &Config, new: &Config, gateway: bool) -> Vec<String> {
     let mut out = Vec::new();
     // The inbound TLS files are the listener's to reload: only the rest of `listen` counts.
     let listen = |c: &Config| {
@@ -861,7 +942,7 @@ fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
         out.push("cache.encryption_key_file".into());
     }
     let names = |c: &Config| c.profiles.keys().cloned().collect::<Vec<_>>();
-    if names(running) != names(new) {
+    if !gateway && names(running) != names(new) {
         out.push("profiles (added or removed)".into());
     }
     out

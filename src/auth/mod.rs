@@ -258,13 +258,14 @@ impl Profile {
     }
 }
 
-/// The running profiles, in name order. Each one's authorizer can be replaced by a reload (a
-/// credential rotation) while requests run: a request holds the authorizer it started with
-/// until it ends, so a swap never touches a request in flight. Names and methods are fixed
-/// for the life of the process.
+/// The running profiles: at start in name order, then as reloads add them. Each one's
+/// authorizer can be replaced by a reload (a credential rotation) while requests run: a request
+/// holds the authorizer it started with until it ends, so a swap never touches a request in
+/// flight. A profile keeps its place (its index) for the life of the process: one a reload
+/// removes is retired in place (it refuses to authorize, and is no longer listed).
 #[derive(Debug)]
 pub struct ProfileSet {
-    slots: Vec<Slot>,
+    slots: std::sync::RwLock<Vec<Arc<Slot>>>,
 }
 
 #[derive(Debug)]
@@ -272,74 +273,157 @@ struct Slot {
     name: String,
     method: AuthMethod,
     authorizer: std::sync::RwLock<Arc<dyn Authorizer>>,
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Slot {
+    fn new(p: Profile) -> Arc<Self> {
+        Arc::new(Slot {
+            name: p.name,
+            method: p.method,
+            authorizer: std::sync::RwLock::new(p.authorizer),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn live(&self) -> bool {
+        !self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn authorizer(&self) -> Arc<dyn Authorizer> {
+        self.authorizer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl ProfileSet {
     /// The set of `profiles`, in the order given.
     pub fn new(profiles: Vec<Profile>) -> Self {
         Self {
-            slots: profiles
-                .into_iter()
-                .map(|p| Slot {
-                    name: p.name,
-                    method: p.method,
-                    authorizer: std::sync::RwLock::new(p.authorizer),
-                })
-                .collect(),
+            slots: std::sync::RwLock::new(profiles.into_iter().map(Slot::new).collect()),
         }
     }
 
-    /// How many profiles there are.
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Slot>>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, i: usize) -> Option<Arc<Slot>> {
+        self.slots().get(i).cloned()
+    }
+
+    /// How many places there are (retired profiles included).
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots().len()
     }
 
     /// True without profiles.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots().is_empty()
     }
 
     /// The name of profile `i`.
-    pub fn name(&self, i: usize) -> &str {
-        &self.slots[i].name
+    pub fn name(&self, i: usize) -> String {
+        self.slot(i).map(|s| s.name.clone()).unwrap_or_default()
     }
 
     /// The method of profile `i`.
-    pub fn method(&self, i: usize) -> AuthMethod {
-        self.slots[i].method
+    pub fn method(&self, i: usize) -> Option<AuthMethod> {
+        self.slot(i).map(|s| s.method)
     }
 
-    /// Where the profile called `name` is, if it runs.
+    /// Where the running profile called `name` is.
     pub fn index(&self, name: &str) -> Option<usize> {
-        self.slots.iter().position(|s| s.name == name)
+        self.slots().iter().position(|s| s.live() && s.name == name)
     }
 
-    /// The authorizer of profile `i` as of now.
+    /// The names of the running profiles by place (`None` for a retired place).
+    pub fn names(&self) -> Vec<Option<String>> {
+        self.slots()
+            .iter()
+            .map(|s| s.live().then(|| s.name.clone()))
+            .collect()
+    }
+
+    /// The authorizer of profile `i` as of now (one that refuses, for a place that does not
+    /// exist).
     pub fn authorizer(&self, i: usize) -> Arc<dyn Authorizer> {
-        self.slots[i]
-            .authorizer
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        match self.slot(i) {
+            Some(s) => s.authorizer(),
+            None => Arc::new(Retired(String::new())),
+        }
     }
 
-    /// Every profile's name and current authorizer.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Arc<dyn Authorizer>)> + '_ {
-        (0..self.slots.len()).map(|i| (self.name(i), self.authorizer(i)))
+    /// Every running profile's name and current authorizer, in place order.
+    pub fn iter(&self) -> Vec<(String, Arc<dyn Authorizer>)> {
+        self.slots()
+            .iter()
+            .filter(|s| s.live())
+            .map(|s| (s.name.clone(), s.authorizer()))
+            .collect()
     }
 
     /// Makes `authorizer` profile `i`'s for every later request; the replaced one serves the
     /// requests that hold it until they end.
     pub fn replace(&self, i: usize, authorizer: Arc<dyn Authorizer>) {
+        let Some(slot) = self.slot(i) else {
+            return;
+        };
         let old = std::mem::replace(
-            &mut *self.slots[i]
-                .authorizer
-                .write()
-                .unwrap_or_else(|p| p.into_inner()),
+            &mut *slot.authorizer.write().unwrap_or_else(|p| p.into_inner()),
             authorizer,
         );
         // Dropped outside the lock (an OAuth authorizer's drop stops its token task).
         drop(old);
+    }
+
+    /// Adds a profile; returns its place.
+    pub fn push(&self, profile: Profile) -> usize {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots.push(Slot::new(profile));
+        slots.len() - 1
+    }
+
+    /// Retires profile `i` (removed by a reload): it refuses every later request and its
+    /// token task stops once the requests holding it end.
+    pub fn retire(&self, i: usize) {
+        let Some(slot) = self.slot(i) else {
+            return;
+        };
+        slot.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.replace(i, Arc::new(Retired(slot.name.clone())));
+    }
+}
+
+/// The authorizer of a profile a reload removed.
+#[derive(Debug)]
+struct Retired(String);
+
+impl Authorizer for Retired {
+    fn authorize<'a>(&'a self, _target: Target<'a>) -> Authorization<'a> {
+        Authorization::Ready(Err(AuthError::Unavailable {
+            profile: self.0.clone(),
+            reason: "the profile was removed from the configuration".into(),
+            retry_after: Duration::from_secs(1),
+        }))
+    }
+
+    fn is_ready(&self) -> bool {
+        false
+    }
+
+    fn status(&self) -> ProfileStatus {
+        ProfileStatus {
+            auth: "removed",
+            ready: false,
+            identity: String::new(),
+            cache_healthy: true,
+            token: None,
+            secret_rotation: None,
+        }
     }
 }
 

@@ -50,9 +50,10 @@ const MAX_CATALOG: u64 = 32 << 20;
 /// A catalog is fetched again for an unknown `utid` no sooner than this.
 const CATALOG_REFETCH: Duration = Duration::from_secs(60);
 
-/// Reward currencies by `utid`, one table per profile.
-#[derive(Debug)]
-pub(super) struct Catalogs(Vec<Catalog>);
+/// Reward currencies by `utid`, one table per profile place (made on first use, so profiles a
+/// reload adds have theirs).
+#[derive(Debug, Default)]
+pub(super) struct Catalogs(std::sync::RwLock<Vec<Arc<Catalog>>>);
 
 #[derive(Debug, Default)]
 struct Catalog {
@@ -71,8 +72,21 @@ struct CatalogState {
 }
 
 impl Catalogs {
-    pub(super) fn new(profiles: usize) -> Self {
-        Self((0..profiles).map(|_| Catalog::default()).collect())
+    /// Profile `profile`'s table.
+    fn get(&self, profile: usize) -> Arc<Catalog> {
+        if let Some(c) = self
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(profile)
+        {
+            return c.clone();
+        }
+        let mut all = self.0.write().unwrap_or_else(|p| p.into_inner());
+        while all.len() <= profile {
+            all.push(Arc::default());
+        }
+        all[profile].clone()
     }
 }
 
@@ -447,9 +461,7 @@ impl Proxy {
     /// just as long), so one store sending odd rewards cannot hold up the others.
     async fn reward_currency(&self, profile: usize, utid: &str) -> Result<Option<String>, String> {
         let inner = &*self.0;
-        let Some(catalog) = inner.catalogs.0.get(profile) else {
-            return Ok(None);
-        };
+        let catalog = inner.catalogs.get(profile);
         let fresh = |c: &CatalogState| c.fetched.is_some_and(|t| t.elapsed() < CATALOG_REFETCH);
         {
             let state = catalog.state.lock().unwrap_or_else(|p| p.into_inner());

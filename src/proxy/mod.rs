@@ -60,8 +60,9 @@ struct Inner {
     /// Every profile, in name order; a sidecar has one. A reload may replace one's authorizer
     /// (credential rotation); a request keeps the one it started with.
     profiles: Arc<ProfileSet>,
-    /// What a 401 tells the app when Tango gave no challenge it can act on, per profile.
-    challenges: Vec<HeaderValue>,
+    /// What a 401 tells the app when Tango gave no challenge it can act on: for a Basic
+    /// profile, and for an OAuth one.
+    challenges: [HeaderValue; 2],
     /// Gateway mode: the callers and their policies, swapped whole by a reload.
     gateway: crate::reload::GatewayCell,
     /// Reward currencies by `utid`, per profile (gateway spend limits).
@@ -119,10 +120,8 @@ impl Proxy {
         bound: SocketAddr,
     ) -> Result<Self, crate::tls::TlsError> {
         let client = client::build(&config.upstream)?;
-        let challenges = (0..profiles.len())
-            .map(|i| headers::app_challenge(profiles.method(i) == crate::config::AuthMethod::Basic))
-            .collect();
-        let catalogs = guard::Catalogs::new(profiles.len());
+        let challenges = [headers::app_challenge(true), headers::app_challenge(false)];
+        let catalogs = guard::Catalogs::default();
         let mut local_authorities = vec![
             bound.to_string(),
             format!("localhost:{}", bound.port()),
@@ -406,7 +405,9 @@ impl Proxy {
             authorizer.observe(&sent_to, replay.headers());
             (response, credential) = (replay, used);
         }
-        Ok(self.finish(response, request_id, &inner.challenges[profile_index]))
+        let basic = inner.profiles.method(profile_index) == Some(crate::config::AuthMethod::Basic);
+        let challenge = &inner.challenges[usize::from(!basic)];
+        Ok(self.finish(response, request_id, challenge))
     }
 
     /// The app's streaming body within the limits, and what is kept of it for more sends.

@@ -16,7 +16,9 @@ fn config(mock_url: &str, callers: &[usize], extra_upstream: &str) -> String {
     let mut toml = format!(
         "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n[upstream]\nurl = \"{mock_url}\"\nallow_http = true\n{extra_upstream}\n"
     );
-    toml.push_str(&store_profiles(mock_url, 3));
+    // Three store profiles, and one for every caller past them (a store added with its own).
+    let stores = callers.iter().copied().max().unwrap_or(0).max(3);
+    toml.push_str(&store_profiles(mock_url, stores));
     for i in callers {
         toml.push_str(&format!(
             "[callers.pos-{i}]\nkey_sha256 = \"{}\"\nprofile = \"store-{i}\"\naccounts = [\"A-STORE-{i}\"]\n",
@@ -85,7 +87,7 @@ async fn until(proxy: &ProxyProcess, want: u16, since: Instant, limit: Duration)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
-    let (_mock, mock_url) = start_mock(MockConfig::with_stores(3)).await;
+    let (_mock, mock_url) = start_mock(MockConfig::with_stores(4)).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config(&mock_url, &[1, 2, 3], "")).unwrap();
@@ -182,26 +184,58 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
         "{s}"
     );
     assert!(s["config"]["last_refusal"].is_null(), "{s}");
-    // Callers of a profile the process does not run are refused whole: pos-3 stays out.
-    let mut with_new_profile = config(&mock_url, &[1, 2], "");
-    with_new_profile.push_str(&format!(
-        "[profiles.store-4]\nauth = \"service_account\"\ntoken_url = \"{mock_url}/oauth/token\"\nclient_id = \"franchise\"\nclient_secret = \"franchise-secret\"\nusername = \"store-4\"\npassword = \"store-4-password\"\n[callers.pos-3]\nkey_sha256 = \"{}\"\nprofile = \"store-4\"\n",
+    // A store added with a profile of its own is served at once, without a restart.
+    replace(&path, &config(&mock_url, &[1, 2, 4], ""));
+    hangup(&proxy);
+    let since = Instant::now();
+    loop {
+        if status_of(&proxy, 4).await == 200 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "the added store was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = get_json(&format!("{}/status", proxy.admin_url())).await;
+    assert_eq!(s["profiles"]["store-4"]["ready"], true, "{s}");
+    // Removed again (caller and profile): refused, and its profile is gone from /status.
+    replace(&path, &config(&mock_url, &[1, 2], ""));
+    hangup(&proxy);
+    let since = Instant::now();
+    loop {
+        if status_of(&proxy, 4).await == 401 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "the removed store was still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = get_json(&format!("{}/status", proxy.admin_url())).await;
+    assert!(s["profiles"]["store-4"].is_null(), "{s}");
+    // A caller of a profile the file does not have is refused whole: pos-3 stays out.
+    let mut dangling = config(&mock_url, &[1, 2], "");
+    dangling.push_str(&format!(
+        "[callers.pos-3]\nkey_sha256 = \"{}\"\nprofile = \"store-9\"\n",
         sha256_hex(b"reload-key-3")
     ));
-    replace(&path, &with_new_profile);
+    replace(&path, &dangling);
     hangup(&proxy);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = get_json(&format!("{}/status", proxy.admin_url())).await;
         if s["config"]["last_refusal"]["problems"]
             .to_string()
-            .contains("adding a profile needs a restart")
+            .contains("store-9")
         {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no refusal for a new profile: {s}"
+            "no refusal for a caller of a missing profile: {s}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
