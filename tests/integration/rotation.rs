@@ -49,29 +49,20 @@ async fn start_rotating_mock() -> (MockTango, String) {
     start_mock(rotating_mock()).await
 }
 
-/// A config file whose `default` profile reads its client secret from `secret_file`.
+/// [`oauth_toml`] for `client_id`, its client secret read from the file the test names
+/// (`@SECRET@`, filled in by [`files`] and [`Files::rewrite`]).
 fn config_text(mock_url: &str, auth: &str, client_id: &str, extra: &str) -> String {
-    let account = if auth == "service_account" {
-        format!("username = \"{USERNAME}\"\npassword = \"{PASSWORD}\"\n")
-    } else {
-        String::new()
-    };
-    format!(
-        r#"
-[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[upstream]
-url = "{mock_url}"
-allow_http = true
-[profiles.default]
-auth = "{auth}"
-token_url = "{mock_url}/oauth/token"
-client_id = "{client_id}"
-client_secret_file = "@SECRET@"
-{account}{extra}
-"#
-    )
+    let toml = oauth_toml(mock_url, auth, extra)
+        .replace(
+            &format!("client_id = \"{CLIENT_ID}\""),
+            &format!("client_id = \"{client_id}\""),
+        )
+        .replace(
+            &format!("client_secret = \"{CLIENT_SECRET}\""),
+            "client_secret_file = \"@SECRET@\"",
+        );
+    assert!(toml.contains("@SECRET@"), "{toml}");
+    toml
 }
 
 /// Writes a file the way Kubernetes updates a mounted Secret: a new file, then a rename.
@@ -125,6 +116,16 @@ async fn status_until(proxy: &TestProxy, what: &str, check: impl Fn(&Value) -> b
     }
 }
 
+/// The rotating mock, and a proxy of `auth` for the test client (secret in a file) that has
+/// served one request.
+async fn started(auth: &str, extra: &str) -> (MockTango, String, Files, TestProxy) {
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(&config_text(&url, auth, CLIENT_ID, extra), CLIENT_SECRET);
+    let proxy = TestProxy::start_file(&f.config).await;
+    assert_eq!(account(&proxy).await, 200);
+    (mock, url, f, proxy)
+}
+
 async fn account(proxy: &TestProxy) -> u16 {
     proxy
         .get(&format!(
@@ -142,13 +143,7 @@ fn secret_rotation(status: &Value) -> &Value {
 
 #[tokio::test]
 async fn a_rotated_secret_is_used_at_the_next_mint_and_the_token_in_hand_is_kept() {
-    let (mock, url) = start_rotating_mock().await;
-    let f = files(
-        &config_text(&url, "service_account", CLIENT_ID, ""),
-        CLIENT_SECRET,
-    );
-    let proxy = TestProxy::start_file(&f.config).await;
-    assert_eq!(account(&proxy).await, 200);
+    let (mock, _, f, proxy) = started("service_account", "").await;
     assert_eq!(mock.stats().tokens_issued, 1);
 
     // The secret file is rotated and the identity provider stops taking the old secret.
@@ -186,13 +181,7 @@ async fn a_rotated_secret_is_used_at_the_next_mint_and_the_token_in_hand_is_kept
 
 #[tokio::test]
 async fn a_refused_new_secret_is_reported_and_the_previous_one_is_tried_once() {
-    let (mock, url) = start_rotating_mock().await;
-    let f = files(
-        &config_text(&url, "service_account", CLIENT_ID, ""),
-        CLIENT_SECRET,
-    );
-    let proxy = TestProxy::start_file(&f.config).await;
-    assert_eq!(account(&proxy).await, 200);
+    let (mock, _, f, proxy) = started("service_account", "").await;
 
     // A secret the identity provider does not know yet (rotated in the wrong order).
     replace(&f.secret, WRONG_SECRET);
@@ -257,13 +246,8 @@ async fn a_refused_new_secret_is_reported_and_the_previous_one_is_tried_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
-    let (mock, url) = start_rotating_mock().await;
-    let f = files(
-        &config_text(&url, "service_account", CLIENT_ID, ""),
-        CLIENT_SECRET,
-    );
-    let proxy = Arc::new(TestProxy::start_file(&f.config).await);
-    assert_eq!(account(&proxy).await, 200);
+    let (mock, url, f, proxy) = started("service_account", "").await;
+    let proxy = Arc::new(proxy);
 
     // Bounded load for the whole test; every answer must be a 200.
     let stop = Arc::new(AtomicBool::new(false));
@@ -371,13 +355,7 @@ async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
 #[tokio::test]
 async fn a_client_credentials_rotation_never_asks_for_a_token_before_the_budget_allows() {
     // The mock allows one client-credentials token per client per 20 hours, as Tango does.
-    let (mock, url) = start_rotating_mock().await;
-    let f = files(
-        &config_text(&url, "client_credentials", CLIENT_ID, ""),
-        CLIENT_SECRET,
-    );
-    let proxy = TestProxy::start_file(&f.config).await;
-    assert_eq!(account(&proxy).await, 200);
+    let (mock, url, f, proxy) = started("client_credentials", "").await;
     let cc = |m: &MockTango| m.stats().token_requests["client_credentials"];
     assert_eq!(cc(&mock), 1);
 
