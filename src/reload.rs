@@ -720,9 +720,12 @@ impl Reloader {
                             .files
                             .into_iter()
                             .map(|(f, now)| {
-                                let before = seen.files.iter().find(|(g, _)| *g == f);
+                                let before = seen.files.iter().position(|(g, _)| *g == f);
                                 match before {
-                                    Some((_, s)) => (f, s.clone()),
+                                    Some(k) => {
+                                        let was = std::mem::take(&mut seen.files[k].1);
+                                        (f, was)
+                                    }
                                     None => (f, now),
                                 }
                             })
@@ -738,11 +741,14 @@ impl Reloader {
         let Some(path) = self.path.clone() else {
             return Stamps::default();
         };
-        let files = if all {
-            named_files(&self.running)
-        } else {
-            Vec::new()
-        };
+        if !all {
+            // One stat: cheap enough to make on the async thread, four times a second.
+            return Stamps {
+                config: stamp(&path),
+                files: Vec::new(),
+            };
+        }
+        let files = named_files(&self.running);
         tokio::task::spawn_blocking(move || Stamps {
             config: stamp(&path),
             files: files
@@ -758,9 +764,14 @@ impl Reloader {
     }
 }
 
-/// What identifies a file's current content without reading it: where the path leads, its
-/// size and modification time.
-type Stamp = Option<(PathBuf, u64, Option<SystemTime>)>;
+/// What identifies a file's current content without reading it: the file the path leads to
+/// (device and inode; a symlink swap leads elsewhere), its size and modification time.
+type Stamp = Option<(FileId, u64, Option<SystemTime>)>;
+
+#[cfg(unix)]
+type FileId = (u64, u64);
+#[cfg(not(unix))]
+type FileId = PathBuf;
 
 /// The stamps of the config file and of the files it names.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -770,9 +781,16 @@ struct Stamps {
 }
 
 fn stamp(path: &Path) -> Stamp {
-    let target = std::fs::canonicalize(path).ok()?;
-    let meta = std::fs::metadata(&target).ok()?;
-    Some((target, meta.len(), meta.modified().ok()))
+    // `metadata` follows symlinks: one stat, whatever the chain.
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let id = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    };
+    #[cfg(not(unix))]
+    let id = std::fs::canonicalize(path).ok()?;
+    Some((id, meta.len(), meta.modified().ok()))
 }
 
 /// Every file the configuration names whose change a reload applies or reports, except the

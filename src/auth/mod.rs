@@ -356,6 +356,16 @@ impl ProfileSet {
         }
     }
 
+    /// Profile `i`'s authorizer as of now and whether it is a Basic profile, in one look (the
+    /// request path's).
+    pub fn for_request(&self, i: usize) -> (Arc<dyn Authorizer>, bool) {
+        let slots = self.slots();
+        match slots.get(i) {
+            Some(s) => (s.authorizer(), s.method == AuthMethod::Basic),
+            None => (Arc::new(Retired(String::new())), false),
+        }
+    }
+
     /// Every running profile's name and current authorizer, in place order.
     pub fn iter(&self) -> Vec<(String, Arc<dyn Authorizer>)> {
         self.slots()

@@ -307,9 +307,8 @@ impl Proxy {
         request_id: &HeaderValue,
     ) -> Result<Forwarded, ProxyError> {
         let inner = &*self.0;
-        let profile_index = profile;
         // The profile's authorizer as of now, for every send of this request.
-        let authorizer = inner.profiles.authorizer(profile);
+        let (authorizer, basic) = inner.profiles.for_request(profile);
         let authorizer = &*authorizer;
         // Nothing is read before the first send, so the credential is fetched right before it.
         let credential = authorizer
@@ -405,7 +404,6 @@ impl Proxy {
             authorizer.observe(&sent_to, replay.headers());
             (response, credential) = (replay, used);
         }
-        let basic = inner.profiles.method(profile_index) == Some(crate::config::AuthMethod::Basic);
         let challenge = &inner.challenges[usize::from(!basic)];
         Ok(self.finish(response, request_id, challenge))
     }
