@@ -457,22 +457,15 @@ impl Reloader {
             Change::Same | Change::Restart(_, false) => self.drop_rotation(name),
             Change::Secrets | Change::Restart(_, true) => {
                 self.drop_rotation(name);
-                if self
-                    .targets
-                    .profiles
-                    .authorizer(i)
-                    .rotate_secrets(&new.auth)
-                {
-                    self.targets
-                        .builder
-                        .metrics
-                        .credential_rotation("secrets_loaded");
-                    if let Some(running) = self.running.profiles.get_mut(name) {
-                        take_secrets(&mut running.auth, &new.auth);
-                    }
-                }
+                self.load_secrets(name, i, new);
             }
             Change::Identity => {
+                // The running profile mints with the secrets on disk too until it is replaced
+                // (a client secret is the client's, whichever of its users is in use).
+                let running_secrets = self.running.profiles.get(name).map(|p| secrets(&p.auth));
+                if running_secrets.is_some_and(|s| s != secrets(&new.auth)) {
+                    self.load_secrets(name, i, new);
+                }
                 if let Some(flight) = self.rotations.get_mut(name) {
                     if same_profile(&flight.target, new) {
                         flight.latest = None;
@@ -484,6 +477,24 @@ impl Reloader {
                     }
                 }
                 self.start_rotation(name, i, new.clone(), now);
+            }
+        }
+    }
+
+    /// Gives profile `i` (`name`) the secrets of `new` for its next mint, keeping its token.
+    fn load_secrets(&mut self, name: &str, i: usize, new: &ProfileConfig) {
+        if self
+            .targets
+            .profiles
+            .authorizer(i)
+            .rotate_secrets(&new.auth)
+        {
+            self.targets
+                .builder
+                .metrics
+                .credential_rotation("secrets_loaded");
+            if let Some(running) = self.running.profiles.get_mut(name) {
+                take_secrets(&mut running.auth, &new.auth);
             }
         }
     }
