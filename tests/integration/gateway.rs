@@ -975,10 +975,11 @@ async fn rate_limits_answer_429_with_a_retry_after_that_holds(way: Way) {
     assert_eq!(proxy.status().await["callers"]["till-1"]["rate_limited"], 1);
 }
 
+every_way!(daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders);
 /// Three gateway replicas share one Redis ledger; 200 concurrent orders never take a store past
 /// its daily limit, not by one order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders() {
+async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders(way: Way) {
+    let front = Front::new(way);
     let redis = RedisServer::start();
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let cache = format!(
@@ -986,22 +987,23 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
         redis.url(),
         redis.port
     );
-    let body = shared_profile_toml(&plain(), &mock_url, "daily_spend_limit = \"100 USD\"");
+    let body = shared_profile_toml(&front, &mock_url, "daily_spend_limit = \"100 USD\"");
     let body = body.split("[cache]").nth(1).unwrap().to_string();
-    let toml = gateway_toml(&mock_url, &body, &cache);
+    let toml = front.configure(&gateway_toml(&mock_url, &body, &cache));
     let replicas = [
         TestProxy::start(&toml).await,
         TestProxy::start(&toml).await,
         TestProxy::start(&toml).await,
     ];
-    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let urls: Vec<String> = replicas.iter().map(|r| front.base(r)).collect();
+    let (t1, t2) = tills(&front);
+    let (t1, t2) = (&t1, &t2);
     let results = futures_util::future::join_all((0..200).map(|n| {
         let url = format!("{}/raas/v2/orders", urls[n % 3]);
         async move {
-            send(
+            t1.send(
                 reqwest::Method::POST,
                 url,
-                &till(1),
                 Some(&order("A-1", "C-1", 7.0, &format!("o{n}"))),
             )
             .await
@@ -1019,22 +1021,22 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
     let spent = replicas[0].status().await["callers"]["till-1"]["spent_today"].clone();
     assert_eq!(spent, "98.00 USD");
     // The other till's limit is its own.
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[1]),
-        &till(2),
-        Some(&order("A-2", "C-2", 99.0, "other1")),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[1]),
+            Some(&order("A-2", "C-2", 99.0, "other1")),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     // A repeat of a placed order (Tango's 200) is not counted again; a refused one is released.
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[2]),
-        &till(2),
-        Some(&order("A-2", "C-2", 1.0, "other1")),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[2]),
+            Some(&order("A-2", "C-2", 1.0, "other1")),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -1045,25 +1047,25 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
     for amount in [json!("1.00"), json!(1.005), json!(-5), json!(0), json!([1])] {
         let mut o = order("A-2", "C-2", 1.0, "oddamount");
         o["amount"] = amount.clone();
-        let r = send(
-            reqwest::Method::POST,
-            format!("{}/raas/v2/orders", urls[0]),
-            &till(2),
-            Some(&o),
-        )
-        .await;
+        let r = t2
+            .send(
+                reqwest::Method::POST,
+                format!("{}/raas/v2/orders", urls[0]),
+                Some(&o),
+            )
+            .await;
         assert_proxy_error(r, 403, "caller_forbidden").await;
     }
     // An order in another currency is refused before Tango sees it.
     let mut euro = order("A-2", "C-2", 0.5, "eur1");
     euro["utid"] = json!("U000002");
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[0]),
-        &till(2),
-        Some(&euro),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[0]),
+            Some(&euro),
+        )
+        .await;
     let body = assert_proxy_error(r, 403, "caller_forbidden").await;
     assert!(body["message"].as_str().unwrap().contains("EUR"), "{body}");
     let metrics = get_text(&format!("{}/metrics", replicas[0].admin_url)).await;
@@ -1341,31 +1343,71 @@ async fn actions_on_another_stores_items_and_unattributable_resources_are_refuse
     assert_proxy_error(r, 401, "caller_unauthorized").await;
 }
 
-/// A store that hangs up while its order is with Tango does not lose the order's settlement or
-/// its audit line.
-#[tokio::test]
-async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
+every_way!(an_order_the_store_hangs_up_on_is_still_settled_and_audited);
+/// A store that hangs up while its order is with Tango (closes the connection; over HTTP/2,
+/// resets the stream and then closes) does not lose the order's settlement or its audit line.
+async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited(way: Way) {
     use tango_auth_proxy::mock::OrderFailure;
     use tokio::io::AsyncWriteExt;
+    let front = Front::new(way);
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let proxy = TestProxy::start(&shared_profile_toml(
-        &plain(),
+        &front,
         &mock_url,
         "daily_spend_limit = \"50 USD\"",
     ))
     .await;
+    let (t1, _) = tills(&front);
+    // Tango creates the order, then holds its answer.
     mock.fail_orders(OrderFailure::Timeout(Duration::from_millis(400)), 1);
     let body = order("A-1", "C-1", 20.0, "hangup1").to_string();
-    let request = format!(
-        "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        till(1),
-        body.len()
-    );
     let from = logs::captured_len();
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(stream);
+    let placed_at_tango = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while mock.stats().orders == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the order never reached Tango"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    match way.transport {
+        Transport::Https2 => {
+            let (send, conn) = t1.h2_connection(proxy.addr()).await;
+            let mut request = http::Request::builder()
+                .method("POST")
+                .uri("https://localhost/raas/v2/orders")
+                .header("content-type", "application/json")
+                .header("content-length", body.len());
+            if let Some(auth) = &t1.auth {
+                request = request.header("authorization", auth);
+            }
+            let mut send = send.ready().await.unwrap();
+            let (answer, mut stream) = send.send_request(request.body(()).unwrap(), false).unwrap();
+            stream.send_data(Bytes::from(body), true).unwrap();
+            placed_at_tango().await;
+            stream.send_reset(h2::Reason::CANCEL);
+            drop((answer, stream, send));
+            conn.abort();
+        }
+        _ => {
+            let auth = t1
+                .auth
+                .as_ref()
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let request = format!(
+                "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = t1.http1_connection(proxy.addr()).await;
+            stream.write_all(request.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            placed_at_tango().await;
+            drop(stream);
+        }
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let logs = logs::captured_since(from);

@@ -456,14 +456,34 @@ impl Store {
     /// reads until the gateway closes it. Reading goes on while writing, so an answer sent
     /// before the whole request was read (a refused body) is not lost to the failed write.
     pub async fn http1_bytes(&self, addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+        read_while_writing(self.http1_connection(addr).await, request.to_vec()).await
+    }
+
+    /// A new HTTP/1.1 connection to `addr` as this store makes them: plain, or TLS (ALPN
+    /// `http/1.1`) presenting its certificate when it has one.
+    pub async fn http1_connection(&self, addr: SocketAddr) -> Box<dyn Io> {
         let tcp = TcpStream::connect(addr).await.unwrap();
         match &self.ca_pem {
-            None => read_while_writing(tcp, request.to_vec()).await,
-            Some(ca) => {
-                let tls = self.tls(ca, &[b"http/1.1"], tcp).await;
-                read_while_writing(tls, request.to_vec()).await
-            }
+            None => Box::new(tcp),
+            Some(ca) => Box::new(self.tls(ca, &[b"http/1.1"], tcp).await),
         }
+    }
+
+    /// A new HTTP/2 connection to `addr` (TLS, ALPN `h2`) with the `h2` client, its connection
+    /// task running until aborted.
+    pub async fn h2_connection(
+        &self,
+        addr: SocketAddr,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ) {
+        let ca = self.ca_pem.as_deref().expect("HTTP/2 here is over TLS");
+        let stream = self
+            .tls(ca, &[b"h2"], TcpStream::connect(addr).await.unwrap())
+            .await;
+        let (send, conn) = h2::client::handshake(stream).await.unwrap();
+        (send, tokio::spawn(conn))
     }
 
     async fn tls(
@@ -523,12 +543,7 @@ impl Store {
         data: &[Bytes],
         trailers: Option<http::HeaderMap>,
     ) -> Option<RawResponse> {
-        let ca = self.ca_pem.as_deref().expect("HTTP/2 here is over TLS");
-        let stream = self
-            .tls(ca, &[b"h2"], TcpStream::connect(addr).await.unwrap())
-            .await;
-        let (send, conn) = h2::client::handshake(stream).await.unwrap();
-        let conn = tokio::spawn(conn);
+        let (send, conn) = self.h2_connection(addr).await;
         let what = format!("{} {}", request.method(), request.uri());
         let ends_at_headers = data.is_empty() && trailers.is_none();
         let answer = tokio::time::timeout(Duration::from_secs(10), async {
@@ -574,6 +589,11 @@ impl Store {
         answer
     }
 }
+
+/// A byte stream to the gateway: TCP, or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Writes `request` to `stream` while reading everything that comes back, until the peer closes
 /// (or 10 s pass).
