@@ -549,12 +549,18 @@ impl Store {
         let answer = tokio::time::timeout(Duration::from_secs(10), async {
             let mut send = send.ready().await.ok()?;
             let (answer, mut out) = send.send_request(request, ends_at_headers).ok()?;
+            // The gateway may answer (and end the stream) before it has the whole body, as it
+            // does for a body declared too large: sending stops there, the answer is still read.
+            let mut sent_all = true;
             for (n, frame) in data.iter().enumerate() {
                 let last = n + 1 == data.len() && trailers.is_none();
-                out.send_data(frame.clone(), last).ok()?;
+                if out.send_data(frame.clone(), last).is_err() {
+                    sent_all = false;
+                    break;
+                }
             }
-            if let Some(trailers) = trailers {
-                out.send_trailers(trailers).ok()?;
+            if let Some(trailers) = trailers.filter(|_| sent_all) {
+                let _ = out.send_trailers(trailers);
             }
             let answer = answer.await.ok()?;
             let (parts, mut recv) = answer.into_parts();
