@@ -1,16 +1,51 @@
 //! Gateway mode: stores authenticate as callers, reach Tango only with their own profile's
 //! credential, and only name (and read) their own accounts and customers.
+//!
+//! The guardrail tests run once per way a store reaches the gateway ([`every_way!`]): plain
+//! HTTP/1.1, HTTPS over HTTP/1.1 and over HTTP/2, the store known by its key or, over HTTPS, by
+//! its client certificate.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use base64::Engine;
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tango_auth_proxy::mock::{MockAccount, MockClient, MockConfig, MockTango, SeenRequest};
 use tango_auth_proxy::secret::Secret;
 
 use crate::support::redis_server::RedisServer;
+use crate::support::transport::{basic, Front, IdentifiedBy, Store, Transport, Way};
 use crate::support::*;
+
+/// Runs `async fn NAME(way: Way)` once per way a store reaches the gateway, each run a test of
+/// its own: `NAME::plain_key`, `NAME::https1_key`, `NAME::https1_cert`, `NAME::https2_key`,
+/// `NAME::https2_cert`. `every_way!(NAME, by_key)` runs the three with a key, `by_cert` the two
+/// with a certificate, `http2` the two over HTTP/2.
+macro_rules! every_way {
+    ($test:ident) => {
+        every_way!($test: plain_key = PLAIN_KEY, https1_key = HTTPS1_KEY,
+            https1_cert = HTTPS1_CERT, https2_key = HTTPS2_KEY, https2_cert = HTTPS2_CERT);
+    };
+    ($test:ident, by_key) => {
+        every_way!($test: plain_key = PLAIN_KEY, https1_key = HTTPS1_KEY, https2_key = HTTPS2_KEY);
+    };
+    ($test:ident, by_cert) => {
+        every_way!($test: https1_cert = HTTPS1_CERT, https2_cert = HTTPS2_CERT);
+    };
+    ($test:ident, http2) => {
+        every_way!($test: https2_key = HTTPS2_KEY, https2_cert = HTTPS2_CERT);
+    };
+    ($test:ident: $($run:ident = $way:ident),+) => {
+        mod $test {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $run() {
+                    super::$test(crate::support::transport::Way::$way).await;
+                }
+            )+
+        }
+    };
+}
 
 /// The key store `i`'s point-of-sale system holds (random per run, so a leak is recognisable).
 fn store_key(i: usize) -> String {
@@ -19,23 +54,28 @@ fn store_key(i: usize) -> String {
 
 const KEY_SALT: &str = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
 
-/// `[callers.pos-i]`: key, profile `store-i`, bound to the store's account and customer.
-fn store_callers(stores: usize, extra: &str) -> String {
+/// `[callers.pos-i]`: identified as `front` identifies stores, profile `store-i`, bound to the
+/// store's account and customer.
+fn store_callers(front: &Front, stores: usize, extra: &str) -> String {
     (1..=stores)
         .map(|i| {
             format!(
                 r#"
 [callers.pos-{i}]
-key_sha256 = "{}"
-profile = "store-{i}"
+{}profile = "store-{i}"
 accounts = ["A-STORE-{i}"]
 customers = ["C-STORE-{i}"]
 {extra}
 "#,
-                sha256_hex(store_key(i).as_bytes())
+                front.identity_keys(&format!("pos-{i}"), &store_key(i))
             )
         })
         .collect()
+}
+
+/// Store `i`'s client (caller `pos-i`).
+fn pos(front: &Front, i: usize) -> Store {
+    front.store(&format!("pos-{i}"), &store_key(i))
 }
 
 fn gateway_toml(mock_url: &str, body: &str, extra_cache: &str) -> String {
@@ -51,13 +91,6 @@ allow_http = true
 {extra_cache}
 {body}
 "#
-    )
-}
-
-fn basic(name: &str, key: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{name}:{key}"))
     )
 }
 
@@ -161,19 +194,20 @@ fn assert_no_crossing(mock: &MockTango, stores: usize) {
     let _ = stores;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_accounts() {
+every_way!(fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_accounts);
+async fn fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_accounts(way: Way) {
     const STORES: usize = 50;
+    let front = Front::new(way);
     let (mock, mock_url) = start_stores(STORES).await;
-    let toml = gateway_toml(
+    let toml = front.configure(&gateway_toml(
         &mock_url,
         &format!(
             "{}{}",
             store_profiles(&mock_url, STORES),
-            store_callers(STORES, "require_external_ref_id = true")
+            store_callers(&front, STORES, "require_external_ref_id = true")
         ),
         "",
-    );
+    ));
     let proxy = TestProxy::start(&toml).await;
     // Profiles start idle: no token is minted before a store calls, and an idle store's profile
     // is neither ready nor alerting.
@@ -188,78 +222,80 @@ async fn fifty_stores_each_reach_tango_only_as_themselves_and_only_for_their_acc
         true
     );
 
-    let base = proxy.url.clone();
-    let results = futures_util::future::join_all((1..=STORES).map(|i| {
+    let base = front.base(&proxy);
+    // Every store on its own client (its own connections, its own certificate).
+    let stores: Vec<Store> = (1..=STORES).map(|i| pos(&front, i)).collect();
+    let results = futures_util::future::join_all(stores.iter().enumerate().map(|(n, store)| {
         let base = base.clone();
+        let i = n + 1;
         async move {
             let other = i % STORES + 1;
-            let auth = as_store(i);
-            let own = send(
-                reqwest::Method::GET,
-                format!("{base}/raas/v2/accounts/A-STORE-{i}"),
-                &auth,
-                None,
-            )
-            .await;
+            let own = store
+                .send(
+                    reqwest::Method::GET,
+                    format!("{base}/raas/v2/accounts/A-STORE-{i}"),
+                    None,
+                )
+                .await;
             let own_status = own.status().as_u16();
             let own_body: Value = own.json().await.unwrap();
-            let theirs = send(
-                reqwest::Method::GET,
-                format!("{base}/raas/v2/accounts/A-STORE-{other}"),
-                &auth,
-                None,
-            )
-            .await;
+            let theirs = store
+                .send(
+                    reqwest::Method::GET,
+                    format!("{base}/raas/v2/accounts/A-STORE-{other}"),
+                    None,
+                )
+                .await;
             let theirs = assert_proxy_error(theirs, 403, "caller_forbidden").await;
-            let listed = send(
-                reqwest::Method::GET,
-                format!("{base}/raas/v2/orders?accountIdentifier=A-STORE-{other}"),
-                &auth,
-                None,
-            )
-            .await
-            .status()
-            .as_u16();
-            let placed = send(
-                reqwest::Method::POST,
-                format!("{base}/raas/v2/orders"),
-                &auth,
-                Some(&order(
-                    &format!("A-STORE-{i}"),
-                    &format!("C-STORE-{i}"),
-                    5.0,
-                    &format!("ref{i}"),
-                )),
-            )
-            .await;
+            let listed = store
+                .send(
+                    reqwest::Method::GET,
+                    format!("{base}/raas/v2/orders?accountIdentifier=A-STORE-{other}"),
+                    None,
+                )
+                .await
+                .status()
+                .as_u16();
+            let placed = store
+                .send(
+                    reqwest::Method::POST,
+                    format!("{base}/raas/v2/orders"),
+                    Some(&order(
+                        &format!("A-STORE-{i}"),
+                        &format!("C-STORE-{i}"),
+                        5.0,
+                        &format!("ref{i}"),
+                    )),
+                )
+                .await;
             let placed_status = placed.status().as_u16();
             let placed: Value = placed.json().await.unwrap();
-            let foreign = send(
-                reqwest::Method::POST,
-                format!("{base}/raas/v2/orders"),
-                &auth,
-                Some(&order(
-                    &format!("A-STORE-{other}"),
-                    &format!("C-STORE-{i}"),
-                    5.0,
-                    &format!("steal{i}"),
-                )),
-            )
-            .await
-            .status()
-            .as_u16();
-            let read_back = send(
-                reqwest::Method::GET,
-                format!(
-                    "{base}/raas/v2/orders/{}",
-                    placed["referenceOrderID"].as_str().unwrap_or_default()
-                ),
-                &auth,
-                None,
-            )
-            .await
-            .status()
-            .as_u16();
+            let foreign = store
+                .send(
+                    reqwest::Method::POST,
+                    format!("{base}/raas/v2/orders"),
+                    Some(&order(
+                        &format!("A-STORE-{other}"),
+                        &format!("C-STORE-{i}"),
+                        5.0,
+                        &format!("steal{i}"),
+                    )),
+                )
+                .await
+                .status()
+                .as_u16();
+            let read_back = store
+                .send(
+                    reqwest::Method::GET,
+                    format!(
+                        "{base}/raas/v2/orders/{}",
+                        placed["referenceOrderID"].as_str().unwrap_or_default()
+                    ),
+                    None,
+                )
+                .await
+                .status()
+                .as_u16();
             (
                 i,
                 own_status,
@@ -334,7 +370,9 @@ fn shared_profile_mock() -> MockConfig {
     config
 }
 
-fn shared_profile_toml(mock_url: &str, extra: &str) -> String {
+/// Tills 1 and 2 on the `hq` profile, each bound to its own account and customer, identified
+/// as `front` identifies stores, with `extra` in each `[callers.till-i]`.
+fn shared_profile_toml(front: &Front, mock_url: &str, extra: &str) -> String {
     for i in 1..=2 {
         logs::watch_secret(format!("till-key-{i}"));
         logs::watch_secret(till(i)["Basic ".len()..].to_string());
@@ -346,16 +384,15 @@ fn shared_profile_toml(mock_url: &str, extra: &str) -> String {
             format!(
                 r#"
 [callers.till-{i}]
-key_sha256 = "{}"
-accounts = ["A-{i}"]
+{}accounts = ["A-{i}"]
 customers = ["C-{i}"]
 {extra}
 "#,
-                sha256_hex(format!("till-key-{i}").as_bytes())
+                front.identity_keys(&format!("till-{i}"), &format!("till-key-{i}"))
             )
         })
         .collect();
-    gateway_toml(
+    let toml = gateway_toml(
         mock_url,
         &format!(
             r#"
@@ -369,27 +406,40 @@ password = "hq-password"
 {callers}"#
         ),
         "",
-    )
+    );
+    front.configure(&toml)
 }
 
+/// Till `i`'s credential header (plain HTTP, by key).
 fn till(i: usize) -> String {
     basic(&format!("till-{i}"), &format!("till-key-{i}"))
 }
 
-#[tokio::test]
-async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes() {
+/// Tills 1 and 2 as `front` lets them call.
+fn tills(front: &Front) -> (Store, Store) {
+    let till = |i: usize| front.store(&format!("till-{i}"), &format!("till-key-{i}"));
+    (till(1), till(2))
+}
+
+/// A front for the tests that run over plain HTTP/1.1 only, stores identified by key.
+fn plain() -> Front {
+    Front::new(Way::PLAIN_KEY)
+}
+
+every_way!(stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes);
+async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes(way: Way) {
+    let front = Front::new(way);
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
-    logs::watch_secret("till-key-1".into());
-    logs::watch_secret("hq-password".into());
-    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
-    let base = &proxy.url;
-    let placed = send(
-        reqwest::Method::POST,
-        format!("{base}/raas/v2/orders"),
-        &till(1),
-        Some(&order("A-1", "C-1", 10.0, "t1order1")),
-    )
-    .await;
+    let proxy = TestProxy::start(&shared_profile_toml(&front, &mock_url, "")).await;
+    let base = &front.base(&proxy);
+    let (t1, t2) = tills(&front);
+    let placed = t1
+        .send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders"),
+            Some(&order("A-1", "C-1", 10.0, "t1order1")),
+        )
+        .await;
     assert_eq!(placed.status(), 201);
     let placed: Value = placed.json().await.unwrap();
     let id = placed["referenceOrderID"].as_str().unwrap().to_string();
@@ -397,13 +447,13 @@ async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes(
     logs::watch_secret(code.trim_matches('"').to_string());
 
     // Till 1 reads its order; till 2 gets a 403 that carries nothing of it.
-    let mine = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/orders/{id}"),
-        &till(1),
-        None,
-    )
-    .await;
+    let mine = t1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/orders/{id}"),
+            None,
+        )
+        .await;
     assert_eq!(mine.status(), 200);
     for path in [
         format!("/raas/v2/orders/{id}"),
@@ -412,13 +462,9 @@ async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes(
         "/raas/v2/accounts".to_string(),
         "/raas/v2/customers".to_string(),
     ] {
-        let theirs = send(
-            reqwest::Method::GET,
-            format!("{base}{path}"),
-            &till(2),
-            None,
-        )
-        .await;
+        let theirs = t2
+            .send(reqwest::Method::GET, format!("{base}{path}"), None)
+            .await;
         let text = format!("{:?}", theirs.headers());
         let mut body = assert_proxy_error(theirs, 403, "caller_forbidden").await;
         // The error names the path till 2 asked for; nothing else of the answer.
@@ -434,38 +480,43 @@ async fn stores_sharing_a_profile_never_read_each_others_orders_or_reward_codes(
         );
     }
     // Filtered to its own account, till 2's list is its own (empty) list.
-    let own = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/orders?accountIdentifier=A-2"),
-        &till(2),
-        None,
-    )
-    .await;
+    let own = t2
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/orders?accountIdentifier=A-2"),
+            None,
+        )
+        .await;
     assert_eq!(own.status(), 200);
     let own: Value = own.json().await.unwrap();
     assert_eq!(own["orders"].as_array().map(Vec::len), Some(0), "{own}");
     // Till 1's line items carry its own codes.
-    let items = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
-        &till(1),
-        None,
-    )
-    .await;
+    let items = t1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
+            None,
+        )
+        .await;
     assert_eq!(items.status(), 200);
     drop(mock);
 }
 
-#[tokio::test]
-async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing_else() {
+every_way!(
+    callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing_else,
+    by_key
+);
+async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing_else(way: Way) {
+    let front = Front::new(way);
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
-    logs::watch_secret("till-key-1".into());
-    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
-    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    let proxy = TestProxy::start(&shared_profile_toml(&front, &mock_url, "")).await;
+    let url = format!("{}/raas/v2/accounts/A-1", front.base(&proxy));
+    let anonymous = front.anonymous();
+    let anonymous = &anonymous;
     let get = |headers: Vec<(&'static str, String)>| {
         let url = url.clone();
         async move {
-            let mut req = client().get(url);
+            let mut req = anonymous.get(url);
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -502,6 +553,7 @@ async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing
             ("proxy-authorization", basic("till-1", "wrong")),
             ("authorization", till(1)),
         ],
+        vec![("authorization", till(1)), ("authorization", till(2))],
     ] {
         let r = get(headers.clone()).await;
         assert!(r.headers().contains_key("www-authenticate"), "{headers:?}");
@@ -517,7 +569,7 @@ async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing
     );
     assert!(
         metrics.contains(
-            r#"tango_proxy_caller_requests_total{caller="_unknown",outcome="unauthorized"} 6"#
+            r#"tango_proxy_caller_requests_total{caller="_unknown",outcome="unauthorized"} 7"#
         ),
         "{metrics}"
     );
@@ -528,20 +580,22 @@ async fn callers_authenticate_by_basic_bearer_or_proxy_authorization_and_nothing
     );
 }
 
-#[tokio::test]
-async fn allow_lists_and_external_ref_ids_are_enforced() {
+every_way!(allow_lists_and_external_ref_ids_are_enforced);
+async fn allow_lists_and_external_ref_ids_are_enforced(way: Way) {
+    let front = Front::new(way);
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let extra = r#"allow = ["GET /raas/v2/catalogs", "POST /raas/v2/orders", "GET /raas/v2/orders/*"]
 require_external_ref_id = true"#;
-    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, extra)).await;
-    let base = &proxy.url;
-    let ok = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/catalogs"),
-        &till(1),
-        None,
-    )
-    .await;
+    let proxy = TestProxy::start(&shared_profile_toml(&front, &mock_url, extra)).await;
+    let base = &front.base(&proxy);
+    let (t1, _) = tills(&front);
+    let ok = t1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/catalogs"),
+            None,
+        )
+        .await;
     assert_eq!(ok.status(), 200);
     for (method, path) in [
         (reqwest::Method::GET, "/raas/v2/accounts/A-1"),
@@ -550,7 +604,7 @@ require_external_ref_id = true"#;
         (reqwest::Method::GET, "/raas/v2/orders/x/resends"),
         (reqwest::Method::GET, "/raas/v2/Catalogs"),
     ] {
-        let r = send(method.clone(), format!("{base}{path}"), &till(1), None).await;
+        let r = t1.send(method.clone(), format!("{base}{path}"), None).await;
         let body = assert_proxy_error(r, 403, "caller_forbidden").await;
         assert!(
             body["message"].as_str().unwrap().contains("allow"),
@@ -573,13 +627,13 @@ require_external_ref_id = true"#;
             b
         },
     ] {
-        let r = send(
-            reqwest::Method::POST,
-            format!("{base}/raas/v2/orders"),
-            &till(1),
-            Some(&body),
-        )
-        .await;
+        let r = t1
+            .send(
+                reqwest::Method::POST,
+                format!("{base}/raas/v2/orders"),
+                Some(&body),
+            )
+            .await;
         let body = assert_proxy_error(r, 403, "caller_forbidden").await;
         assert!(
             body["message"].as_str().unwrap().contains("externalRefID"),
@@ -591,27 +645,33 @@ require_external_ref_id = true"#;
         before,
         "an order without externalRefID reached Tango"
     );
-    let r = send(
-        reqwest::Method::POST,
-        format!("{base}/raas/v2/orders"),
-        &till(1),
-        Some(&order("A-1", "C-1", 1.0, "abc1")),
-    )
-    .await;
+    let r = t1
+        .send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders"),
+            Some(&order("A-1", "C-1", 1.0, "abc1")),
+        )
+        .await;
     assert_eq!(r.status(), 201);
 }
 
-/// Raw request bytes through the gateway: path tricks never reach another store's account.
-#[tokio::test]
-async fn path_tricks_never_cross_stores() {
+every_way!(path_tricks_never_cross_stores);
+/// Request targets exactly as written (an HTTP/1.1 request line, an HTTP/2 `:path`): path tricks
+/// never reach another store's account.
+async fn path_tricks_never_cross_stores(way: Way) {
+    let front = Front::new(way);
     let (mock, mock_url) = start_stores(2).await;
-    let toml = gateway_toml(
+    let toml = front.configure(&gateway_toml(
         &mock_url,
-        &format!("{}{}", store_profiles(&mock_url, 2), store_callers(2, "")),
+        &format!(
+            "{}{}",
+            store_profiles(&mock_url, 2),
+            store_callers(&front, 2, "")
+        ),
         "",
-    );
+    ));
     let proxy = TestProxy::start(&toml).await;
-    let auth = as_store(1);
+    let store = pos(&front, 1);
     let mut tricks: Vec<String> = [
         "/raas/v2/accounts/A-STORE-2",
         "/raas/v2/accounts/A-STORE-1/../A-STORE-2",
@@ -674,49 +734,72 @@ async fn path_tricks_never_cross_stores() {
     }
     let before = mock.requests().len();
     for trick in &tricks {
-        let request = format!(
-            "GET {trick} HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
-        );
-        let response = raw_request(proxy.addr(), request.as_bytes()).await;
-        let status = raw_status(&response);
+        let response = store
+            .exchange(proxy.addr(), "GET", trick, &[], b"")
+            .await
+            .unwrap_or_else(|| panic!("{trick}: no answer"));
+        let status = response.status;
         assert!(
             status == 403 || status == 400,
-            "{trick} was answered {status}: {response}"
+            "{trick} was answered {status}: {response:?}"
         );
         // Refused by the gateway itself: nothing of store 2's account came back.
         assert!(
-            response.contains("x-tango-proxy-error"),
-            "{trick}: {response}"
+            response.header("x-tango-proxy-error").is_some(),
+            "{trick}: {response:?}"
         );
         assert!(
-            !response.contains("accountIdentifier\":"),
-            "{trick}: {response}"
+            !response.text().contains("accountIdentifier\":"),
+            "{trick}: {response:?}"
+        );
+    }
+    // Targets that are no path at all: 400, from the gateway or (HTTP/1.1 cannot even parse a
+    // target starting with `?`) from the HTTP layer before it.
+    for (method, target) in [
+        ("GET", "*"),
+        ("OPTIONS", "*"),
+        ("GET", "?accountIdentifier=A-STORE-2"),
+    ] {
+        let response = store
+            .exchange(proxy.addr(), method, target, &[], b"")
+            .await
+            .unwrap_or_else(|| panic!("{method} {target}: no answer"));
+        assert_eq!(response.status, 400, "{method} {target}: {response:?}");
+        assert!(
+            !response.text().contains("accountIdentifier\":"),
+            "{method} {target}: {response:?}"
         );
     }
     // Nothing reached Tango, and the gateway still serves the store.
     assert_eq!(mock.requests().len(), before, "a trick reached Tango");
-    let r = send(
-        reqwest::Method::GET,
-        format!("{}/raas/v2/accounts/A-STORE-1", proxy.url),
-        &auth,
-        None,
-    )
-    .await;
+    let r = store
+        .send(
+            reqwest::Method::GET,
+            format!("{}/raas/v2/accounts/A-STORE-1", front.base(&proxy)),
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_no_crossing(&mock, 2);
 }
 
+every_way!(body_tricks_never_cross_stores);
 /// Bodies that try to name another store's account are refused before Tango sees them.
-#[tokio::test]
-async fn body_tricks_never_cross_stores() {
+async fn body_tricks_never_cross_stores(way: Way) {
+    let front = Front::new(way);
     let (mock, mock_url) = start_stores(2).await;
-    let toml = gateway_toml(
+    let toml = front.configure(&gateway_toml(
         &mock_url,
-        &format!("{}{}", store_profiles(&mock_url, 2), store_callers(2, "")),
+        &format!(
+            "{}{}",
+            store_profiles(&mock_url, 2),
+            store_callers(&front, 2, "")
+        ),
         "",
-    );
+    ));
     let proxy = TestProxy::start(&toml).await;
-    let auth = as_store(1);
+    let store = pos(&front, 1);
+    let base = front.base(&proxy);
     let own =
         r#""customerIdentifier":"C-STORE-1","amount":1,"utid":"U000001","externalRefID":"x1""#;
     let tricks: Vec<(String, &str)> = vec![
@@ -819,9 +902,8 @@ async fn body_tricks_never_cross_stores() {
             "/raas/v2/creditCardDeposits",
             "/raas/v2/transferFunds",
         ] {
-            let r = client()
-                .post(format!("{}{path}", proxy.url))
-                .header("authorization", &auth)
+            let r = store
+                .post(format!("{base}{path}"))
                 .header("content-type", *content_type)
                 .body(body.clone())
                 .send()
@@ -836,25 +918,41 @@ async fn body_tricks_never_cross_stores() {
             );
         }
     }
+    // A body on a read is checked like any other.
+    let r = store
+        .get(format!("{base}/raas/v2/accounts/A-STORE-1"))
+        .header("content-type", "application/json")
+        .body(r#"{"accountIdentifier":"A-STORE-2"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(r, 403, "caller_forbidden").await;
     assert_eq!(mock.requests().len(), before, "a body trick reached Tango");
     assert_eq!(mock.stats().orders, 0);
 }
 
-#[tokio::test]
-async fn rate_limits_answer_429_with_a_retry_after_that_holds() {
+every_way!(rate_limits_answer_429_with_a_retry_after_that_holds);
+async fn rate_limits_answer_429_with_a_retry_after_that_holds(way: Way) {
+    let front = Front::new(way);
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
-    let proxy =
-        TestProxy::start(&shared_profile_toml(&mock_url, "rate = \"1/m\"\nburst = 2")).await;
-    let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
+    let proxy = TestProxy::start(&shared_profile_toml(
+        &front,
+        &mock_url,
+        "rate = \"1/m\"\nburst = 2",
+    ))
+    .await;
+    let base = front.base(&proxy);
+    let url = format!("{base}/raas/v2/accounts/A-1");
+    let (t1, t2) = tills(&front);
     for _ in 0..2 {
         assert_eq!(
-            send(reqwest::Method::GET, url.clone(), &till(1), None)
+            t1.send(reqwest::Method::GET, url.clone(), None)
                 .await
                 .status(),
             200
         );
     }
-    let r = send(reqwest::Method::GET, url.clone(), &till(1), None).await;
+    let r = t1.send(reqwest::Method::GET, url.clone(), None).await;
     let retry: u64 = r.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -864,10 +962,9 @@ async fn rate_limits_answer_429_with_a_retry_after_that_holds() {
     assert_proxy_error(r, 429, "rate_limited").await;
     // Another caller's bucket is its own.
     assert_eq!(
-        send(
+        t2.send(
             reqwest::Method::GET,
-            format!("{}/raas/v2/accounts/A-2", proxy.url),
-            &till(2),
+            format!("{base}/raas/v2/accounts/A-2"),
             None
         )
         .await
@@ -877,10 +974,11 @@ async fn rate_limits_answer_429_with_a_retry_after_that_holds() {
     assert_eq!(proxy.status().await["callers"]["till-1"]["rate_limited"], 1);
 }
 
+every_way!(daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders);
 /// Three gateway replicas share one Redis ledger; 200 concurrent orders never take a store past
 /// its daily limit, not by one order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders() {
+async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orders(way: Way) {
+    let front = Front::new(way);
     let redis = RedisServer::start();
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let cache = format!(
@@ -888,22 +986,23 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
         redis.url(),
         redis.port
     );
-    let body = shared_profile_toml(&mock_url, "daily_spend_limit = \"100 USD\"");
+    let body = shared_profile_toml(&front, &mock_url, "daily_spend_limit = \"100 USD\"");
     let body = body.split("[cache]").nth(1).unwrap().to_string();
-    let toml = gateway_toml(&mock_url, &body, &cache);
+    let toml = front.configure(&gateway_toml(&mock_url, &body, &cache));
     let replicas = [
         TestProxy::start(&toml).await,
         TestProxy::start(&toml).await,
         TestProxy::start(&toml).await,
     ];
-    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let urls: Vec<String> = replicas.iter().map(|r| front.base(r)).collect();
+    let (t1, t2) = tills(&front);
+    let (t1, t2) = (&t1, &t2);
     let results = futures_util::future::join_all((0..200).map(|n| {
         let url = format!("{}/raas/v2/orders", urls[n % 3]);
         async move {
-            send(
+            t1.send(
                 reqwest::Method::POST,
                 url,
-                &till(1),
                 Some(&order("A-1", "C-1", 7.0, &format!("o{n}"))),
             )
             .await
@@ -921,22 +1020,22 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
     let spent = replicas[0].status().await["callers"]["till-1"]["spent_today"].clone();
     assert_eq!(spent, "98.00 USD");
     // The other till's limit is its own.
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[1]),
-        &till(2),
-        Some(&order("A-2", "C-2", 99.0, "other1")),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[1]),
+            Some(&order("A-2", "C-2", 99.0, "other1")),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     // A repeat of a placed order (Tango's 200) is not counted again; a refused one is released.
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[2]),
-        &till(2),
-        Some(&order("A-2", "C-2", 1.0, "other1")),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[2]),
+            Some(&order("A-2", "C-2", 1.0, "other1")),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -947,25 +1046,25 @@ async fn daily_spend_limit_holds_across_three_replicas_under_200_concurrent_orde
     for amount in [json!("1.00"), json!(1.005), json!(-5), json!(0), json!([1])] {
         let mut o = order("A-2", "C-2", 1.0, "oddamount");
         o["amount"] = amount.clone();
-        let r = send(
-            reqwest::Method::POST,
-            format!("{}/raas/v2/orders", urls[0]),
-            &till(2),
-            Some(&o),
-        )
-        .await;
+        let r = t2
+            .send(
+                reqwest::Method::POST,
+                format!("{}/raas/v2/orders", urls[0]),
+                Some(&o),
+            )
+            .await;
         assert_proxy_error(r, 403, "caller_forbidden").await;
     }
     // An order in another currency is refused before Tango sees it.
     let mut euro = order("A-2", "C-2", 0.5, "eur1");
     euro["utid"] = json!("U000002");
-    let r = send(
-        reqwest::Method::POST,
-        format!("{}/raas/v2/orders", urls[0]),
-        &till(2),
-        Some(&euro),
-    )
-    .await;
+    let r = t2
+        .send(
+            reqwest::Method::POST,
+            format!("{}/raas/v2/orders", urls[0]),
+            Some(&euro),
+        )
+        .await;
     let body = assert_proxy_error(r, 403, "caller_forbidden").await;
     assert!(body["message"].as_str().unwrap().contains("EUR"), "{body}");
     let metrics = get_text(&format!("{}/metrics", replicas[0].admin_url)).await;
@@ -980,7 +1079,7 @@ async fn a_limited_caller_fails_closed_while_the_ledger_is_unreachable_unless_to
     let mut redis = RedisServer::start();
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let cache = format!("backend = \"redis\"\nredis_url = \"{}\"", redis.url());
-    let body = shared_profile_toml(&mock_url, "daily_spend_limit = \"100 USD\"");
+    let body = shared_profile_toml(&plain(), &mock_url, "daily_spend_limit = \"100 USD\"");
     let mut body = body.split("[cache]").nth(1).unwrap().to_string();
     // Till 2 prefers selling to counting.
     let marker = "[callers.till-2]\n";
@@ -1032,7 +1131,7 @@ async fn one_broken_store_profile_does_not_make_the_gateway_unready() {
     profiles = profiles.replace("store-2-password", "wrong-password");
     let toml = gateway_toml(
         &mock_url,
-        &format!("{profiles}{}", store_callers(2, "")),
+        &format!("{profiles}{}", store_callers(&plain(), 2, "")),
         "",
     );
     let proxy = TestProxy::start(&toml).await;
@@ -1075,7 +1174,7 @@ async fn one_broken_store_profile_does_not_make_the_gateway_unready() {
 #[tokio::test]
 async fn money_moving_requests_are_audited_without_reward_credentials() {
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
-    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let proxy = TestProxy::start(&shared_profile_toml(&plain(), &mock_url, "")).await;
     let from = logs::captured_len();
     let r = send(
         reqwest::Method::POST,
@@ -1117,39 +1216,42 @@ async fn money_moving_requests_are_audited_without_reward_credentials() {
     );
 }
 
+every_way!(actions_on_another_stores_items_and_unattributable_resources_are_refused);
 /// A store acting on one order or line item (a resend, a cancel) names no account; the gateway
 /// asks Tango whose the item is first. Platform-wide and unattributable resources are closed to
 /// bound callers; method overrides and misspelt externalRefIDs are refused.
-#[tokio::test]
-async fn actions_on_another_stores_items_and_unattributable_resources_are_refused() {
+async fn actions_on_another_stores_items_and_unattributable_resources_are_refused(way: Way) {
+    let front = Front::new(way);
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let proxy = TestProxy::start(&shared_profile_toml(
+        &front,
         &mock_url,
         "require_external_ref_id = true",
     ))
     .await;
-    let base = &proxy.url;
-    let placed: Value = send(
-        reqwest::Method::POST,
-        format!("{base}/raas/v2/orders"),
-        &till(1),
-        Some(&order("A-1", "C-1", 3.0, "item1")),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let base = &front.base(&proxy);
+    let (t1, t2) = tills(&front);
+    let placed: Value = t1
+        .send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders"),
+            Some(&order("A-1", "C-1", 3.0, "item1")),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     let id = placed["referenceOrderID"].as_str().unwrap().to_string();
-    let items: Value = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
-        &till(1),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let items: Value = t1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/lineItems?accountIdentifier=A-1"),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     let line_item = items["lineItems"][0]["referenceLineItemID"]
         .as_str()
         .or_else(|| items["lineItems"][0]["referenceLineItemId"].as_str())
@@ -1162,13 +1264,9 @@ async fn actions_on_another_stores_items_and_unattributable_resources_are_refuse
         format!("/raas/v2/lineItems/{line_item}/reissue"),
     ] {
         let body = json!({"accountIdentifier": "A-2", "customerIdentifier": "C-2"});
-        let r = send(
-            reqwest::Method::POST,
-            format!("{base}{path}"),
-            &till(2),
-            Some(&body),
-        )
-        .await;
+        let r = t2
+            .send(reqwest::Method::POST, format!("{base}{path}"), Some(&body))
+            .await;
         assert_proxy_error(r, 403, "caller_forbidden").await;
     }
     // Only the gateway's own ownership look-ups reached Tango, never an action.
@@ -1176,13 +1274,13 @@ async fn actions_on_another_stores_items_and_unattributable_resources_are_refuse
         assert_eq!(seen.method, "GET", "{seen:?}");
     }
     // The owner's own resend goes through to Tango.
-    let r = send(
-        reqwest::Method::POST,
-        format!("{base}/raas/v2/orders/{id}/resends"),
-        &till(1),
-        None,
-    )
-    .await;
+    let r = t1
+        .send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders/{id}/resends"),
+            None,
+        )
+        .await;
     assert_ne!(
         r.headers()
             .get("x-tango-proxy-error")
@@ -1199,25 +1297,24 @@ async fn actions_on_another_stores_items_and_unattributable_resources_are_refuse
         (reqwest::Method::GET, "/raas/v2/digitalTemplates"),
         (reqwest::Method::GET, "/raas/v2/creditCardDeposits/RD-1"),
     ] {
-        let r = send(method.clone(), format!("{base}{path}"), &till(1), None).await;
+        let r = t1.send(method.clone(), format!("{base}{path}"), None).await;
         assert_proxy_error(r, 403, "caller_forbidden").await;
     }
     // Method overrides, and an externalRefID Tango would not read.
-    let r = client()
+    let r = t1
         .get(format!("{base}/raas/v2/accounts/A-1"))
-        .header("authorization", till(1))
         .header("x-http-method-override", "DELETE")
         .send()
         .await
         .unwrap();
     assert_proxy_error(r, 403, "caller_forbidden").await;
-    let r = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/accounts/A-1?_method=DELETE"),
-        &till(1),
-        None,
-    )
-    .await;
+    let r = t1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/accounts/A-1?_method=DELETE"),
+            None,
+        )
+        .await;
     assert_proxy_error(r, 403, "caller_forbidden").await;
     let mut misspelt = order("A-1", "C-1", 1.0, "x");
     let refid = misspelt
@@ -1226,49 +1323,90 @@ async fn actions_on_another_stores_items_and_unattributable_resources_are_refuse
         .remove("externalRefID")
         .unwrap();
     misspelt["externalRefId"] = refid;
-    let r = send(
-        reqwest::Method::POST,
-        format!("{base}/raas/v2/orders"),
-        &till(1),
-        Some(&misspelt),
-    )
-    .await;
+    let r = t1
+        .send(
+            reqwest::Method::POST,
+            format!("{base}/raas/v2/orders"),
+            Some(&misspelt),
+        )
+        .await;
     assert_proxy_error(r, 403, "caller_forbidden").await;
     // An empty key never authenticates.
-    let r = send(
-        reqwest::Method::GET,
-        format!("{base}/raas/v2/accounts/A-1"),
-        &basic("till-1", ""),
-        None,
-    )
-    .await;
+    let r = front
+        .anonymous()
+        .get(format!("{base}/raas/v2/accounts/A-1"))
+        .header("authorization", basic("till-1", ""))
+        .send()
+        .await
+        .unwrap();
     assert_proxy_error(r, 401, "caller_unauthorized").await;
 }
 
-/// A store that hangs up while its order is with Tango does not lose the order's settlement or
-/// its audit line.
-#[tokio::test]
-async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
+every_way!(an_order_the_store_hangs_up_on_is_still_settled_and_audited);
+/// A store that hangs up while its order is with Tango (closes the connection; over HTTP/2,
+/// resets the stream and then closes) does not lose the order's settlement or its audit line.
+async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited(way: Way) {
     use tango_auth_proxy::mock::OrderFailure;
     use tokio::io::AsyncWriteExt;
+    let front = Front::new(way);
     let (mock, mock_url) = start_mock(shared_profile_mock()).await;
     let proxy = TestProxy::start(&shared_profile_toml(
+        &front,
         &mock_url,
         "daily_spend_limit = \"50 USD\"",
     ))
     .await;
+    let (t1, _) = tills(&front);
+    // Tango creates the order, then holds its answer.
     mock.fail_orders(OrderFailure::Timeout(Duration::from_millis(400)), 1);
     let body = order("A-1", "C-1", 20.0, "hangup1").to_string();
-    let request = format!(
-        "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        till(1),
-        body.len()
-    );
     let from = logs::captured_len();
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(stream);
+    let placed_at_tango = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while mock.stats().orders == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the order never reached Tango"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    match way.transport {
+        Transport::Https2 => {
+            let (send, conn) = t1.h2_connection(proxy.addr()).await;
+            let mut request = http::Request::builder()
+                .method("POST")
+                .uri("https://localhost/raas/v2/orders")
+                .header("content-type", "application/json")
+                .header("content-length", body.len());
+            if let Some(auth) = &t1.auth {
+                request = request.header("authorization", auth);
+            }
+            let mut send = send.ready().await.unwrap();
+            let (answer, mut stream) = send.send_request(request.body(()).unwrap(), false).unwrap();
+            stream.send_data(Bytes::from(body), true).unwrap();
+            placed_at_tango().await;
+            stream.send_reset(h2::Reason::CANCEL);
+            drop((answer, stream, send));
+            conn.abort();
+        }
+        _ => {
+            let auth = t1
+                .auth
+                .as_ref()
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let request = format!(
+                "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = t1.http1_connection(proxy.addr()).await;
+            stream.write_all(request.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            placed_at_tango().await;
+            drop(stream);
+        }
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let logs = logs::captured_since(from);
@@ -1292,46 +1430,62 @@ async fn an_order_the_store_hangs_up_on_is_still_settled_and_audited() {
     );
 }
 
+every_way!(store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_removed);
 /// What a store sends that could steer Tango or the gateway's own work is refused or removed:
-/// oversized checked bodies, HEAD on bound paths, a second Content-Type, re-routing headers, and a
-/// key hidden in an absolute-form target never reaches an error body or a log.
-#[tokio::test]
-async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_removed() {
+/// oversized checked bodies, HEAD on bound paths, a second Content-Type, re-routing headers; the
+/// name the request was sent to (Host, an absolute-form target, HTTP/2's `:authority`) neither
+/// picks where it goes nor under which name it arrives, and a key hidden in it never reaches an
+/// error body, Tango or a log.
+async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_removed(way: Way) {
+    let front = Front::new(way);
     let upstream = crate::support::upstream::FakeUpstream::start().await;
     let key = "steer-key-Qx81";
     logs::watch_secret(key.into());
     logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
-    let toml = format!(
-        "{}[callers.pos-1]\nkey_sha256 = \"{}\"\naccounts = [\"A-1\"]\n",
+    let toml = front.configure(&format!(
+        "{}[callers.pos-1]\n{}accounts = [\"A-1\"]\n",
         config_toml(&upstream.url(), "", ""),
-        sha256_hex(key.as_bytes())
-    );
+        front.identity_keys("pos-1", key)
+    ));
     let proxy = TestProxy::start(&toml).await;
-    let auth = basic("pos-1", key);
+    let base = front.base(&proxy);
+    let store = front.store("pos-1", key);
     // A checked body over 64 KiB: 413 before it is parsed.
     let big = format!(
         r#"{{"accountIdentifier":"A-1","pad":"{}"}}"#,
         "x".repeat(70_000)
     );
-    let r = client()
-        .post(format!("{}/raas/v2/orders", proxy.url))
-        .header("authorization", &auth)
-        .header("content-type", "application/json")
-        .body(big)
-        .send()
+    // Sent as raw bytes: the gateway answers without reading the body, and a client still
+    // writing it may meet the closed connection before it reads the answer.
+    let response = store
+        .exchange(
+            proxy.addr(),
+            "POST",
+            "/raas/v2/orders",
+            &[("content-type", "application/json")],
+            big.as_bytes(),
+        )
         .await
         .unwrap();
-    assert_proxy_error(r, 413, "body_too_large").await;
+    assert_raw_proxy_error(&response.text(), 413, "body_too_large");
     // Two Content-Types.
-    let request = format!(
-        "POST /raas/v2/orders HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 27\r\nConnection: close\r\n\r\n{{\"accountIdentifier\":\"A-1\"}}"
-    );
-    let response = raw_request(proxy.addr(), request.as_bytes()).await;
-    assert_raw_proxy_error(&response, 403, "caller_forbidden");
+    let response = store
+        .exchange(
+            proxy.addr(),
+            "POST",
+            "/raas/v2/orders",
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            br#"{"accountIdentifier":"A-1"}"#,
+        )
+        .await
+        .unwrap();
+    assert_raw_proxy_error(&response.text(), 403, "caller_forbidden");
     // HEAD would show what a GET's withheld answer carries.
-    let r = client()
-        .head(format!("{}/raas/v2/orders/X1", proxy.url))
-        .header("authorization", &auth)
+    let r = store
+        .request(reqwest::Method::HEAD, format!("{base}/raas/v2/orders/X1"))
         .send()
         .await
         .unwrap();
@@ -1342,9 +1496,8 @@ async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_re
         "a refused request reached Tango"
     );
     // Re-routing headers never reach Tango; X-Forwarded-For is the gateway's alone.
-    let r = client()
-        .get(format!("{}/raas/v2/catalogs", proxy.url))
-        .header("authorization", &auth)
+    let r = store
+        .get(format!("{base}/raas/v2/catalogs"))
         .header("x-original-url", "/raas/v2/accounts/A-2")
         .header("x-rewrite-url", "/raas/v2/accounts/A-2")
         .header("x-forwarded-prefix", "/other")
@@ -1355,6 +1508,7 @@ async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_re
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), way.version());
     let seen = upstream.last();
     for h in [
         "x-original-url",
@@ -1366,14 +1520,68 @@ async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_re
         assert!(!seen.headers.contains_key(h), "{h} reached Tango");
     }
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
-    // A key in an absolute-form target is neither echoed nor logged.
-    let request = format!(
-        "GET http://pos-1:{key}@203.0.113.9:8080/raas/v2/accounts/A-1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-    );
-    let response = raw_request(proxy.addr(), request.as_bytes()).await;
-    assert_eq!(raw_status(&response), 400, "{response}");
-    assert!(!response.contains(key), "{response}");
-    assert!(response.contains("203.0.113.9:8080"), "{response}");
+    // Another host named in Host or (HTTP/2) `:authority`: the request still goes to the
+    // configured Tango, under Tango's own name.
+    let elsewhere: &[&str] = match way.transport {
+        Transport::Https2 => &[
+            "https://203.0.113.9:8080/raas/v2/catalogs",
+            "http://203.0.113.9/raas/v2/catalogs",
+        ],
+        _ => &["/raas/v2/catalogs"],
+    };
+    for target in elsewhere {
+        for headers in [&[][..], &[("host", "203.0.113.9:8080")][..]] {
+            let before = upstream.requests().len();
+            let response = store
+                .exchange(proxy.addr(), "GET", target, headers, b"")
+                .await
+                .unwrap();
+            assert_eq!(response.status, 200, "{target} {headers:?}: {response:?}");
+            let seen = upstream.requests();
+            assert_eq!(seen.len(), before + 1);
+            let seen = seen.last().unwrap();
+            assert_eq!(seen.uri, "/raas/v2/catalogs", "{seen:?}");
+            assert_eq!(
+                seen.headers["host"].to_str().unwrap(),
+                upstream.addr.to_string(),
+                "{target} {headers:?}"
+            );
+        }
+    }
+    // A key in an absolute-form target (over HTTP/2: in `:authority`) is neither echoed, nor
+    // logged, nor passed on.
+    let before = upstream.requests().len();
+    match way.transport {
+        Transport::Https2 => {
+            let target = format!("https://pos-1:{key}@203.0.113.9:8080/raas/v2/catalogs");
+            // Served like any request to the gateway: `:authority` names no upstream.
+            let response = store
+                .exchange(proxy.addr(), "GET", &target, &[], b"")
+                .await
+                .unwrap();
+            assert_eq!(response.status, 200, "{response:?}");
+            assert!(!response.text().contains(key), "{response:?}");
+            assert_eq!(upstream.requests().len(), before + 1);
+        }
+        _ => {
+            let target = format!("http://pos-1:{key}@203.0.113.9:8080/raas/v2/accounts/A-1");
+            let response = store
+                .exchange(proxy.addr(), "GET", &target, &[], b"")
+                .await
+                .unwrap();
+            assert_eq!(response.status, 400, "{response:?}");
+            let text = response.text();
+            assert!(!text.contains(key), "{text}");
+            assert!(text.contains("203.0.113.9:8080"), "{text}");
+            assert_eq!(upstream.requests().len(), before);
+        }
+    }
+    for seen in &upstream.requests()[before..] {
+        assert!(
+            !format!("{:?}{:?}", seen.uri, seen.headers).contains(key),
+            "the key reached Tango: {seen:?}"
+        );
+    }
     logs::assert_no_secret_captured();
 }
 
@@ -1383,7 +1591,7 @@ async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_re
 #[tokio::test]
 async fn repeated_authentication_failures_are_slowed_by_address_and_by_name() {
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
-    let toml = shared_profile_toml(&mock_url, "").replacen(
+    let toml = shared_profile_toml(&plain(), &mock_url, "").replacen(
         "[listen]\n",
         "[listen]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
         1,
@@ -1496,7 +1704,7 @@ async fn repeated_authentication_failures_are_slowed_by_address_and_by_name() {
 #[tokio::test]
 async fn forwarded_for_from_an_untrusted_peer_cannot_dodge_the_address_limit() {
     let (_mock, mock_url) = start_mock(shared_profile_mock()).await;
-    let proxy = TestProxy::start(&shared_profile_toml(&mock_url, "")).await;
+    let proxy = TestProxy::start(&shared_profile_toml(&plain(), &mock_url, "")).await;
     let url = format!("{}/raas/v2/accounts/A-1", proxy.url);
     for i in 0..20 {
         let r = client()
@@ -1516,4 +1724,242 @@ async fn forwarded_for_from_an_untrusted_peer_cannot_dodge_the_address_limit() {
         .await
         .unwrap();
     assert_proxy_error(r, 429, "rate_limited").await;
+}
+
+every_way!(
+    a_certificate_and_another_stores_key_on_one_request_are_refused,
+    by_cert
+);
+/// A store known by its client certificate whose request also carries another store's key is
+/// refused (a credential beside a certificate must name the certificate's caller), however the
+/// key is sent, over HTTP/1.1 and HTTP/2 alike: the key's store is not reached and is not
+/// slowed down for it, and the certificate's store still works without the key.
+async fn a_certificate_and_another_stores_key_on_one_request_are_refused(way: Way) {
+    assert_eq!(way.by, IdentifiedBy::Cert);
+    let front = Front::new(way);
+    let (mock, mock_url) = start_stores(3).await;
+    // pos-1: a certificate only; pos-2: a key only; pos-3: a certificate and a key.
+    let callers = format!(
+        r#"
+[callers.pos-1]
+{}profile = "store-1"
+accounts = ["A-STORE-1"]
+[callers.pos-2]
+key_sha256 = "{}"
+profile = "store-2"
+accounts = ["A-STORE-2"]
+[callers.pos-3]
+{}key_sha256 = "{}"
+profile = "store-3"
+accounts = ["A-STORE-3"]
+"#,
+        front.identity_keys("pos-1", &store_key(1)),
+        sha256_hex(store_key(2).as_bytes()),
+        front.identity_keys("pos-3", &store_key(3)),
+        sha256_hex(store_key(3).as_bytes()),
+    );
+    let toml = front.configure(&gateway_toml(
+        &mock_url,
+        &format!("{}{callers}", store_profiles(&mock_url, 3)),
+        "",
+    ));
+    let proxy = TestProxy::start(&toml).await;
+    let base = front.base(&proxy);
+    let (pos1, pos3) = (pos(&front, 1), pos(&front, 3));
+    let key2 = store_key(2);
+    let before = mock.requests().len();
+    let refusals = [
+        (&pos1, "A-STORE-1", vec![("authorization", as_store(2))]),
+        (&pos1, "A-STORE-2", vec![("authorization", as_store(2))]),
+        (
+            &pos1,
+            "A-STORE-2",
+            vec![("proxy-authorization", as_store(2))],
+        ),
+        (
+            &pos1,
+            "A-STORE-2",
+            vec![("authorization", format!("Bearer {key2}"))],
+        ),
+        (
+            &pos1,
+            "A-STORE-1",
+            vec![("authorization", basic("pos-1", &key2))],
+        ),
+        (
+            &pos1,
+            "A-STORE-2",
+            vec![
+                ("authorization", as_store(2)),
+                ("authorization", as_store(2)),
+            ],
+        ),
+        (&pos3, "A-STORE-2", vec![("authorization", as_store(2))]),
+    ];
+    for (store, account, headers) in &refusals {
+        let mut request = store.get(format!("{base}/raas/v2/accounts/{account}"));
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.version(), way.version());
+        assert!(r.headers().contains_key("www-authenticate"), "{headers:?}");
+        let body = assert_proxy_error(r, 401, "caller_unauthorized").await;
+        assert!(!body.to_string().contains(&key2), "{body}");
+    }
+    assert_eq!(
+        mock.requests().len(),
+        before,
+        "a request with a certificate and another store's key reached Tango"
+    );
+    // A key naming another caller than the certificate is told so.
+    let r = pos1
+        .get(format!("{base}/raas/v2/accounts/A-STORE-1"))
+        .header("authorization", as_store(2))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(r, 401, "caller_unauthorized").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("another caller than the client certificate"),
+        "{body}"
+    );
+    // The certificate alone, or with its own caller's key, is still served.
+    let r = pos1
+        .send(
+            reqwest::Method::GET,
+            format!("{base}/raas/v2/accounts/A-STORE-1"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = pos3
+        .get(format!("{base}/raas/v2/accounts/A-STORE-3"))
+        .header("authorization", as_store(3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The failures are not the key's own store's: it is not held to them, and is served.
+    let status = proxy.status().await;
+    assert_eq!(status["callers"]["pos-2"]["auth_failures"], 0, "{status}");
+    let r = front
+        .anonymous()
+        .get(format!("{base}/raas/v2/accounts/A-STORE-2"))
+        .header("authorization", as_store(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_no_crossing(&mock, 3);
+}
+
+every_way!(http2_framing_carries_no_body_past_the_checks, http2);
+/// What HTTP/2 frames (not headers) say about a body: a Content-Length that the DATA frames
+/// contradict, two Content-Lengths, a body in one-byte frames, trailers naming another store or
+/// another method. The body the gateway checks is the body Tango gets; trailers identify no one.
+async fn http2_framing_carries_no_body_past_the_checks(way: Way) {
+    assert_eq!(way.transport, Transport::Https2);
+    let front = Front::new(way);
+    let (mock, mock_url) = start_stores(2).await;
+    let toml = front.configure(&gateway_toml(
+        &mock_url,
+        &format!(
+            "{}{}",
+            store_profiles(&mock_url, 2),
+            store_callers(&front, 2, "")
+        ),
+        "",
+    ));
+    let proxy = TestProxy::start(&toml).await;
+    let store = pos(&front, 1);
+    let post = |content_lengths: &[usize]| {
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri("https://localhost/raas/v2/orders")
+            .header("content-type", "application/json");
+        if let Some(auth) = &store.auth {
+            request = request.header("authorization", auth);
+        }
+        for n in content_lengths {
+            request = request.header("content-length", *n);
+        }
+        request.body(()).unwrap()
+    };
+    let own = order("A-STORE-1", "C-STORE-1", 5.0, "framed1").to_string();
+    let foreign = order("A-STORE-2", "C-STORE-1", 5.0, "framed2").to_string();
+    let smuggled = format!("{own} {foreign}");
+    let frames = |text: &str| vec![Bytes::from(text.to_string())];
+    // Framing HTTP/2 forbids ends the stream before the gateway sees the request (`None`); a
+    // body the gateway does see is checked whole. None reaches Tango.
+    let refused = [
+        (
+            "DATA past the Content-Length",
+            post(&[own.len()]),
+            vec![Bytes::from(own.clone()), Bytes::from(format!(" {foreign}"))],
+            None,
+        ),
+        (
+            "DATA short of the Content-Length",
+            post(&[own.len() + 40]),
+            frames(&own),
+            None,
+        ),
+        (
+            "two different Content-Lengths",
+            post(&[own.len(), smuggled.len()]),
+            frames(&smuggled),
+            None,
+        ),
+        (
+            "a second order after the first",
+            post(&[]),
+            frames(&smuggled),
+            Some(403),
+        ),
+        (
+            "another store's order in one-byte frames",
+            post(&[foreign.len()]),
+            foreign
+                .bytes()
+                .map(|b| Bytes::copy_from_slice(&[b]))
+                .collect(),
+            Some(403),
+        ),
+    ];
+    for (what, request, data, expected) in refused {
+        let answer = store.h2_frames(proxy.addr(), request, &data, None).await;
+        assert_eq!(
+            answer.as_ref().map(|a| a.status),
+            expected,
+            "{what}: {answer:?}"
+        );
+        if let Some(answer) = &answer {
+            assert_raw_proxy_error(&answer.text(), 403, "caller_forbidden");
+        }
+    }
+    assert_eq!(mock.stats().orders, 0, "a framed body reached Tango");
+    // Trailers after the body name another store and method: the order is still the caller's,
+    // under its own profile, and placed once.
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("authorization", as_store(2).parse().unwrap());
+    trailers.insert("x-http-method-override", "DELETE".parse().unwrap());
+    trailers.insert("content-type", "text/plain".parse().unwrap());
+    let answer = store
+        .h2_frames(
+            proxy.addr(),
+            post(&[own.len()]),
+            &frames(&own),
+            Some(trailers),
+        )
+        .await
+        .expect("an order with trailers got no answer");
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let stats = mock.stats();
+    assert_eq!(stats.orders, 1);
+    assert_eq!(stats.by_principal.get("store-2"), None, "{stats:?}");
+    assert_no_crossing(&mock, 2);
 }

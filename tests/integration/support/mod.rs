@@ -7,6 +7,7 @@ pub mod h2_upstream;
 pub mod logs;
 pub mod raw;
 pub mod redis_server;
+pub mod transport;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

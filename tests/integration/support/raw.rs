@@ -343,7 +343,7 @@ async fn exchange_inner(addr: SocketAddr, request: &[u8], half_close: bool) -> E
 }
 
 /// Splits what a server wrote into responses, the last possibly incomplete.
-fn parse_responses(mut buf: &[u8]) -> Vec<RawResponse> {
+pub fn parse_responses(mut buf: &[u8]) -> Vec<RawResponse> {
     let mut responses = Vec::new();
     while let Some(end) = find(buf, b"\r\n\r\n") {
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
