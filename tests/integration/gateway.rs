@@ -109,6 +109,21 @@ async fn start_stores(stores: usize) -> (MockTango, String) {
     (mock, url)
 }
 
+/// A gateway in front of the mock with two stores (`pos-1`, `pos-2`), reached as `front` says.
+async fn two_stores(front: &Front) -> (MockTango, TestProxy) {
+    let (mock, mock_url) = start_stores(2).await;
+    let toml = front.configure(&gateway_toml(
+        &mock_url,
+        &format!(
+            "{}{}",
+            store_profiles(&mock_url, 2),
+            store_callers(front, 2, "")
+        ),
+        "",
+    ));
+    (mock, TestProxy::start(&toml).await)
+}
+
 fn order(account: &str, customer: &str, amount: f64, external: &str) -> Value {
     json!({
         "accountIdentifier": account,
@@ -660,17 +675,7 @@ every_way!(path_tricks_never_cross_stores);
 /// never reach another store's account.
 async fn path_tricks_never_cross_stores(way: Way) {
     let front = Front::new(way);
-    let (mock, mock_url) = start_stores(2).await;
-    let toml = front.configure(&gateway_toml(
-        &mock_url,
-        &format!(
-            "{}{}",
-            store_profiles(&mock_url, 2),
-            store_callers(&front, 2, "")
-        ),
-        "",
-    ));
-    let proxy = TestProxy::start(&toml).await;
+    let (mock, proxy) = two_stores(&front).await;
     let store = pos(&front, 1);
     let mut tricks: Vec<String> = [
         "/raas/v2/accounts/A-STORE-2",
@@ -787,17 +792,7 @@ every_way!(body_tricks_never_cross_stores);
 /// Bodies that try to name another store's account are refused before Tango sees them.
 async fn body_tricks_never_cross_stores(way: Way) {
     let front = Front::new(way);
-    let (mock, mock_url) = start_stores(2).await;
-    let toml = front.configure(&gateway_toml(
-        &mock_url,
-        &format!(
-            "{}{}",
-            store_profiles(&mock_url, 2),
-            store_callers(&front, 2, "")
-        ),
-        "",
-    ));
-    let proxy = TestProxy::start(&toml).await;
+    let (mock, proxy) = two_stores(&front).await;
     let store = pos(&front, 1);
     let base = front.base(&proxy);
     let own =
@@ -1864,17 +1859,7 @@ every_way!(http2_framing_carries_no_body_past_the_checks, http2);
 async fn http2_framing_carries_no_body_past_the_checks(way: Way) {
     assert_eq!(way.transport, Transport::Https2);
     let front = Front::new(way);
-    let (mock, mock_url) = start_stores(2).await;
-    let toml = front.configure(&gateway_toml(
-        &mock_url,
-        &format!(
-            "{}{}",
-            store_profiles(&mock_url, 2),
-            store_callers(&front, 2, "")
-        ),
-        "",
-    ));
-    let proxy = TestProxy::start(&toml).await;
+    let (mock, proxy) = two_stores(&front).await;
     let store = pos(&front, 1);
     let post = |content_lengths: &[usize]| {
         let mut request = http::Request::builder()
