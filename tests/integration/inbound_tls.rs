@@ -525,10 +525,13 @@ async fn http2_stream_floods_and_rapid_resets_are_bounded_and_others_still_serve
         }
     }
     let outcome = tokio::time::timeout(Duration::from_secs(5), conn).await;
-    // The client may see the GOAWAY, or the closed connection its next write met.
+    // The client may see the GOAWAY, or the closed connection its next write met. How many
+    // streams it got out first depends on how fast it writes before the GOAWAY arrives (all of
+    // them may be in its buffers by then), so the bound is on what the server let through: the
+    // cancelled requests that reached Tango, below.
     let ended_with_error = matches!(outcome, Ok(Ok(Err(_))));
     assert!(
-        refused.is_some_and(|n| n < 1_000) && ended_with_error,
+        ended_with_error,
         "rapid resets were not stopped: refused after {refused:?} streams, {outcome:?}"
     );
     let counted = ended_count(
