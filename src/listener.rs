@@ -741,7 +741,28 @@ struct AppIo {
     stream: TcpStream,
     clock: IdleClock,
     progress: Arc<Progress>,
+    /// Set once the connection is closing (see [`AppIo::poll_shutdown`]).
+    linger: Option<Linger>,
 }
+
+/// A closing connection's lingering close (RFC 9112 §9.6): after the last response the write
+/// side is shut, and what the app still sends (the rest of a request body the proxy answered
+/// without reading, say a 413) is read and dropped, so the app reads its answer instead of
+/// meeting a reset. It ends at the app's end of stream, after [`LINGER_QUIET`] without data,
+/// [`LINGER_TOTAL`] in all, or [`LINGER_BYTES`] read.
+#[derive(Debug)]
+struct Linger {
+    total: Pin<Box<tokio::time::Sleep>>,
+    quiet: Pin<Box<tokio::time::Sleep>>,
+    left: usize,
+}
+
+/// The longest a closing connection keeps reading what the app still sends.
+const LINGER_TOTAL: Duration = Duration::from_secs(2);
+/// A closing connection stops reading once the app has sent nothing for this long.
+const LINGER_QUIET: Duration = Duration::from_millis(250);
+/// The most a closing connection reads (and drops).
+const LINGER_BYTES: usize = 1 << 20;
 
 /// What [`AppIo`] saw, shared with the accept loop's connection task.
 #[derive(Debug, Default)]
@@ -772,6 +793,7 @@ impl AppIo {
             stream,
             clock: IdleClock::new(write_idle),
             progress: progress.clone(),
+            linger: None,
         };
         (io, progress)
     }
@@ -855,7 +877,44 @@ impl AsyncWrite for AppIo {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        if self.linger.is_none() {
+            // The response is out: the app sees its end now, whatever it still sends.
+            std::task::ready!(Pin::new(&mut self.stream).poll_shutdown(cx))?;
+            let now = tokio::time::Instant::now();
+            self.linger = Some(Linger {
+                total: Box::pin(tokio::time::sleep_until(now + LINGER_TOTAL)),
+                quiet: Box::pin(tokio::time::sleep_until(now + LINGER_QUIET)),
+                left: LINGER_BYTES,
+            });
+        }
+        let this = &mut *self;
+        let Some(linger) = this.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 8192];
+        loop {
+            if linger.left == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.left = linger.left.saturating_sub(buf.filled().len());
+                    let at = tokio::time::Instant::now() + LINGER_QUIET;
+                    linger.quiet.as_mut().reset(at);
+                }
+                // End of stream or an error: nothing more to wait for.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    if linger.total.as_mut().poll(cx).is_ready()
+                        || linger.quiet.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 }
 

@@ -1948,3 +1948,39 @@ async fn http2_framing_carries_no_body_past_the_checks(way: Way) {
     assert_eq!(stats.by_principal.get("store-2"), None, "{stats:?}");
     assert_no_crossing(&mock, 2);
 }
+
+every_way!(a_store_still_sending_an_oversized_body_reads_its_413);
+/// A checked body past 64 KiB is answered 413 while the store is still sending it: the store,
+/// using an ordinary HTTP client, reads that answer every time (a lingering close) rather than
+/// meeting a reset connection.
+async fn a_store_still_sending_an_oversized_body_reads_its_413(way: Way) {
+    let front = Front::new(way);
+    let upstream = crate::support::upstream::FakeUpstream::start().await;
+    let key = "linger-key-Zq42";
+    logs::watch_secret(key.into());
+    logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
+    let toml = front.configure(&format!(
+        "{}[callers.pos-1]\n{}accounts = [\"A-1\"]\n",
+        config_toml(&upstream.url(), "", ""),
+        front.identity_keys("pos-1", key)
+    ));
+    let proxy = TestProxy::start(&toml).await;
+    let base = front.base(&proxy);
+    let big = format!(
+        r#"{{"accountIdentifier":"A-1","pad":"{}"}}"#,
+        "x".repeat(512 << 10)
+    );
+    for round in 0..20 {
+        // A new client (and connection) each round, as a point-of-sale retry would be.
+        let store = front.store("pos-1", key);
+        let resp = store
+            .request(reqwest::Method::POST, format!("{base}/raas/v2/orders"))
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: no answer: {e:?}"));
+        assert_proxy_error(resp, 413, "body_too_large").await;
+    }
+    assert!(upstream.requests().is_empty());
+}

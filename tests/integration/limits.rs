@@ -129,7 +129,24 @@ async fn a_request_head_sent_too_slowly_is_cut_off_on_both_listeners() {
         raw_status(&raw_request(proxy.addr(), huge.as_bytes()).await),
         431
     );
-    let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+    // A connection is counted once it has ended, after its lingering close (the app already
+    // saw the end of its answer): wait for the last of them.
+    let deadline = Instant::now() + HANG;
+    let metrics = loop {
+        let metrics = get_text(&format!("{}/metrics", proxy.admin_url)).await;
+        let counted = |reason: &str| {
+            metric(
+                &metrics,
+                &format!(
+                    "tango_proxy_connections_ended_total{{listener=\"proxy\",reason=\"{reason}\"}}"
+                ),
+            )
+        };
+        if counted("malformed") + counted("too_large") >= 2.0 || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let ended = |listener: &str, reason: &str| {
         metric(
             &metrics,
