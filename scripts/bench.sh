@@ -42,34 +42,7 @@ wait_port "$UP_PORT"
 
 # nginx: one process, keep-alive pool to the upstream, static Authorization header.
 NG_PORT=$(free_port)
-AUTH="Basic $(printf 'bench-platform:bench-api-key' | base64)"
-mkdir -p "$work/nginx/logs"
-cat > "$work/nginx/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  upstream tango { server 127.0.0.1:$UP_PORT; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NG_PORT;
-    location / {
-      proxy_pass http://tango;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "$AUTH";
-    }
-  }
-}
-NGINX
+nginx_conf "$NG_PORT"
 $SUT nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); NG_PID=$!
 wait_port "$NG_PORT"
 

@@ -111,6 +111,40 @@ rate = "1000000/s"
 GW
 }
 
+# nginx as the peer the proxy is compared with, written to $work/nginx/nginx.conf: one process
+# (no master, no daemon, so it can run under a tool), access log off, listening on 127.0.0.1:$1,
+# a keep-alive pool to the upstream on $UP_PORT, a static Authorization header (the Basic one the
+# proxy's basic rows send).
+nginx_conf() {
+  mkdir -p "$work/nginx/logs"
+  cat > "$work/nginx/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  upstream tango { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://tango;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Basic $(printf 'bench-platform:bench-api-key' | base64)";
+    }
+  }
+}
+NGINX
+}
+
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Instructions executed per request, counted by valgrind's callgrind: repeatable where wall-clock
+# benchmarks on a shared machine swing by ±15 %. The proxy (workers = 1, access log off) with a
+# Basic, an OAuth Bearer and a DPoP profile, and as a gateway (Basic profile, caller
+# authentication and policy on), and nginx as the peer (one process, keep-alive upstream pool,
+# a static Authorization header), each run under callgrind twice, serving N1 and then N2
+# keep-alive GETs from one connection; the difference divided by N2 - N1 is the cost of one
+# request, with start-up, the one token mint and shutdown cancelled out. Only the server under
+# test is counted; its upstream is examples/bench_upstream (as in scripts/bench.sh).
+#
+#   scripts/instructions.sh              # N1=500 N2=2500 by default
+#   N1=1000 N2=5000 scripts/instructions.sh
+#
+# All traffic stays on 127.0.0.1. Needs valgrind and nginx (installed from Debian when missing
+# and root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+N1=${N1:-500}
+N2=${N2:-2500}
+
+need valgrind valgrind
+need nginx nginx
+
+cargo build --release --locked --quiet --bin tango-auth-proxy --example bench_upstream
+BIN=target/release/tango-auth-proxy
+UPSTREAM_BIN=target/release/examples/bench_upstream
+
+UP_PORT=$(free_port)
+"$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!)
+wait_port "$UP_PORT"
+IDP_PORT=$(free_port)
+"$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
+wait_port "$IDP_PORT"
+"$BIN" keygen --out "$work/dpop.pem" >/dev/null 2>&1
+
+# Sends $2 GETs over one keep-alive connection to port $1 (with header $3, if given); fails
+# unless every answer is 200.
+drive() {
+  python3 - "$1" "$2" "${3:-}" <<'PY'
+import http.client, sys
+port, n, header = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+headers = dict([header.split(": ", 1)]) if header else {}
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/raas/v2/catalogs", headers=headers)
+    r = c.getresponse()
+    r.read()
+    if r.status != 200:
+        sys.exit(f"request {i}: status {r.status}")
+c.close()
+PY
+}
+
+# Total instructions (Ir) of one run of the server in mode $1 (a proxy profile, or nginx)
+# serving $2 requests.
+instructions() {
+  local mode=$1 n=$2 port admin out
+  port=$(free_port); admin=$(free_port); out="$work/callgrind.$mode.$n"
+  if [ "$mode" = nginx ]; then
+    nginx_conf "$port"
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+      nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/$mode.$n.log" &
+  else
+    proxy_toml "$port" "$admin" "$mode" > "$work/$mode.toml"
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$BIN" serve --config "$work/$mode.toml" 2>"$work/$mode.$n.log" &
+  fi
+  local pid=$!
+  wait_port "$port" 600 # callgrind starts slowly
+  local header=""
+  if [ "$mode" = gateway ]; then header=$(gateway_auth); fi
+  drive "$port" 1 "$header" # the first request waits for the token (OAuth) and warms the pool
+  drive "$port" "$n" "$header"
+  if [ "$mode" = nginx ]; then kill -QUIT "$pid"; else kill -TERM "$pid"; fi
+  wait "$pid" || true
+  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+}
+
+per_request() {
+  local a b
+  a=$(instructions "$1" "$N1")
+  b=$(instructions "$1" "$N2")
+  echo $(( (b - a) / (N2 - N1) ))
+}
+
+peer=$(per_request nginx)
+printf '| server | instructions per request (callgrind) | / nginx | N1 → N2 requests |\n|---|---|---|---|\n'
+printf '| nginx, static Authorization | %s | 1.00 | %s → %s |\n' "$peer" "$N1" "$N2"
+for mode in basic bearer dpop gateway; do
+  ir=$(per_request "$mode")
+  printf '| proxy, %s | %s | %s | %s → %s |\n' "$mode" "$ir" \
+    "$(awk -v a="$ir" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
+done
