@@ -34,16 +34,31 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Credentials an app may send that must never reach Tango.
-const CALLER_CREDENTIALS: [HeaderName; 4] = [
+/// Credentials an app may send that must never reach Tango, and `Expect` (the proxy answers
+/// `100-continue` itself).
+const APP_ONLY: [HeaderName; 5] = [
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
     DPOP,
     header::COOKIE,
+    header::EXPECT,
 ];
 
-/// Removes the headers named in `Connection`, then the hop-by-hop set.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes every header named in `set` that is present: one pass over the (few) names the
+/// message has, instead of a hashed look-up per name in the set.
+fn strip(headers: &mut HeaderMap, set: &[HeaderName]) {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| set.contains(name))
+        .cloned()
+        .collect();
+    for name in present {
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers named in `Connection`.
+fn strip_connection_named(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -56,9 +71,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
+}
+
+/// Removes the headers named in `Connection`, then the hop-by-hop set.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_connection_named(headers);
+    strip(headers, &HOP_BY_HOP);
 }
 
 /// What [`sanitize_request`] learned from the headers it removed.
@@ -75,10 +93,7 @@ pub fn sanitize_request(
     request_id: &HeaderValue,
 ) -> Inbound {
     strip_hop_by_hop(headers);
-    for name in CALLER_CREDENTIALS {
-        headers.remove(name);
-    }
-    headers.remove(header::EXPECT);
+    strip(headers, &APP_ONLY);
     let host = headers.remove(header::HOST);
 
     let ip = remote_ip.to_string();
@@ -216,8 +231,20 @@ impl RequestIds {
             }
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:016x}{:016x}", self.prefix, n);
-        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        // `{prefix:016x}{n:016x}`, without the formatting machinery (once per request).
+        let mut id = [0u8; 32];
+        hex16(&mut id[..16], self.prefix);
+        hex16(&mut id[16..], n);
+        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+}
+
+/// `v` as 16 lower-case hex digits into `out` (16 bytes).
+fn hex16(out: &mut [u8], v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, o) in out.iter_mut().enumerate().take(16) {
+        let shift = 60 - 4 * i;
+        *o = HEX[((v >> shift) & 0xf) as usize];
     }
 }
 
@@ -325,5 +352,21 @@ mod tests {
             ids.for_request(&HeaderMap::new()),
             ids.for_request(&HeaderMap::new())
         );
+    }
+
+    #[test]
+    fn fresh_request_ids_are_the_prefix_and_the_count_in_hex() {
+        let ids = RequestIds::new();
+        let n = ids.counter.load(Ordering::Relaxed);
+        let id = ids.for_request(&HeaderMap::new());
+        assert_eq!(
+            id.to_str().unwrap(),
+            format!("{:016x}{:016x}", ids.prefix, n)
+        );
+        let mut out = [0u8; 16];
+        hex16(&mut out, 0x0123_4567_89ab_cdef);
+        assert_eq!(&out, b"0123456789abcdef");
+        hex16(&mut out, u64::MAX);
+        assert_eq!(&out, b"ffffffffffffffff");
     }
 }
