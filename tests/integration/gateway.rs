@@ -109,6 +109,23 @@ async fn start_stores(stores: usize) -> (MockTango, String) {
     (mock, url)
 }
 
+/// A gateway in front of a recording fake Tango with one caller, `pos-1` (key `key`, bound to
+/// account `A-1`), reached as `front` says.
+async fn one_caller(
+    front: &Front,
+    key: &str,
+) -> (crate::support::upstream::FakeUpstream, TestProxy) {
+    let upstream = crate::support::upstream::FakeUpstream::start().await;
+    logs::watch_secret(key.into());
+    logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
+    let toml = front.configure(&format!(
+        "{}[callers.pos-1]\n{}accounts = [\"A-1\"]\n",
+        config_toml(&upstream.url(), "", ""),
+        front.identity_keys("pos-1", key)
+    ));
+    (upstream, TestProxy::start(&toml).await)
+}
+
 /// A gateway in front of the mock with two stores (`pos-1`, `pos-2`), reached as `front` says.
 async fn two_stores(front: &Front) -> (MockTango, TestProxy) {
     let (mock, mock_url) = start_stores(2).await;
@@ -1433,16 +1450,8 @@ every_way!(store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_
 /// error body, Tango or a log.
 async fn store_input_that_could_steer_tango_or_load_the_gateway_is_refused_or_removed(way: Way) {
     let front = Front::new(way);
-    let upstream = crate::support::upstream::FakeUpstream::start().await;
     let key = "steer-key-Qx81";
-    logs::watch_secret(key.into());
-    logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
-    let toml = front.configure(&format!(
-        "{}[callers.pos-1]\n{}accounts = [\"A-1\"]\n",
-        config_toml(&upstream.url(), "", ""),
-        front.identity_keys("pos-1", key)
-    ));
-    let proxy = TestProxy::start(&toml).await;
+    let (upstream, proxy) = one_caller(&front, key).await;
     let base = front.base(&proxy);
     let store = front.store("pos-1", key);
     // A checked body over 64 KiB: 413 before it is parsed.
@@ -1955,16 +1964,8 @@ every_way!(a_store_still_sending_an_oversized_body_reads_its_413);
 /// meeting a reset connection.
 async fn a_store_still_sending_an_oversized_body_reads_its_413(way: Way) {
     let front = Front::new(way);
-    let upstream = crate::support::upstream::FakeUpstream::start().await;
     let key = "linger-key-Zq42";
-    logs::watch_secret(key.into());
-    logs::watch_secret(basic("pos-1", key)["Basic ".len()..].to_string());
-    let toml = front.configure(&format!(
-        "{}[callers.pos-1]\n{}accounts = [\"A-1\"]\n",
-        config_toml(&upstream.url(), "", ""),
-        front.identity_keys("pos-1", key)
-    ));
-    let proxy = TestProxy::start(&toml).await;
+    let (upstream, proxy) = one_caller(&front, key).await;
     let base = front.base(&proxy);
     let big = format!(
         r#"{{"accountIdentifier":"A-1","pad":"{}"}}"#,

@@ -462,13 +462,25 @@ async fn h2_connection(
     h2::client::SendRequest<Bytes>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
+    h2_connection_with(addr, config, h2::client::Builder::new()).await
+}
+
+/// [`h2_connection`] with the client settings of `builder` (a flow-control window, say).
+async fn h2_connection_with(
+    addr: std::net::SocketAddr,
+    config: rustls::ClientConfig,
+    builder: h2::client::Builder,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let stream = tls
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let (send, conn) = h2::client::handshake(stream).await.unwrap();
+    let (send, conn) = builder.handshake::<_, Bytes>(stream).await.unwrap();
     (send, tokio::spawn(conn))
 }
 
@@ -709,19 +721,15 @@ async fn an_http2_answer_read_slowly_outlives_the_idle_timeout() {
         files.listen_keys(false)
     );
     let proxy = TestProxy::start(&config_toml(&upstream.url(), &listen, "")).await;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
-    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
-    let stream = tls
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
     // A small window: the proxy can send only as fast as the client reads.
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(16 << 10)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(16 << 10);
+    let (send, conn) = h2_connection_with(
+        proxy.addr(),
+        tls_client(&files.ca.pem, None, &[b"h2"]),
+        builder,
+    )
+    .await;
     let mut send = send.ready().await.unwrap();
     let request = http::Request::builder()
         .uri("https://localhost/raas/v2/download?bytes=524288")
@@ -769,20 +777,15 @@ async fn an_http2_client_that_never_opens_its_window_loses_the_connection() {
     ))
     .await;
     for window in [0u32, 1] {
-        let tls =
-            tokio_rustls::TlsConnector::from(Arc::new(tls_client(&files.ca.pem, None, &[b"h2"])));
-        let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
-        let stream = tls
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(window)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .unwrap();
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(window);
         // The connection task keeps running, so the server's pings are answered.
-        let conn = tokio::spawn(conn);
+        let (send, conn) = h2_connection_with(
+            proxy.addr(),
+            tls_client(&files.ca.pem, None, &[b"h2"]),
+            builder,
+        )
+        .await;
         let mut send = send.ready().await.unwrap();
         let request = http::Request::builder()
             .uri("https://localhost/raas/v2/catalogs")
@@ -901,14 +904,6 @@ async fn presented_certificate(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<
         .await
         .unwrap();
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-/// Writes `contents` to `path` the way a careful tool does: a temporary file beside it, renamed
-/// over it.
-fn replace_by_rename(path: &std::path::Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// An HTTP/2 request on an open connection; its status.

@@ -1,8 +1,6 @@
 //! A gateway reloads its callers on SIGHUP and when its config file changes, without dropping a
 //! request in flight; a broken or non-reloadable config is refused whole and the old one serves.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,31 +53,26 @@ async fn status_of(proxy: &ProxyProcess, i: usize) -> u16 {
         .as_u16()
 }
 
-/// Writes the config the way Kubernetes updates a mounted Secret: a new file, then a rename.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn hangup(proxy: &ProxyProcess) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 /// Polls until `pos-3`'s answer is `want`; returns how long that took (at most `limit`).
 async fn until(proxy: &ProxyProcess, want: u16, since: Instant, limit: Duration) -> Duration {
+    until_store(proxy, 3, want, since, limit).await
+}
+
+/// Polls until `pos-i`'s answer is `want`; returns how long that took (at most `limit`).
+async fn until_store(
+    proxy: &ProxyProcess,
+    i: usize,
+    want: u16,
+    since: Instant,
+    limit: Duration,
+) -> Duration {
     loop {
-        if status_of(proxy, 3).await == want {
+        if status_of(proxy, i).await == want {
             return since.elapsed();
         }
         assert!(
             since.elapsed() < limit,
-            "pos-3 was not answered {want} within {limit:?}"
+            "pos-{i} was not answered {want} within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -124,10 +117,10 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
         let by_signal = round % 4 < 2;
         if by_signal {
             // A write the watcher may also see; the signal makes it immediate.
-            replace(&path, &config(&mock_url, callers, ""));
-            hangup(&proxy);
+            replace_by_rename(&path, &config(&mock_url, callers, ""));
+            proxy.hangup();
         } else {
-            replace(&path, &config(&mock_url, callers, ""));
+            replace_by_rename(&path, &config(&mock_url, callers, ""));
         }
         let since = Instant::now();
         let want = if round % 2 == 0 { 401 } else { 200 };
@@ -151,8 +144,8 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
 
     // A broken file is refused whole: the old callers keep working and /status says why.
     let generation = status["config"]["generation"].as_u64().unwrap();
-    replace(&path, "[listen\nproxy = ");
-    hangup(&proxy);
+    replace_by_rename(&path, "[listen\nproxy = ");
+    proxy.hangup();
     let deadline = Instant::now() + Duration::from_secs(5);
     let refusal = loop {
         let s = get_json(&format!("{}/status", proxy.admin_url())).await;
@@ -173,8 +166,8 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
     assert_eq!(status_of(&proxy, 1).await, 200);
     // A change a reload cannot apply (here the upstream's timeout) does not hold back the
     // callers in the same file: pos-3 goes, and /status says what waits for a restart.
-    replace(&path, &config(&mock_url, &[1, 2], "timeout = \"5s\""));
-    hangup(&proxy);
+    replace_by_rename(&path, &config(&mock_url, &[1, 2], "timeout = \"5s\""));
+    proxy.hangup();
     until(&proxy, 401, Instant::now(), Duration::from_secs(5)).await;
     let s = get_json(&format!("{}/status", proxy.admin_url())).await;
     assert!(
@@ -185,35 +178,15 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
     );
     assert!(s["config"]["last_refusal"].is_null(), "{s}");
     // A store added with a profile of its own is served at once, without a restart.
-    replace(&path, &config(&mock_url, &[1, 2, 4], ""));
-    hangup(&proxy);
-    let since = Instant::now();
-    loop {
-        if status_of(&proxy, 4).await == 200 {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(5),
-            "the added store was not served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    replace_by_rename(&path, &config(&mock_url, &[1, 2, 4], ""));
+    proxy.hangup();
+    until_store(&proxy, 4, 200, Instant::now(), Duration::from_secs(5)).await;
     let s = get_json(&format!("{}/status", proxy.admin_url())).await;
     assert_eq!(s["profiles"]["store-4"]["ready"], true, "{s}");
     // Removed again (caller and profile): refused, and its profile is gone from /status.
-    replace(&path, &config(&mock_url, &[1, 2], ""));
-    hangup(&proxy);
-    let since = Instant::now();
-    loop {
-        if status_of(&proxy, 4).await == 401 {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(5),
-            "the removed store was still served"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    replace_by_rename(&path, &config(&mock_url, &[1, 2], ""));
+    proxy.hangup();
+    until_store(&proxy, 4, 401, Instant::now(), Duration::from_secs(5)).await;
     let s = get_json(&format!("{}/status", proxy.admin_url())).await;
     assert!(s["profiles"]["store-4"].is_null(), "{s}");
     // A caller of a profile the file does not have is refused whole: pos-3 stays out.
@@ -222,8 +195,8 @@ async fn callers_reload_on_sighup_and_file_change_without_dropping_a_request() {
         "[callers.pos-3]\nkey_sha256 = \"{}\"\nprofile = \"store-9\"\n",
         sha256_hex(b"reload-key-3")
     ));
-    replace(&path, &dangling);
-    hangup(&proxy);
+    replace_by_rename(&path, &dangling);
+    proxy.hangup();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = get_json(&format!("{}/status", proxy.admin_url())).await;

@@ -4,7 +4,7 @@
 //! client-credentials client is never asked for a token sooner than its budget allows; a
 //! sidecar reloads on SIGHUP instead of ending.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,13 +65,6 @@ fn config_text(mock_url: &str, auth: &str, client_id: &str, extra: &str) -> Stri
     toml
 }
 
-/// Writes a file the way Kubernetes updates a mounted Secret: a new file, then a rename.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 struct Files {
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -81,7 +74,7 @@ struct Files {
 impl Files {
     /// Replaces the config file with `text` (its secret file named in full).
     fn rewrite(&self, text: &str) {
-        replace(
+        replace_by_rename(
             &self.config,
             &text.replace("@SECRET@", self.secret.to_str().unwrap()),
         );
@@ -147,7 +140,7 @@ async fn a_rotated_secret_is_used_at_the_next_mint_and_the_token_in_hand_is_kept
     assert_eq!(mock.stats().tokens_issued, 1);
 
     // The secret file is rotated and the identity provider stops taking the old secret.
-    replace(&f.secret, NEW_SECRET);
+    replace_by_rename(&f.secret, NEW_SECRET);
     mock.retire_secret(CLIENT_SECRET);
     let status = status_until(&proxy, "the new secret loaded", |s| {
         secret_rotation(s)["state"] == "pending"
@@ -184,7 +177,7 @@ async fn a_refused_new_secret_is_reported_and_the_previous_one_is_tried_once() {
     let (mock, _, f, proxy) = started("service_account", "").await;
 
     // A secret the identity provider does not know yet (rotated in the wrong order).
-    replace(&f.secret, WRONG_SECRET);
+    replace_by_rename(&f.secret, WRONG_SECRET);
     status_until(&proxy, "the new secret loaded", |s| {
         secret_rotation(s)["state"] == "pending"
     })
@@ -299,7 +292,7 @@ async fn a_new_identity_replaces_the_profile_only_once_it_has_a_token() {
         .any(|k| k.contains("no-such-client")));
 
     // A working new client: it gets its token, then takes over.
-    replace(&f.secret, SECOND_SECRET);
+    replace_by_rename(&f.secret, SECOND_SECRET);
     f.rewrite(&config_text(&url, "service_account", SECOND_CLIENT, ""));
     let status = status_until(&proxy, "the new identity applied", |s| {
         s["config"]["rotations"]["default"]["state"] == "applied"
@@ -360,7 +353,7 @@ async fn a_client_credentials_rotation_never_asks_for_a_token_before_the_budget_
     assert_eq!(cc(&mock), 1);
 
     // A new secret: loaded for the next mint, no token asked for.
-    replace(&f.secret, NEW_SECRET);
+    replace_by_rename(&f.secret, NEW_SECRET);
     status_until(&proxy, "the new secret loaded", |s| {
         secret_rotation(s)["state"] == "pending"
     })
@@ -510,7 +503,7 @@ async fn an_idle_store_profile_is_not_replaced_by_a_broken_identity() {
     assert_eq!(status["profiles"]["store-2"]["idle"], true, "{status:#}");
 
     // store-2 has never called; its profile is moved to a service account Tango does not know.
-    replace(&cfg, &text("store-2-typo"));
+    replace_by_rename(&cfg, &text("store-2-typo"));
     let status = status_until(&proxy, "the broken identity refused", |s| {
         s["config"]["rotations"]["store-2"]["state"] == "refused"
     })
@@ -573,12 +566,7 @@ async fn a_sidecar_reloads_on_sighup_instead_of_ending() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = get_json(&format!("{}/status", proxy.admin_url())).await;
     assert_eq!(status["config"]["generation"], 0, "{status:#}");
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    proxy.hangup();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = get_json(&format!("{}/status", proxy.admin_url())).await;

@@ -552,6 +552,16 @@ impl ProxyProcess {
             .unwrap()
     }
 
+    /// Sends SIGHUP (a reload).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> (i32, String) {
         let _ = Command::new("kill")
@@ -582,6 +592,13 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Replaces a file the way Kubernetes updates a mounted Secret: a new file, then a rename.
+pub fn replace_by_rename(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// `[profiles.store-i]` for every store: a service account of the mock's `franchise` client
