@@ -27,12 +27,14 @@
 //! * [`tls`] is the trust for every outbound TLS connection, shared by `proxy` and `auth`, and the
 //!   proxy listener's server configuration;
 //!   [`secret`] the redacting secret type; [`logging`] the log setup.
-//! * [`reload`] reloads a gateway's callers on SIGHUP and when its config file changes;
+//! * [`reload`] applies a changed configuration on SIGHUP and when the config file or a file it
+//!   names changes: a gateway's callers and profiles, and every profile's credentials (secrets
+//!   for the next mint, a new token identity once it holds a token);
 //!   [`tls_reload`] reloads the proxy listener's certificate, key and client CAs when their
 //!   files change (new handshakes get them, open connections keep theirs).
 //! * [`listener`] is the accept loop both listeners share (on the proxy listener optionally TLS,
-//!   HTTP/2 or HTTP/1.1 by ALPN, with the client certificate passed on): header timeout, connection caps, stalled
-//!   writes, what ended each connection, drain; [`idle`] the idle clock behind every body and
+//!   HTTP/2 or HTTP/1.1 by ALPN, with the client certificate passed on): header timeout,
+//!   connection caps, stalled writes, lingering close, what ended each connection, drain; [`idle`] the idle clock behind every body and
 //!   write timeout; [`app`] wires listeners, proxy and admin together; [`cli`] is the command line
 //!   (`serve`, `check-config`, `keygen`, `mock-tango`, `demo`, `healthcheck`).
 //!

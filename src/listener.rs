@@ -18,6 +18,10 @@
 //!   descriptors.
 //! * An app that takes no part of its response for `listen.body_idle_timeout` loses the
 //!   connection (`AppIo`), so it cannot hold a slot (and Tango's stream) for ever.
+//! * A connection closing while the app may still be sending (the rest of a body answered 413,
+//!   say) lingers (RFC 9112 §9.6): its write side is shut and what still arrives is read and
+//!   dropped, for at most 2 s, 250 ms without data, or 1 MiB (`AppIo::poll_shutdown`), so the
+//!   app reads its answer rather than a reset.
 //! * Every connection the listener ends itself is counted by why in
 //!   `tango_proxy_connections_ended_total{listener,reason}` ([`ENDED_KINDS`]).
 //! * When accepting fails (out of descriptors), the loop pauses 50 ms instead of spinning, and says
