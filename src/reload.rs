@@ -182,6 +182,8 @@ struct InFlight {
     /// settings): applied over the target once it is in, rather than restarting a test that
     /// may already have its token.
     latest: Option<ProfileConfig>,
+    /// The wait before this test, when it tries a refused change again (the next wait doubles).
+    retried_after: Option<Duration>,
     task: JoinHandle<()>,
 }
 
@@ -476,7 +478,7 @@ impl Reloader {
                         return;
                     }
                 }
-                self.start_rotation(name, i, new.clone(), now);
+                self.start_rotation(name, i, new.clone(), now, None);
             }
         }
     }
@@ -507,8 +509,16 @@ impl Reloader {
         }
     }
 
-    /// Starts testing `new` as profile `i`'s replacement (replacing a test in flight).
-    fn start_rotation(&mut self, name: &str, i: usize, new: ProfileConfig, now: &str) {
+    /// Starts testing `new` as profile `i`'s replacement (replacing a test in flight);
+    /// `retried_after`: the wait before it, when it tries a refused change again.
+    fn start_rotation(
+        &mut self,
+        name: &str,
+        i: usize,
+        new: ProfileConfig,
+        now: &str,
+        retried_after: Option<Duration>,
+    ) {
         self.retries.remove(name);
         self.next_id += 1;
         let id = self.next_id;
@@ -555,6 +565,7 @@ impl Reloader {
                 id,
                 target: new,
                 latest: None,
+                retried_after,
                 task,
             },
         );
@@ -581,7 +592,6 @@ impl Reloader {
                 self.running
                     .profiles
                     .insert(done.name.clone(), target.clone());
-                self.retries.remove(&done.name);
                 metrics.credential_rotation("applied");
                 tracing::info!(profile = %done.name, "new token identity in use; the old one is retired once its requests end");
                 self.status().rotations.insert(
@@ -598,10 +608,9 @@ impl Reloader {
                 if let Some(latest) = latest {
                     let change = classify(&target, &latest);
                     if let Change::Restart(what, _) = &change {
-                        self.status().pending_restart.push(format!(
-                            "profiles.{}.{what}: changed; a restart applies it",
-                            done.name
-                        ));
+                        self.status()
+                            .pending_restart
+                            .push(needs_restart(&format!("profiles.{}.{what}", done.name)));
                     }
                     self.apply_profile(&done.name, change, &latest, &now);
                 }
@@ -609,10 +618,9 @@ impl Reloader {
             }
             Err(problem) => {
                 metrics.credential_rotation("refused");
-                let delay = self
-                    .retries
-                    .get(&done.name)
-                    .map_or(ROTATION_RETRY, |r| (r.delay * 2).min(ROTATION_RETRY_CAP));
+                let delay = flight
+                    .retried_after
+                    .map_or(ROTATION_RETRY, |d| (d * 2).min(ROTATION_RETRY_CAP));
                 let retry_at = SystemTime::now() + delay;
                 tracing::warn!(profile = %done.name, problem = %problem, "the new token identity could not obtain a token; the running one keeps serving (tried again in {})", humantime::format_duration(delay));
                 self.retries.insert(
@@ -652,15 +660,7 @@ impl Reloader {
                 continue;
             };
             let stamp = rfc3339(SystemTime::now());
-            self.start_rotation(&name, i, retry.target.clone(), &stamp);
-            // The wait doubles from this one if it is refused again.
-            self.retries.insert(
-                name,
-                Retry {
-                    at: now + ROTATION_RETRY_CAP * 1000,
-                    ..retry
-                },
-            );
+            self.start_rotation(&name, i, retry.target, &stamp, Some(retry.delay));
         }
     }
 
@@ -873,7 +873,7 @@ fn prepare(
     };
     let mut pending: Vec<String> = fixed_changes(&running, &new, gateway_mode)
         .into_iter()
-        .map(|what| format!("{what}: changed; a restart applies it"))
+        .map(|what| needs_restart(&what))
         .collect();
     let mut changes = Vec::new();
     for (name, old) in &running.profiles {
@@ -882,9 +882,7 @@ fn prepare(
         };
         let change = classify(old, now);
         if let Change::Restart(what, _) = &change {
-            pending.push(format!(
-                "profiles.{name}.{what}: changed; a restart applies it"
-            ));
+            pending.push(needs_restart(&format!("profiles.{name}.{what}")));
         }
         changes.push((name.clone(), change));
     }
@@ -927,6 +925,11 @@ fn prepare(
         added,
         removed,
     })
+}
+
+/// How `/status` lists a change only a restart applies.
+fn needs_restart(what: &str) -> String {
+    format!("{what}: changed; a restart applies it")
 }
 
 /// The sections a reload does not apply, named, where `new` differs from `running` (`gateway`:

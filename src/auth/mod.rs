@@ -314,24 +314,9 @@ impl ProfileSet {
         self.slots().get(i).cloned()
     }
 
-    /// How many places there are (retired profiles included).
-    pub fn len(&self) -> usize {
-        self.slots().len()
-    }
-
-    /// True without profiles.
-    pub fn is_empty(&self) -> bool {
-        self.slots().is_empty()
-    }
-
     /// The name of profile `i`.
     pub fn name(&self, i: usize) -> String {
         self.slot(i).map(|s| s.name.clone()).unwrap_or_default()
-    }
-
-    /// The method of profile `i`.
-    pub fn method(&self, i: usize) -> Option<AuthMethod> {
-        self.slot(i).map(|s| s.method)
     }
 
     /// Where the running profile called `name` is.
