@@ -60,8 +60,8 @@
 //! threads (a 500-profile file takes about a second).
 //!
 //! Changes are found by polling: the config file every [`POLL`], the other files it names
-//! every [`FILES_POLL`] — each path's target, size and modification time, so a symlink swap
-//! counts. A change is applied once the files have been quiet for [`SETTLE`] (an editor's or
+//! every [`FILES_POLL`] — the file each path leads to (device and inode), its size and
+//! modification time, so a symlink swap counts. A change is applied once the files have been quiet for [`SETTLE`] (an editor's or
 //! the kubelet's several writes become one reload). A process whose configuration comes from
 //! the environment alone has no file to read again: SIGHUP only logs that. A refused
 //! configuration is read again every [`REFUSED_RETRY`] (a file it names may arrive after it,
