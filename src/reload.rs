@@ -239,6 +239,9 @@ pub struct Reloader {
     /// SIGHUP from then on reloads instead of ending the process (its default action).
     #[cfg(unix)]
     hangup: Option<tokio::signal::unix::Signal>,
+    /// The files' stamps when the reloader was made (before the process says it is
+    /// listening): a change from then on is seen by comparison, whatever the file's clock.
+    started: Stamps,
 }
 
 impl std::fmt::Debug for Done {
@@ -277,7 +280,13 @@ impl Reloader {
     /// SIGHUP handler at once).
     pub fn new(path: Option<PathBuf>, running: Config, targets: Targets) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        // A few stats, once, while the process starts.
+        let started = match &path {
+            Some(p) => stamps_of(p, named_files(&running)),
+            None => Stamps::default(),
+        };
         Self {
+            started,
             path,
             running,
             targets,
@@ -666,9 +675,9 @@ impl Reloader {
 
     /// Runs until `stop` resolves: reloads on SIGHUP and when the files change.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut seen = self.stamps(true).await;
-        // A file written while the process was starting (after its configuration was read)
-        // is read now rather than at its next change.
+        let mut seen = std::mem::take(&mut self.started);
+        // A file written while the process was starting (after its configuration was read,
+        // before the stamps above were taken) is read now rather than at its next change.
         let loaded = self.running.loaded_at;
         let newer = |s: &Stamp| matches!((s, loaded), (Some((_, _, Some(m))), Some(l)) if *m > l);
         if newer(&seen.config) || seen.files.iter().any(|(_, s)| newer(s)) {
@@ -760,18 +769,23 @@ impl Reloader {
             };
         }
         let files = named_files(&self.running);
-        tokio::task::spawn_blocking(move || Stamps {
-            config: stamp(&path),
-            files: files
-                .into_iter()
-                .map(|f| {
-                    let s = stamp(&f);
-                    (f, s)
-                })
-                .collect(),
-        })
-        .await
-        .unwrap_or_default()
+        tokio::task::spawn_blocking(move || stamps_of(&path, files))
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// The stamps of the config file at `path` and of `files`.
+fn stamps_of(path: &Path, files: Vec<PathBuf>) -> Stamps {
+    Stamps {
+        config: stamp(path),
+        files: files
+            .into_iter()
+            .map(|f| {
+                let s = stamp(&f);
+                (f, s)
+            })
+            .collect(),
     }
 }
 

@@ -172,6 +172,41 @@ async fn a_rotated_secret_is_used_at_the_next_mint_and_the_token_in_hand_is_kept
     proxy.wait().await;
 }
 
+/// A secret file replaced while the proxy starts is read, even when the new file carries an
+/// older modification time than the start (moved in from elsewhere, `cp -p`, a clock behind).
+#[tokio::test]
+async fn a_secret_replaced_while_the_proxy_starts_is_read_whatever_its_mtime() {
+    let (mock, url) = start_rotating_mock().await;
+    let f = files(
+        &config_text(&url, "service_account", CLIENT_ID, ""),
+        CLIENT_SECRET,
+    );
+    let proxy = TestProxy::start_file(&f.config).await;
+    // No await between the start and the move: the proxy's tasks have not run yet.
+    let tmp = f.secret.with_extension("new");
+    std::fs::write(&tmp, NEW_SECRET).unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    std::fs::rename(&tmp, &f.secret).unwrap();
+
+    status_until(&proxy, "the new secret loaded", |s| {
+        secret_rotation(s)["state"] == "pending" || secret_rotation(s)["state"] == "in_use"
+    })
+    .await;
+    assert_eq!(account(&proxy).await, 200);
+    // The next mint works with the new secret alone.
+    mock.retire_secret(CLIENT_SECRET);
+    mock.revoke_all();
+    assert_eq!(account(&proxy).await, 200);
+    proxy.stop();
+    proxy.wait().await;
+}
+
 #[tokio::test]
 async fn a_refused_new_secret_is_reported_and_the_previous_one_is_tried_once() {
     let (mock, _, f, proxy) = started("service_account", "").await;
