@@ -525,11 +525,7 @@ impl Proxy {
     }
 
     /// The answer when the app's body failed; `e` is the upstream call it broke, if any.
-    fn body_failed(
-        &self,
-        failure: BodyFailure,
-        e: Option<&hyper_util::client::legacy::Error>,
-    ) -> ProxyError {
+    fn body_failed(&self, failure: BodyFailure, e: Option<&client::UpstreamError>) -> ProxyError {
         let inner = &*self.0;
         match failure {
             BodyFailure::TooLarge => ProxyError::BodyTooLarge {

@@ -1,6 +1,9 @@
 //! What reaches the upstream, and what comes back to the app.
 
 use crate::support::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[tokio::test]
 async fn basic_header_is_exact_and_caller_credentials_never_reach_the_upstream() {
@@ -196,6 +199,62 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         1,
         "the proxy opened a connection per request"
     );
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_their_own_connections_which_later_requests_reuse() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = TestProxy::basic(&upstream).await;
+    let url = format!("{}/raas/v2/slow?ms=100", proxy.url);
+    for _ in 0..5 {
+        let statuses = concurrent_gets(vec![url.clone(); 8]).await;
+        assert_eq!(statuses, [200; 8]);
+    }
+    assert_eq!(upstream.requests().len(), 40);
+    // Eight at once need eight HTTP/1.1 connections; the rounds after the first find them
+    // free (a few may still be finishing their previous answer when the next round starts).
+    let opened = upstream.connections();
+    assert!(
+        (8..=16).contains(&opened),
+        "{opened} connections for 5 rounds of 8 concurrent requests"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_no_request() {
+    // A keep-alive upstream that closes each connection shortly after its answer, as servers
+    // do with idle ones: the proxy notices and opens another for the next request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                let _ = stream.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(&config_toml(&format!("http://{addr}"), "", "")).await;
+    for i in 0..5 {
+        let resp = proxy.get("/raas/v2/catalogs").await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "{}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
 
 #[tokio::test]

@@ -35,6 +35,31 @@ async fn https_upstream_with_extra_ca_uses_http2_and_verifies() {
 }
 
 #[tokio::test]
+async fn requests_arriving_together_share_one_http2_connection() {
+    let (ca_pem, server) = private_ca_server();
+    let upstream = FakeUpstream::start_tls(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let toml = config_toml(
+        &upstream.url(),
+        "",
+        &format!("ca_file = \"{}\"", ca_file.display()),
+    );
+    let proxy = TestProxy::start(&toml).await;
+    // Twenty at once before any connection exists: they wait for one and share it.
+    let url = format!("{}/raas/v2/slow?ms=50", proxy.url);
+    assert_eq!(concurrent_gets(vec![url.clone(); 20]).await, [200; 20]);
+    assert_eq!(concurrent_gets(vec![url; 20]).await, [200; 20]);
+    assert_eq!(upstream.requests().len(), 40);
+    assert!(upstream
+        .requests()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2));
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
 async fn an_untrusted_certificate_is_refused_with_502() {
     let (_ca_pem, server) = private_ca_server();
     let upstream = FakeUpstream::start_tls(server).await;
