@@ -22,7 +22,8 @@ const DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection` and `Keep-Alive`.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection` and `Keep-Alive`:
+/// dropped from requests and responses alike. `Connection` comes first (see [`Seen`]).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -34,49 +35,78 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Credentials an app may send that must never reach Tango, and `Expect` (the proxy answers
-/// `100-continue` itself).
-const APP_ONLY: [HeaderName; 5] = [
+/// Where `Transfer-Encoding` is in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_AT: usize = 6;
+
+/// What a request loses beyond the hop-by-hop set: credentials an app may send that must never
+/// reach Tango, `Expect` (the proxy answers `100-continue` itself) and `Host` (the upstream's
+/// is set by the pool; the app's goes on as `X-Forwarded-Host`).
+const APP_ONLY: [HeaderName; 6] = [
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
     DPOP,
     header::COOKIE,
     header::EXPECT,
+    header::HOST,
 ];
 
-/// Removes every header named in `set` that is present: one pass over the (few) names the
-/// message has, instead of a hashed look-up per name in the set.
-fn strip(headers: &mut HeaderMap, set: &[HeaderName]) {
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| set.contains(name))
-        .cloned()
-        .collect();
-    for name in present {
-        headers.remove(name);
-    }
-}
+/// Request headers looked at but kept (or replaced): their presence spares a hashed look-up
+/// when they are absent, as they mostly are.
+const REQUEST_NOTED: [HeaderName; 2] = [X_FORWARDED_FOR, X_FORWARDED_HOST];
 
-/// Removes the headers named in `Connection`.
-fn strip_connection_named(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+/// Response headers looked at: `Content-Length` (dropped when `Transfer-Encoding` came too),
+/// Tango's `DPoP-Nonce` (dropped) and `X-Request-Id` (replaced by the proxy's).
+const RESPONSE_NOTED: [HeaderName; 3] = [header::CONTENT_LENGTH, DPOP_NONCE, X_REQUEST_ID];
+
+/// Which names of a few static lists a message has, found in one pass over its own names: a
+/// bit per list entry, no hashing and no allocation.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen(u32);
+
+impl Seen {
+    /// Looks for `lists` (at most 32 names in all) among the names of `headers`.
+    fn scan(headers: &HeaderMap, lists: &[&[HeaderName]]) -> Seen {
+        let mut seen = 0u32;
+        for name in headers.keys() {
+            let mut bit = 0;
+            for list in lists {
+                if let Some(k) = list.iter().position(|n| n == name) {
+                    seen |= 1 << (bit + k);
+                    break;
+                }
+                bit += list.len();
+            }
+        }
+        Seen(seen)
+    }
+
+    /// Whether entry `k` of the `lists` scanned is present (`k` counts across the lists).
+    fn has(self, k: usize) -> bool {
+        self.0 & (1 << k) != 0
+    }
+
+    /// Removes the present entries of `list`, which starts at bit `first`.
+    fn remove(self, headers: &mut HeaderMap, list: &[HeaderName], first: usize) {
+        for (k, name) in list.iter().enumerate() {
+            if self.has(first + k) {
+                headers.remove(name);
+            }
         }
     }
 }
 
-/// Removes the headers named in `Connection`, then the hop-by-hop set.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_connection_named(headers);
-    strip(headers, &HOP_BY_HOP);
+/// Removes the headers named in `Connection` (when `seen` says it is there).
+fn strip_connection_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
 }
 
 /// What [`sanitize_request`] learned from the headers it removed.
@@ -92,16 +122,36 @@ pub fn sanitize_request(
     remote_ip: std::net::IpAddr,
     request_id: &HeaderValue,
 ) -> Inbound {
-    strip_hop_by_hop(headers);
-    strip(headers, &APP_ONLY);
-    let host = headers.remove(header::HOST);
-
-    let ip = remote_ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+    let lists: [&[HeaderName]; 3] = [&HOP_BY_HOP, &APP_ONLY, &REQUEST_NOTED];
+    let (app_only, noted) = (HOP_BY_HOP.len(), HOP_BY_HOP.len() + APP_ONLY.len());
+    let seen = Seen::scan(headers, &lists);
+    if seen.has(0) {
+        strip_connection_named(headers);
+    }
+    seen.remove(headers, &HOP_BY_HOP, 0);
+    let host_bit = app_only + APP_ONLY.len() - 1;
+    let host = if seen.has(host_bit) {
+        headers.remove(header::HOST)
+    } else {
+        None
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    seen.remove(headers, &APP_ONLY[..APP_ONLY.len() - 1], app_only);
+
+    let ip = ip_text(remote_ip);
+    let prior = if seen.has(noted) {
+        headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", ip.as_str())),
+        None => HeaderValue::from_str(ip.as_str()),
+    };
+    if let Ok(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -109,12 +159,57 @@ pub fn sanitize_request(
         Some(h) => {
             headers.insert(X_FORWARDED_HOST, h.clone());
         }
-        None => {
+        None if seen.has(noted + 1) => {
             headers.remove(X_FORWARDED_HOST);
         }
+        None => {}
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
     Inbound { host }
+}
+
+/// An address as text without the formatting machinery (IPv4, once per request); IPv6 the
+/// usual way.
+struct IpText {
+    buf: [u8; 39],
+    len: usize,
+}
+
+impl IpText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+fn ip_text(ip: std::net::IpAddr) -> IpText {
+    let mut text = IpText {
+        buf: [0; 39],
+        len: 0,
+    };
+    let mut push = |b: u8| {
+        if let Some(slot) = text.buf.get_mut(text.len) {
+            *slot = b;
+            text.len += 1;
+        }
+    };
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    push(b'.');
+                }
+                if octet >= 100 {
+                    push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    push(b'0' + octet / 10 % 10);
+                }
+                push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => v6.to_string().bytes().for_each(push),
+    }
+    text
 }
 
 /// Cleans an upstream response's headers and stamps the request id.
@@ -126,19 +221,31 @@ pub fn sanitize_response(
     status: http::StatusCode,
     challenge: &HeaderValue,
 ) -> Option<HeaderValue> {
+    let lists: [&[HeaderName]; 2] = [&HOP_BY_HOP, &RESPONSE_NOTED];
+    let noted = HOP_BY_HOP.len();
+    let seen = Seen::scan(headers, &lists);
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an intermediary removes the
     // Content-Length before forwarding. The body arrives de-chunked; a stale length passed on
     // would make the app read a cut body as complete (or wait for bytes that never come).
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if seen.has(TRANSFER_ENCODING_AT) && seen.has(noted) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    strip_hop_by_hop(headers);
+    if seen.has(0) {
+        strip_connection_named(headers);
+    }
+    seen.remove(headers, &HOP_BY_HOP, 0);
     // DPoP is between the proxy and Tango; the app never sends a proof.
-    headers.remove(DPOP_NONCE);
+    if seen.has(noted + 1) {
+        headers.remove(DPOP_NONCE);
+    }
     if status == http::StatusCode::UNAUTHORIZED {
         app_facing_challenges(headers, challenge);
     }
-    let upstream_id = headers.remove(X_REQUEST_ID);
+    let upstream_id = if seen.has(noted + 2) {
+        headers.remove(X_REQUEST_ID)
+    } else {
+        None
+    };
     if let Some(id) = &upstream_id {
         if id != request_id {
             headers.insert(X_TANGO_REQUEST_ID, id.clone());
@@ -306,6 +413,73 @@ mod tests {
             inbound.host.as_ref().map(|h| h.as_bytes()),
             Some(&b"127.0.0.1:8080"[..])
         );
+    }
+
+    #[test]
+    fn the_bit_positions_name_the_headers_they_stand_for() {
+        assert_eq!(HOP_BY_HOP[0], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_AT], header::TRANSFER_ENCODING);
+        assert_eq!(APP_ONLY[APP_ONLY.len() - 1], header::HOST);
+        assert!(HOP_BY_HOP.len() + APP_ONLY.len() + REQUEST_NOTED.len() <= 32);
+    }
+
+    #[test]
+    fn addresses_are_written_as_the_standard_library_writes_them() {
+        let ips: [std::net::IpAddr; 6] = [
+            [0, 0, 0, 0].into(),
+            [127, 0, 0, 1].into(),
+            [10, 99, 100, 255].into(),
+            [192, 168, 9, 10].into(),
+            "::1".parse().unwrap(),
+            "2001:db8::ffff:1:2:3".parse().unwrap(),
+        ];
+        for ip in ips {
+            assert_eq!(ip_text(ip).as_str(), ip.to_string());
+        }
+        let longest: std::net::IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(ip_text(longest).as_str(), longest.to_string());
+    }
+
+    #[test]
+    fn a_header_named_in_connection_is_gone_even_when_it_is_one_the_proxy_reads() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("x-forwarded-for, host"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        h.insert("host", HeaderValue::from_static("app.local"));
+        let inbound =
+            sanitize_request(&mut h, [10, 0, 0, 1].into(), &HeaderValue::from_static("a"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert!(inbound.host.is_none() && !h.contains_key("x-forwarded-host"));
+        assert!(!h.contains_key("connection") && !h.contains_key("host"));
+    }
+
+    #[test]
+    fn a_response_loses_hop_by_hop_headers_and_tangos_nonce_and_keeps_tangos_id() {
+        let id = HeaderValue::from_static("proxy-id");
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("dpop-nonce", HeaderValue::from_static("n"));
+        h.insert("x-request-id", HeaderValue::from_static("tango-id"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let upstream = sanitize_response(&mut h, &id, http::StatusCode::OK, &app_challenge(true));
+        assert_eq!(upstream.unwrap(), "tango-id");
+        for gone in ["connection", "x-hop", "keep-alive", "dpop-nonce"] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(h["x-request-id"], "proxy-id");
+        assert_eq!(h["x-tango-request-id"], "tango-id");
+        assert_eq!(h["content-type"], "application/json");
+        // No id from Tango: none reported, none invented.
+        let mut h = HeaderMap::new();
+        assert!(
+            sanitize_response(&mut h, &id, http::StatusCode::OK, &app_challenge(true)).is_none()
+        );
+        assert!(!h.contains_key("x-tango-request-id"));
     }
 
     #[test]

@@ -390,17 +390,18 @@ impl Proxy {
             };
             tracing::info!(request_id = ?request_id, "replaying after a 401 with a new credential");
             let replay = with_credential(template.clone(), &fresh);
-            let (replay, used) = self
-                .send_resending(
-                    authorizer,
-                    replay,
-                    body,
-                    fresh,
-                    Some(template),
-                    &mut kept,
-                    request_id,
-                )
-                .await?;
+            // Boxed, as every rare path here: held inline, its state would make the future of
+            // every request larger, and that future is moved (copied) as it is handed on.
+            let (replay, used) = Box::pin(self.send_resending(
+                authorizer,
+                replay,
+                body,
+                fresh,
+                Some(template),
+                &mut kept,
+                request_id,
+            ))
+            .await?;
             authorizer.observe(&sent_to, replay.headers());
             (response, credential) = (replay, used);
         }
@@ -437,12 +438,25 @@ impl Proxy {
         kept: &mut Kept,
         request_id: &HeaderValue,
     ) -> Result<(Response<Incoming>, Credential), ProxyError> {
-        let inner = &*self.0;
         let (refusal, err) = match self.send(parts, body, kept.watch()).await {
             Ok(response) => return Ok((response, credential)),
             Err(SendFailure::Failed(err)) => return Err(err),
             Err(SendFailure::Refused(refusal, err)) => (refusal, err),
         };
+        Box::pin(self.resend(authorizer, refusal, err, template, kept, request_id)).await
+    }
+
+    /// The second send of a request Tango refused unprocessed (see [`Proxy::send_resending`]).
+    async fn resend(
+        &self,
+        authorizer: &dyn Authorizer,
+        refusal: Refusal,
+        err: ProxyError,
+        template: Option<&http::request::Parts>,
+        kept: &mut Kept,
+        request_id: &HeaderValue,
+    ) -> Result<(Response<Incoming>, Credential), ProxyError> {
+        let inner = &*self.0;
         // Sent again only with its parts and its whole body.
         let body = match template {
             Some(_) => kept.body(inner.body_idle_timeout).await,
