@@ -6,7 +6,9 @@
 # a static Authorization header), each run under callgrind twice, serving N1 and then N2
 # keep-alive GETs from one connection; the difference divided by N2 - N1 is the cost of one
 # request, with start-up, the one token mint and shutdown cancelled out. Only the server under
-# test is counted; its upstream is examples/bench_upstream (as in scripts/bench.sh).
+# test is counted; its upstream is nginx answering `return 200` (as in scripts/bench.sh). Last,
+# one raw ES256 signature (examples/sign_cost) is counted the same way, and DPoP's excess over
+# Bearer is given as a multiple of it.
 #
 #   scripts/instructions.sh              # N1=500 N2=2500 by default
 #   N1=1000 N2=5000 scripts/instructions.sh
@@ -24,12 +26,14 @@ N2=${N2:-2500}
 need valgrind valgrind
 need nginx nginx
 
-cargo build --release --locked --quiet --bin tango-auth-proxy --example bench_upstream
+cargo build --release --locked --quiet --bin tango-auth-proxy --example sign_cost
 BIN=target/release/tango-auth-proxy
+SIGN_BIN=target/release/examples/sign_cost
 UPSTREAM_BIN=target/release/examples/bench_upstream
 
 UP_PORT=$(free_port)
-"$UPSTREAM_BIN" "127.0.0.1:$UP_PORT" & pids+=($!)
+upstream_conf "$UP_PORT"
+nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" & pids+=($!)
 wait_port "$UP_PORT"
 IDP_PORT=$(free_port)
 "$BIN" mock-tango --listen "127.0.0.1:$IDP_PORT" >/dev/null 2>"$work/idp.log" & pids+=($!)
@@ -86,11 +90,30 @@ per_request() {
   echo $(( (b - a) / (N2 - N1) ))
 }
 
+# Instructions of one raw signature with the DPoP key type (examples/sign_cost: ring signing a
+# real proof's signing input), by the same difference of two runs.
+per_signature() {
+  local a b out
+  for n in 200 1000; do
+    out="$work/callgrind.sign.$n"
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$SIGN_BIN" "$1" "$n" >/dev/null 2>&1
+    b=$(awk '/^(summary|totals):/ {print $2; exit}' "$out")
+    if [ "$n" = 200 ]; then a=$b; fi
+  done
+  echo $(( (b - a) / 800 ))
+}
+
 peer=$(per_request nginx)
 printf '| server | instructions per request (callgrind) | / nginx | N1 → N2 requests |\n|---|---|---|---|\n'
 printf '| nginx, static Authorization | %s | 1.00 | %s → %s |\n' "$peer" "$N1" "$N2"
+declare -A ir
 for mode in basic bearer dpop gateway; do
-  ir=$(per_request "$mode")
-  printf '| proxy, %s | %s | %s | %s → %s |\n' "$mode" "$ir" \
-    "$(awk -v a="$ir" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
+  ir[$mode]=$(per_request "$mode")
+  printf '| proxy, %s | %s | %s | %s → %s |\n' "$mode" "${ir[$mode]}" \
+    "$(awk -v a="${ir[$mode]}" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
 done
+sig=$(per_signature es256)
+excess=$(( ir[dpop] - ir[bearer] ))
+echo
+echo "raw ES256 signature (ring, a proof's signing input): $sig instructions"
+echo "DPoP excess over Bearer: $excess instructions = $(awk -v a="$excess" -v b="$sig" 'BEGIN {printf "%.2f", a/b}') x the raw signature"

@@ -85,8 +85,8 @@ proxy = "127.0.0.1:$1"
 admin = "127.0.0.1:$2"
 workers = ${WORKERS:-1}
 [upstream]
-url = "http://127.0.0.1:$UP_PORT"
-allow_http = true
+url = "${UPSTREAM_URL:-http://127.0.0.1:$UP_PORT}"
+${UPSTREAM_EXTRA:-allow_http = true}
 $(if [ "$3" = gateway ]; then gateway_caller_toml; fi)
 [profiles.default]
 $(profile_toml "$3")
@@ -111,38 +111,99 @@ rate = "1000000/s"
 GW
 }
 
-# nginx as the peer the proxy is compared with, written to $work/nginx/nginx.conf: one process
-# (no master, no daemon, so it can run under a tool), access log off, listening on 127.0.0.1:$1,
-# a keep-alive pool to the upstream on $UP_PORT, a static Authorization header (the Basic one the
-# proxy's basic rows send).
-nginx_conf() {
-  mkdir -p "$work/nginx/logs"
-  cat > "$work/nginx/nginx.conf" <<NGINX
+# The settings every nginx here shares, for a config in directory $1: one process (no master, no
+# daemon, so it can run under a tool or be pinned), access log off, temp paths inside $1.
+nginx_main() {
+  mkdir -p "$1/logs"
+  cat <<NGINX
 daemon off;
 master_process off;
 worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log warn;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
 events { worker_connections 4096; }
-http {
+NGINX
+}
+
+nginx_http_common() {
+  cat <<NGINX
   access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  upstream tango { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+NGINX
+}
+
+# The upstream both servers under test forward to, written to $work/upstream/nginx.conf: nginx
+# answering every request 200 with a small JSON body (Tango's shape), one worker, on
+# 127.0.0.1:$1 over plain HTTP/1.1 and, with $2, on 127.0.0.1:$2 over TLS with HTTP/2 offered by
+# ALPN (as Tango's edge does), with the certificate from tls_files.
+upstream_conf() {
+  local dir=$work/upstream
+  mkdir -p "$dir"
+  {
+    nginx_main "$dir"
+    echo "http {"
+    nginx_http_common "$dir"
+    cat <<NGINX
+  keepalive_requests 1000000;
   server {
     listen 127.0.0.1:$1;
+$(if [ -n "${2:-}" ]; then printf '    listen 127.0.0.1:%s ssl http2;\n    ssl_certificate %s;\n    ssl_certificate_key %s;\n' "$2" "$work/tls/upstream.pem" "$work/tls/upstream.key"; fi)
     location / {
-      proxy_pass http://tango;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Basic $(printf 'bench-platform:bench-api-key' | base64)";
+      default_type application/json;
+      return 200 '{"catalogName":"Bench","brands":[{"brandKey":"B000001","brandName":"Bench Brand","items":[]}]}';
     }
   }
 }
 NGINX
+  } > "$dir/nginx.conf"
+}
+
+# A private CA ($work/tls/ca.pem) and the upstream's certificate for 127.0.0.1 and localhost,
+# signed by it ($work/tls/upstream.pem, .key).
+tls_files() {
+  local d=$work/tls
+  mkdir -p "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=bench CA" -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj "/CN=localhost" -keyout "$d/upstream.key" -out "$d/upstream.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$d/ext"
+  openssl x509 -req -in "$d/upstream.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/ext" -out "$d/upstream.pem" 2>/dev/null
+}
+
+# nginx as the peer the proxy is compared with, written to $work/nginx/nginx.conf: one process,
+# access log off, listening on 127.0.0.1:$1, a keep-alive pool to the upstream on $UP_PORT, a
+# static Authorization header (the Basic one the proxy's basic rows send). With $2, it forwards
+# over TLS to the upstream's TLS port $2 instead (HTTP/1.1 keep-alive: nginx does not proxy over
+# HTTP/2), verifying the certificate against the private CA.
+nginx_conf() {
+  local dir=$work/nginx up="http://tango"
+  if [ -n "${2:-}" ]; then dir=$work/nginx-tls; up="https://tango"; fi
+  mkdir -p "$dir"
+  {
+    nginx_main "$dir"
+    echo "http {"
+    nginx_http_common "$dir"
+    cat <<NGINX
+  upstream tango { server 127.0.0.1:${2:-$UP_PORT}; keepalive 128; }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass $up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Basic $(printf 'bench-platform:bench-api-key' | base64)";
+$(if [ -n "${2:-}" ]; then printf '      proxy_ssl_verify on;\n      proxy_ssl_name localhost;\n      proxy_ssl_trusted_certificate %s;\n      proxy_ssl_session_reuse on;\n' "$work/tls/ca.pem"; fi)
+    }
+  }
+}
+NGINX
+  } > "$dir/nginx.conf"
 }
 
 work=$(mktemp -d)
