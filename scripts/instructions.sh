@@ -29,7 +29,6 @@ need nginx nginx
 cargo build --release --locked --quiet --bin tango-auth-proxy --example sign_cost
 BIN=target/release/tango-auth-proxy
 SIGN_BIN=target/release/examples/sign_cost
-UPSTREAM_BIN=target/release/examples/bench_upstream
 
 UP_PORT=$(free_port)
 upstream_conf "$UP_PORT"
