@@ -42,7 +42,7 @@
 //! * `client_lag_p99_us`, `client_cpu` (share of the window the client's thread was on a CPU).
 //!
 //! The exit code is 1, with the likely reason on stderr, when the run is not valid: any error or
-//! non-2xx answer, any unsent request, an achieved rate below 95 % of the target, or a client
+//! non-2xx answer, any unsent request, an achieved rate below 99 % of the target, or a client
 //! busy 90 % of the window or more (answers then wait for the client). Usage errors, including a
 //! URL that is not `http://` to a loopback address, exit with 2.
 //!
@@ -734,7 +734,7 @@ fn report(args: &Args, mut totals: Totals) -> ExitCode {
             cpu * 100.0
         ));
     }
-    if achieved < 0.95 * args.rate || totals.unsent > 0 {
+    if achieved < 0.99 * args.rate || totals.unsent > 0 {
         let who = if totals.errors > 0 {
             "requests failed (above)".to_owned()
         } else if client_busy.is_some() {

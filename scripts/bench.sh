@@ -116,7 +116,7 @@ targets=(
 
 # Measures target $1 once; appends "rps p50 p99 peakRSS_MiB" to $work/runs.$1.
 measure() {
-  local key=$1 pid url header="" line
+  local key=$1 pid url hdr="" line
   case $key in
     direct) pid=$UP_PID; url="http://127.0.0.1:$UP_PORT/raas/v2/catalogs" ;;
     nginx) pid=$NG_PID; url="http://127.0.0.1:$NG_PORT/raas/v2/catalogs" ;;
@@ -128,9 +128,9 @@ measure() {
         *) start_proxy warn "$key" ;;
       esac
       pid=$PROXY_PID; url="http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs"
-      if [ "$key" = gateway ]; then header=$(gateway_auth); fi ;;
+      if [ "$key" = gateway ]; then hdr=$(gateway_auth); fi ;;
   esac
-  line=$(wrk_run "$url" "$header")
+  line=$(wrk_run "$url" "$hdr")
   echo "$line $(( $(hwm_kib "$pid") / 1024 ))" >> "$work/runs.$key"
   if [ "$pid" = "${PROXY_PID:-}" ]; then stop_pid "$PROXY_PID"; PROXY_PID=; fi
 }
