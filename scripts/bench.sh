@@ -12,6 +12,8 @@
 #   a gateway (a caller authenticating with Basic, its policy checked, in front of a Basic
 #   profile), with its access log on; and both over TLS to the upstream (the proxy speaks
 #   HTTP/2 there, as to Tango; nginx HTTP/1.1 keep-alive, as it cannot proxy over HTTP/2).
+#   One more row shows what hyper and Tokio alone allow (examples/hyper_floor: a hyper server
+#   forwarding over one hyper client connection with nothing else a proxy does).
 #   Every target runs once per round, rounds interleaved; the table shows each target's median
 #   round and every round's requests/s.
 # * The DPoP limit: one core doing a Bearer request plus one signature per request can do at
@@ -45,7 +47,7 @@ need nginx nginx
 need openssl openssl
 
 cargo build --release --locked --quiet --bin tango-auth-proxy \
-  --example sign_cost --example fixed_rate
+  --example sign_cost --example fixed_rate --example hyper_floor
 BIN=target/release/tango-auth-proxy
 EXAMPLES=target/release/examples
 
@@ -110,6 +112,7 @@ targets=(
   "dpop|tango-auth-proxy DPoP (ES256 proof per request)"
   "gateway|tango-auth-proxy gateway (caller auth + policy, Basic)"
   "logged|tango-auth-proxy Basic, access log on"
+  "floor|hyper floor: server + one client connection, nothing else"
   "nginx_tls|nginx, TLS upstream (HTTP/1.1 keep-alive)"
   "basic_tls|tango-auth-proxy Basic, TLS upstream (HTTP/2)"
 )
@@ -121,6 +124,11 @@ measure() {
     direct) pid=$UP_PID; url="http://127.0.0.1:$UP_PORT/raas/v2/catalogs" ;;
     nginx) pid=$NG_PID; url="http://127.0.0.1:$NG_PORT/raas/v2/catalogs" ;;
     nginx_tls) pid=$NG_TLS_PID; url="http://127.0.0.1:$NG_TLS_PORT/raas/v2/catalogs" ;;
+    floor)
+      PROXY_PORT=$(free_port)
+      $SUT "$EXAMPLES/hyper_floor" proxy "127.0.0.1:$PROXY_PORT" "127.0.0.1:$UP_PORT" &
+      PROXY_PID=$!; pids+=("$PROXY_PID"); wait_port "$PROXY_PORT"
+      pid=$PROXY_PID; url="http://127.0.0.1:$PROXY_PORT/raas/v2/catalogs" ;;
     *)
       case $key in
         logged) start_proxy info basic ;;
@@ -160,7 +168,7 @@ for t in "${targets[@]}"; do
 done
 
 echo
-for key in basic bearer dpop gateway logged; do
+for key in basic bearer dpop gateway logged floor; do
   echo "$key / nginx: $(ratio "$(rps_of "$key")" "$(rps_of nginx)")"
 done
 echo "basic over TLS / nginx over TLS: $(ratio "$(rps_of basic_tls)" "$(rps_of nginx_tls)")"

@@ -8,7 +8,9 @@
 # request, with start-up, the one token mint and shutdown cancelled out. Only the server under
 # test is counted; its upstream is nginx answering `return 200` (as in scripts/bench.sh). Last,
 # one raw ES256 signature (examples/sign_cost) is counted the same way, and DPoP's excess over
-# Bearer is given as a multiple of it.
+# Bearer is given as a multiple of it. Two more rows show what hyper and Tokio cost on their own
+# (examples/hyper_floor): a hyper server answering every request itself, and the same server
+# forwarding over one hyper client connection with nothing else a proxy does.
 #
 #   scripts/instructions.sh              # N1=500 N2=2500 by default
 #   N1=1000 N2=5000 scripts/instructions.sh
@@ -26,9 +28,10 @@ N2=${N2:-2500}
 need valgrind valgrind
 need nginx nginx
 
-cargo build --release --locked --quiet --bin tango-auth-proxy --example sign_cost
+cargo build --release --locked --quiet --bin tango-auth-proxy --example sign_cost --example hyper_floor
 BIN=target/release/tango-auth-proxy
 SIGN_BIN=target/release/examples/sign_cost
+FLOOR_BIN=target/release/examples/hyper_floor
 
 UP_PORT=$(free_port)
 upstream_conf "$UP_PORT"
@@ -66,6 +69,9 @@ instructions() {
     nginx_conf "$port"
     valgrind --tool=callgrind --callgrind-out-file="$out" \
       nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/$mode.$n.log" &
+  elif [ "${mode%%_*}" = floor ]; then
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$FLOOR_BIN" "${mode#floor_}" "127.0.0.1:$port" "127.0.0.1:$UP_PORT" 2>"$work/$mode.$n.log" &
   else
     proxy_toml "$port" "$admin" "$mode" > "$work/$mode.toml"
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
@@ -111,6 +117,14 @@ for mode in basic bearer dpop gateway; do
   printf '| proxy, %s | %s | %s | %s → %s |\n' "$mode" "${ir[$mode]}" \
     "$(awk -v a="${ir[$mode]}" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
 done
+# What hyper and Tokio cost before the proxy does anything (examples/hyper_floor).
+for mode in direct proxy; do
+  ir[floor_$mode]=$(per_request "floor_$mode")
+done
+printf '| hyper floor: server answering itself | %s | %s | %s → %s |\n' "${ir[floor_direct]}" \
+  "$(awk -v a="${ir[floor_direct]}" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
+printf '| hyper floor: server + one client connection, nothing else | %s | %s | %s → %s |\n' \
+  "${ir[floor_proxy]}" "$(awk -v a="${ir[floor_proxy]}" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
 sig=$(per_signature es256)
 excess=$(( ir[dpop] - ir[bearer] ))
 echo

@@ -190,7 +190,10 @@ nginx_conf() {
     echo "http {"
     nginx_http_common "$dir"
     cat <<NGINX
-  upstream tango { server 127.0.0.1:${2:-$UP_PORT}; keepalive 128; }
+  upstream tango { server 127.0.0.1:${2:-$UP_PORT}; keepalive 128; keepalive_requests 1000000; }
+  # The proxy never closes a keep-alive connection after a number of requests; nor does nginx
+  # here (its default, 1000, costs its clients a reconnect every thousand requests).
+  keepalive_requests 1000000;
   server {
     listen 127.0.0.1:$1;
     location / {
