@@ -45,7 +45,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             };
             for _ in 0..n {
-                bytes += k.sign(&rng, input.as_bytes()).map_or(0, |s| s.as_ref().len());
+                bytes += k
+                    .sign(&rng, input.as_bytes())
+                    .map_or(0, |s| s.as_ref().len());
             }
         }
         DpopAlg::EdDsa => {
