@@ -73,8 +73,11 @@ instructions() {
     valgrind --tool=callgrind --callgrind-out-file="$out" \
       "$FLOOR_BIN" "${mode#floor_}" "127.0.0.1:$port" "127.0.0.1:$UP_PORT" 2>"$work/$mode.$n.log" &
   else
-    proxy_toml "$port" "$admin" "$mode" > "$work/$mode.toml"
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    # "logged": the Basic profile with its access log on (one line a request, to a file).
+    local kind=$mode log=warn
+    if [ "$mode" = logged ]; then kind=basic; log=info; fi
+    proxy_toml "$port" "$admin" "$kind" > "$work/$mode.toml"
+    RUST_LOG=$log valgrind --tool=callgrind --callgrind-out-file="$out" \
       "$BIN" serve --config "$work/$mode.toml" 2>"$work/$mode.$n.log" &
   fi
   local pid=$!
@@ -112,7 +115,7 @@ peer=$(per_request nginx)
 printf '| server | instructions per request (callgrind) | / nginx | N1 → N2 requests |\n|---|---|---|---|\n'
 printf '| nginx, static Authorization | %s | 1.00 | %s → %s |\n' "$peer" "$N1" "$N2"
 declare -A ir
-for mode in basic bearer dpop gateway; do
+for mode in basic bearer dpop gateway logged; do
   ir[$mode]=$(per_request "$mode")
   printf '| proxy, %s | %s | %s | %s → %s |\n' "$mode" "${ir[$mode]}" \
     "$(awk -v a="${ir[$mode]}" -v b="$peer" 'BEGIN {printf "%.2f", a/b}')" "$N1" "$N2"
