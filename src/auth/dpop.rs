@@ -66,6 +66,47 @@ pub struct DpopKey {
     thumbprint: String,
     header_b64: String,
     rng: SystemRandom,
+    jtis: JtiSource,
+}
+
+/// `jti` values: 128 bits each of the operating system's CSPRNG (RFC 9449 §4.2 asks for at
+/// least 96 bits of pseudorandom data), drawn 4 KiB at a time rather than with one system call
+/// per proof — the signature already needs one for its nonce.
+#[derive(Default)]
+struct JtiSource(std::sync::Mutex<JtiBuffer>);
+
+struct JtiBuffer {
+    bytes: [u8; 4096],
+    /// Bytes handed out; a full buffer is drawn again before the next `jti`.
+    used: usize,
+}
+
+impl Default for JtiBuffer {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 4096],
+            used: 4096,
+        }
+    }
+}
+
+impl JtiSource {
+    /// The next `jti`'s 16 random bytes; every byte is handed out once.
+    fn next(&self, rng: &SystemRandom) -> Result<[u8; 16], DpopError> {
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buf.used + 16 > buf.bytes.len() {
+            rng.fill(&mut buf.bytes)
+                .map_err(|_| DpopError::Signing("no randomness for jti"))?;
+            buf.used = 0;
+        }
+        let mut jti = [0u8; 16];
+        jti.copy_from_slice(&buf.bytes[buf.used..buf.used + 16]);
+        buf.used += 16;
+        Ok(jti)
+    }
 }
 
 impl fmt::Debug for DpopKey {
@@ -166,6 +207,7 @@ impl DpopKey {
             thumbprint: thumbprint_of_json(&jwk),
             header_b64: B64.encode(header),
             rng,
+            jtis: JtiSource::default(),
         })
     }
 
@@ -203,10 +245,7 @@ impl DpopKey {
         nonce: Option<&str>,
         iat: u64,
     ) -> Result<String, DpopError> {
-        let mut jti = [0u8; 16];
-        self.rng
-            .fill(&mut jti)
-            .map_err(|_| DpopError::Signing("no randomness for jti"))?;
+        let jti = self.jtis.next(&self.rng)?;
         let mut claims = String::with_capacity(160 + htu.len());
         claims.push_str(r#"{"jti":""#);
         B64.encode_string(jti, &mut claims);
@@ -515,6 +554,28 @@ mod tests {
         assert_eq!(htu(&u), "http://127.0.0.1:8081/oauth/token");
         let u: http::Uri = "http://h:80/p".parse().unwrap();
         assert_eq!(htu(&u), "http://h/p");
+    }
+
+    #[test]
+    fn jtis_are_never_repeated_across_refills_of_their_buffer() {
+        let (key, _) = DpopKey::generate(DpopAlg::Es256).unwrap();
+        // 600 jtis cross two refills of the 4 KiB buffer (256 each).
+        let jtis: std::collections::HashSet<[u8; 16]> =
+            (0..600).map(|_| key.jtis.next(&key.rng).unwrap()).collect();
+        assert_eq!(jtis.len(), 600);
+        // And as proofs carry them: 300 proofs, 300 different jti claims of 128 bits.
+        let claims: std::collections::HashSet<String> = (0..300)
+            .map(|_| {
+                let proof = key.proof("GET", "https://x/y", None, None).unwrap();
+                let payload = proof.split('.').nth(1).unwrap();
+                let json: serde_json::Value =
+                    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap();
+                let jti = json["jti"].as_str().unwrap().to_string();
+                assert_eq!(B64.decode(&jti).unwrap().len(), 16);
+                jti
+            })
+            .collect();
+        assert_eq!(claims.len(), 300);
     }
 
     #[test]
