@@ -2,21 +2,26 @@
 
 use crate::support::*;
 
-#[tokio::test]
-async fn https_upstream_with_extra_ca_uses_http2_and_verifies() {
+/// An HTTPS upstream whose certificate a private CA signed, and a proxy trusting that CA
+/// (`upstream.ca_file`, plain HTTP refused).
+async fn private_ca_upstream_and_proxy() -> (FakeUpstream, TestProxy, tempfile::TempDir) {
     let (ca_pem, server) = private_ca_server();
     let upstream = FakeUpstream::start_tls(server).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
-
     let toml = config_toml(
         &upstream.url(),
         "",
         &format!("ca_file = \"{}\"", ca_file.display()),
     )
     .replace("allow_http = true", "allow_http = false");
-    let proxy = TestProxy::start(&toml).await;
+    (upstream, TestProxy::start(&toml).await, dir)
+}
+
+#[tokio::test]
+async fn https_upstream_with_extra_ca_uses_http2_and_verifies() {
+    let (upstream, proxy, _dir) = private_ca_upstream_and_proxy().await;
     for _ in 0..3 {
         let resp = client()
             .get(format!("{}/raas/v2/catalogs", proxy.url))
@@ -36,17 +41,7 @@ async fn https_upstream_with_extra_ca_uses_http2_and_verifies() {
 
 #[tokio::test]
 async fn requests_arriving_together_share_one_http2_connection() {
-    let (ca_pem, server) = private_ca_server();
-    let upstream = FakeUpstream::start_tls(server).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
-    let toml = config_toml(
-        &upstream.url(),
-        "",
-        &format!("ca_file = \"{}\"", ca_file.display()),
-    );
-    let proxy = TestProxy::start(&toml).await;
+    let (upstream, proxy, _dir) = private_ca_upstream_and_proxy().await;
     // Twenty at once before any connection exists: they wait for one and share it.
     let url = format!("{}/raas/v2/slow?ms=50", proxy.url);
     assert_eq!(concurrent_gets(vec![url.clone(); 20]).await, [200; 20]);
