@@ -88,7 +88,7 @@ pub(crate) fn random_hex(n: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// An error and its sources on one line ("client error (Connect): tcp connect error: ...").
+/// An error and its sources on one line ("cannot connect to the upstream: tcp connect error: ...").
 pub(crate) fn describe(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
